@@ -1,0 +1,57 @@
+// File operations Node's fs lacks and the image needs: punching a hole where a
+// page became zero (so zero pages never occupy disk) and asking which ranges of a
+// sparse file hold data (so converters skip holes without reading them).
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "addon.h"
+
+namespace bgsnap {
+
+// punchHole(fd, offset, length): deallocate the range, keeping the file size.
+static Napi::Value PunchHole(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int64_t off = info[1].As<Napi::Number>().Int64Value();
+  int64_t len = info[2].As<Napi::Number>().Int64Value();
+  if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0) {
+    ErrnoError(env, errno, "fallocate(PUNCH_HOLE)").ThrowAsJavaScriptException();
+  }
+  return env.Undefined();
+}
+
+// seekData(fd, offset): next offset >= offset that holds data, or -1 past the end.
+static Napi::Value SeekData(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int64_t off = info[1].As<Napi::Number>().Int64Value();
+  off_t r = lseek(fd, off, SEEK_DATA);
+  if (r < 0 && errno != ENXIO) {
+    ErrnoError(env, errno, "lseek(SEEK_DATA)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, r < 0 ? -1.0 : static_cast<double>(r));
+}
+
+// seekHole(fd, offset): next offset >= offset that is a hole (or the file end).
+static Napi::Value SeekHole(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int64_t off = info[1].As<Napi::Number>().Int64Value();
+  off_t r = lseek(fd, off, SEEK_HOLE);
+  if (r < 0) {
+    ErrnoError(env, errno, "lseek(SEEK_HOLE)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, static_cast<double>(r));
+}
+
+void InitFileOps(Napi::Env env, Napi::Object exports) {
+  exports.Set("punchHole", Napi::Function::New(env, PunchHole, "punchHole"));
+  exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
+  exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
+}
+
+}  // namespace bgsnap

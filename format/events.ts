@@ -1,0 +1,69 @@
+// The decoded form of any snapshot stream. Both wire codecs (bgsnap.ts, qemu.ts)
+// decode into these events and the receiver consumes only these, so a sink never
+// knows which wire format a capture used.
+//
+// Pages travel in batches: one object per batch, never one per page, because a
+// 2 GiB snapshot is half a million pages and per-page objects dominate the cost.
+
+export type SourceKind = 'qemu' | 'process';
+
+export interface StreamHeader {
+  snapshotId: string; // 32 lowercase hex digits
+  source: SourceKind;
+  pageSize: number; // bytes, a power of two
+  created: number; // ms since the epoch, at the snapshot point
+  label: string; // free text: the VM's machine type, the process command, ...
+}
+
+export interface BlockInfo {
+  name: string; // QEMU RAMBlock id, or a mapping's description for processes
+  length: number; // bytes, a multiple of pageSize
+  address: number; // guest-physical or virtual start address; 0 when unknown
+}
+
+// A batch of pages of one block, in any order. index[i] is the page number inside
+// the block; zero[i] is 1 when the page is all zeroes (it then has no bytes in
+// data). data holds the non-zero pages back to back, in the order of index.
+export interface PageBatch {
+  block: number;
+  index: Uint32Array;
+  zero: Uint8Array;
+  data: Buffer;
+}
+
+// Pages whose snapshot content was destroyed by the target before it was saved
+// (process capture: MADV_DONTNEED, munmap). They are not part of the snapshot.
+export interface DiscardBatch {
+  block: number;
+  index: Uint32Array;
+}
+
+export interface StateBlob {
+  kind: string; // e.g. 'qemu.preamble', 'qemu.devices', 'process.state'
+  data: Buffer;
+}
+
+// Totals the sender claims; the receiver proves completeness by matching them.
+export interface StreamTotals {
+  pages: number; // page records sent, duplicates included
+  zeroPages: number; // of which zero records
+  discarded: number; // pages reported discarded
+  batches: number;
+  states: number;
+}
+
+export type StreamEvent =
+  | { type: 'header'; header: StreamHeader }
+  | { type: 'blocks'; blocks: BlockInfo[] }
+  | { type: 'pages'; batch: PageBatch }
+  | { type: 'discard'; batch: DiscardBatch }
+  | { type: 'state'; state: StateBlob }
+  | { type: 'end'; totals: StreamTotals };
+
+// Every decoder has this shape: feed bytes as they arrive, collect events; finish()
+// at end of input throws if the stream did not provably end.
+export interface StreamDecoder {
+  push(chunk: Buffer): StreamEvent[];
+  finish(): StreamEvent[];
+  readonly bytesIn: number;
+}
