@@ -1,0 +1,395 @@
+// The bgsnap stream: encoder and decoder. All integers little-endian.
+//
+//   stream  = magic frame* ; the END frame must be last
+//   magic   = "BGSNAP" u16 version            (8 bytes; version 1)
+//
+//   frame header, 16 bytes:
+//   +0  u8  type        1 HEADER 2 BLOCKS 3 PAGES 4 DISCARD 5 STATE 6 END
+//   +1  u8  flags       bit 0: payload is one zstd frame
+//   +2  u16 reserved    0
+//   +4  u32 length      payload bytes on the wire            (<= 64 MiB)
+//   +8  u32 rawLength   payload bytes after decompression    (<= 64 MiB)
+//   +12 u32 crc32       of header bytes 0..11, then the wire payload
+//
+//   HEADER   id[16] u8 source(1 qemu, 2 process) u8 0 u16 0 u32 pageSize
+//            u64 createdMs u16 labelLen label
+//   BLOCKS   u32 n, n × (u64 length u64 address u16 nameLen name)
+//   PAGES    u32 block u32 n, n × u32 pageIndex, n × u8 zero, pad to 4,
+//            then the non-zero pages back to back (pageSize each)
+//   DISCARD  u32 block u32 n, n × u32 pageIndex
+//   STATE    u16 kindLen kind, data to the end of the payload
+//   END      u64 pages u64 zeroPages u64 discarded u64 batches u64 states
+//
+// Pages carry no per-page header beyond 5 bytes of index and flag, so a batch of
+// 256 pages is one frame of ~1 MiB with one checksum. See SPEC.md for the rules.
+import * as zlib from 'node:zlib';
+import * as zstd from 'zstd-napi';
+import * as zstdBinding from 'zstd-napi/binding';
+import { StreamError } from './errors';
+import { ChunkQueue } from './chunks';
+import type {
+  BlockInfo, DiscardBatch, PageBatch, SourceKind, StateBlob, StreamDecoder, StreamEvent,
+  StreamHeader, StreamTotals,
+} from './events';
+
+export const MAGIC = Buffer.from('BGSNAP', 'latin1');
+export const VERSION = 1;
+export const FRAME_HEADER = 16;
+export const MAX_PAYLOAD = 64 * 1024 * 1024;
+const MAX_BLOCKS = 1 << 20;
+const FLAG_ZSTD = 1;
+
+export enum FrameType { HEADER = 1, BLOCKS = 2, PAGES = 3, DISCARD = 4, STATE = 5, END = 6 }
+const SOURCES: SourceKind[] = ['qemu', 'process'];
+
+export function isBgsnapStream(first: Buffer): boolean {
+  return first.length >= MAGIC.length && first.subarray(0, MAGIC.length).equals(MAGIC);
+}
+
+function emptyTotals(): StreamTotals {
+  return { pages: 0, zeroPages: 0, discarded: 0, batches: 0, states: 0 };
+}
+
+// ---------------------------------------------------------------- encoder
+
+export interface EncoderOptions {
+  compressLevel?: number; // zstd level for PAGES payloads; undefined = no compression
+}
+
+// Produces frames as Buffer lists (header + payload parts) so page data is written
+// to the sink without being copied; the caller writes them in order.
+export class BgsnapEncoder {
+  readonly totals = emptyTotals();
+  private readonly level: number | undefined;
+  private pageSize = 0;
+
+  constructor(opts: EncoderOptions = {}) {
+    this.level = opts.compressLevel;
+  }
+
+  magic(): Buffer {
+    const b = Buffer.alloc(8);
+    MAGIC.copy(b);
+    b.writeUInt16LE(VERSION, 6);
+    return b;
+  }
+
+  header(h: StreamHeader): Buffer[] {
+    if (!/^[0-9a-f]{32}$/.test(h.snapshotId)) throw new Error(`snapshot id must be 32 hex digits: ${h.snapshotId}`);
+    this.pageSize = h.pageSize;
+    const label = Buffer.from(h.label, 'utf8').subarray(0, 0xffff);
+    const p = Buffer.alloc(34 + label.length);
+    Buffer.from(h.snapshotId, 'hex').copy(p, 0);
+    p.writeUInt8(SOURCES.indexOf(h.source) + 1, 16);
+    p.writeUInt32LE(h.pageSize, 20);
+    p.writeBigUInt64LE(BigInt(Math.floor(h.created)), 24);
+    p.writeUInt16LE(label.length, 32);
+    label.copy(p, 34);
+    return frame(FrameType.HEADER, [p]);
+  }
+
+  blocks(blocks: BlockInfo[]): Buffer[] {
+    const parts: Buffer[] = [u32(blocks.length)];
+    for (const b of blocks) {
+      const name = Buffer.from(b.name, 'utf8').subarray(0, 0xffff);
+      const e = Buffer.alloc(18);
+      e.writeBigUInt64LE(BigInt(b.length), 0);
+      e.writeBigUInt64LE(BigInt(b.address), 8);
+      e.writeUInt16LE(name.length, 16);
+      parts.push(e, name);
+    }
+    return frame(FrameType.BLOCKS, parts);
+  }
+
+  pages(batch: PageBatch): Buffer[] {
+    const n = batch.index.length;
+    const meta = Buffer.alloc(8 + n * 5 + pad4(n));
+    meta.writeUInt32LE(batch.block, 0);
+    meta.writeUInt32LE(n, 4);
+    Buffer.from(batch.index.buffer, batch.index.byteOffset, n * 4).copy(meta, 8);
+    Buffer.from(batch.zero.buffer, batch.zero.byteOffset, n).copy(meta, 8 + n * 4);
+    let zeros = 0;
+    for (let i = 0; i < n; i++) zeros += batch.zero[i] ? 1 : 0;
+    if (batch.data.length !== (n - zeros) * this.pageSize) {
+      throw new Error(`page batch carries ${batch.data.length} bytes for ${n - zeros} data pages`);
+    }
+    this.totals.pages += n;
+    this.totals.zeroPages += zeros;
+    this.totals.batches += 1;
+    if (this.level === undefined) return frame(FrameType.PAGES, [meta, batch.data]);
+    const raw = Buffer.concat([meta, batch.data]);
+    return frame(FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
+  }
+
+  discard(batch: DiscardBatch): Buffer[] {
+    const n = batch.index.length;
+    const meta = Buffer.alloc(8 + n * 4);
+    meta.writeUInt32LE(batch.block, 0);
+    meta.writeUInt32LE(n, 4);
+    Buffer.from(batch.index.buffer, batch.index.byteOffset, n * 4).copy(meta, 8);
+    this.totals.discarded += n;
+    return frame(FrameType.DISCARD, [meta]);
+  }
+
+  state(s: StateBlob): Buffer[] {
+    const kind = Buffer.from(s.kind, 'utf8');
+    const head = Buffer.alloc(2 + kind.length);
+    head.writeUInt16LE(kind.length, 0);
+    kind.copy(head, 2);
+    this.totals.states += 1;
+    return frame(FrameType.STATE, [head, s.data]);
+  }
+
+  end(): Buffer[] {
+    const t = this.totals;
+    const p = Buffer.alloc(40);
+    [t.pages, t.zeroPages, t.discarded, t.batches, t.states].forEach((v, i) => p.writeBigUInt64LE(BigInt(v), i * 8));
+    return frame(FrameType.END, [p]);
+  }
+}
+
+function u32(v: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(v, 0);
+  return b;
+}
+
+function pad4(n: number): number {
+  return (4 - (n % 4)) % 4;
+}
+
+function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
+  const length = parts.reduce((s, p) => s + p.length, 0);
+  if (length > MAX_PAYLOAD) throw new Error(`bgsnap frame of ${length} bytes exceeds ${MAX_PAYLOAD}`);
+  const h = Buffer.alloc(FRAME_HEADER);
+  h.writeUInt8(type, 0);
+  h.writeUInt8(flags, 1);
+  h.writeUInt32LE(length, 4);
+  h.writeUInt32LE(rawLength ?? length, 8);
+  let crc = zlib.crc32(h.subarray(0, 12));
+  for (const p of parts) crc = zlib.crc32(p, crc);
+  h.writeUInt32LE(crc, 12);
+  return [h, ...parts];
+}
+
+// ---------------------------------------------------------------- decoder
+
+const FORMAT = 'bgsnap';
+
+// Decodes a bgsnap stream pushed in chunks of any size. Validates every frame
+// against the block table it announced, so consumers never see a page outside
+// its block, whatever the bytes on the wire say.
+export class BgsnapDecoder implements StreamDecoder {
+  private readonly q = new ChunkQueue();
+  private offset = 0; // stream offset of the next unconsumed byte
+  private sawMagic = false;
+  private header: StreamHeader | undefined;
+  private blockPages: number[] | undefined;
+  private ended = false;
+  private frameNo = 0;
+  private readonly counted = emptyTotals();
+  private dctx: zstdBinding.DCtx | undefined;
+
+  get bytesIn(): number {
+    return this.offset + this.q.length;
+  }
+
+  push(chunk: Buffer): StreamEvent[] {
+    this.q.push(chunk);
+    const out: StreamEvent[] = [];
+    if (!this.sawMagic && !this.readMagic()) return out;
+    while (this.q.length >= FRAME_HEADER) {
+      const ev = this.readFrame();
+      if (ev === undefined) break;
+      out.push(ev);
+    }
+    return out;
+  }
+
+  finish(): StreamEvent[] {
+    if (this.ended) return [];
+    const what = !this.sawMagic ? 'the stream magic' : this.q.length > 0 ? `frame ${this.frameNo}` : 'the END frame';
+    throw new StreamError(FORMAT, 'TRUNCATED', this.bytesIn, `input ended before ${what} was complete`);
+  }
+
+  private fail(code: ConstructorParameters<typeof StreamError>[1], detail: string, at = this.offset): never {
+    throw new StreamError(FORMAT, code, at, detail);
+  }
+
+  private readMagic(): boolean {
+    if (this.q.length < 8) return false;
+    const m = this.q.take(8);
+    if (!m.subarray(0, 6).equals(MAGIC)) this.fail('BAD_MAGIC', `not a bgsnap stream (magic ${m.subarray(0, 6).toString('hex')})`, 0);
+    const v = m.readUInt16LE(6);
+    if (v !== VERSION) this.fail('BAD_VERSION', `bgsnap stream version ${v} is not supported (this build reads version ${VERSION})`, 6);
+    this.offset = 8;
+    this.sawMagic = true;
+    return true;
+  }
+
+  private readFrame(): StreamEvent | undefined {
+    const h = this.q.peek(FRAME_HEADER);
+    const type = h.readUInt8(0);
+    const flags = h.readUInt8(1);
+    const length = h.readUInt32LE(4);
+    const rawLength = h.readUInt32LE(8);
+    if (this.ended) this.fail('MALFORMED', `bytes after the END frame`);
+    if (type < FrameType.HEADER || type > FrameType.END) this.fail('UNKNOWN_FRAME', `unknown frame type ${type} (frame ${this.frameNo})`);
+    if (length > MAX_PAYLOAD || rawLength > MAX_PAYLOAD) {
+      this.fail('TOO_LARGE', `${FrameType[type]} frame ${this.frameNo} claims ${Math.max(length, rawLength)} bytes, limit ${MAX_PAYLOAD}`);
+    }
+    if ((flags & ~FLAG_ZSTD) !== 0 || h.readUInt16LE(2) !== 0) this.fail('MALFORMED', `${FrameType[type]} frame ${this.frameNo} has unknown flags ${flags}`);
+    if (this.q.length < FRAME_HEADER + length) return undefined;
+    this.q.skip(FRAME_HEADER);
+    const wire = this.q.take(length);
+    let crc = zlib.crc32(h.subarray(0, 12));
+    crc = zlib.crc32(wire, crc);
+    if (crc !== h.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in ${FrameType[type]} frame ${this.frameNo}`);
+    const payload = flags & FLAG_ZSTD ? this.inflate(wire, rawLength, type) : wire;
+    if (!(flags & FLAG_ZSTD) && rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);
+    const ev = this.decodePayload(type, payload);
+    this.offset += FRAME_HEADER + length;
+    this.frameNo++;
+    return ev;
+  }
+
+  // Decompresses into a buffer of the size the checksummed header states, so a
+  // hostile frame cannot make us allocate more than MAX_PAYLOAD.
+  private inflate(wire: Buffer, rawLength: number, type: FrameType): Buffer {
+    if (type !== FrameType.PAGES) this.fail('MALFORMED', `${FrameType[type]} frame ${this.frameNo} is compressed; only PAGES may be`);
+    const out = Buffer.allocUnsafe(rawLength);
+    let n = -1;
+    try {
+      n = (this.dctx ??= new zstdBinding.DCtx()).decompress(out, wire);
+    } catch (e) {
+      this.fail('MALFORMED', `frame ${this.frameNo}: zstd payload does not decompress to ${rawLength} bytes (${(e as Error).message})`);
+    }
+    if (n !== rawLength) this.fail('MALFORMED', `frame ${this.frameNo}: decompressed to ${n} bytes, header says ${rawLength}`);
+    return out;
+  }
+
+  private decodePayload(type: FrameType, p: Buffer): StreamEvent {
+    if (type !== FrameType.HEADER && !this.header) this.fail('MALFORMED', `${FrameType[type]} frame before the HEADER frame`);
+    switch (type) {
+      case FrameType.HEADER: return this.decodeHeader(p);
+      case FrameType.BLOCKS: return this.decodeBlocks(p);
+      case FrameType.PAGES: return this.decodePages(p);
+      case FrameType.DISCARD: return this.decodeDiscard(p);
+      case FrameType.STATE: return this.decodeState(p);
+      default: return this.decodeEnd(p);
+    }
+  }
+
+  private need(p: Buffer, n: number, what: string): void {
+    if (p.length < n) this.fail('MALFORMED', `${what} in frame ${this.frameNo} needs ${n} bytes, payload has ${p.length}`);
+  }
+
+  private decodeHeader(p: Buffer): StreamEvent {
+    if (this.header) this.fail('MALFORMED', `second HEADER frame`);
+    this.need(p, 34, 'HEADER');
+    const source = SOURCES[p.readUInt8(16) - 1];
+    if (!source) this.fail('MALFORMED', `unknown source kind ${p.readUInt8(16)}`);
+    const pageSize = p.readUInt32LE(20);
+    if (pageSize < 512 || pageSize > 1 << 21 || (pageSize & (pageSize - 1)) !== 0) this.fail('MALFORMED', `page size ${pageSize} is not a power of two in 512..2M`);
+    const labelLen = p.readUInt16LE(32);
+    this.need(p, 34 + labelLen, 'HEADER label');
+    const header: StreamHeader = {
+      snapshotId: p.subarray(0, 16).toString('hex'),
+      source,
+      pageSize,
+      created: Number(p.readBigUInt64LE(24)),
+      label: p.subarray(34, 34 + labelLen).toString('utf8'),
+    };
+    this.header = header;
+    return { type: 'header', header };
+  }
+
+  private decodeBlocks(p: Buffer): StreamEvent {
+    if (this.blockPages) this.fail('BLOCK_MISMATCH', `second BLOCKS frame: the block table is fixed once sent`);
+    this.need(p, 4, 'BLOCKS');
+    const n = p.readUInt32LE(0);
+    if (n > MAX_BLOCKS) this.fail('TOO_LARGE', `${n} blocks, limit ${MAX_BLOCKS}`);
+    const blocks: BlockInfo[] = [];
+    let o = 4;
+    const ps = this.header!.pageSize;
+    for (let i = 0; i < n; i++) {
+      this.need(p, o + 18, `block ${i}`);
+      const length = Number(p.readBigUInt64LE(o));
+      const address = Number(p.readBigUInt64LE(o + 8));
+      const nameLen = p.readUInt16LE(o + 16);
+      this.need(p, o + 18 + nameLen, `block ${i} name`);
+      if (length % ps !== 0 || length / ps > 0xffffffff) this.fail('MALFORMED', `block ${i} length ${length} is not a multiple of the page size or is too large`);
+      blocks.push({ name: p.subarray(o + 18, o + 18 + nameLen).toString('utf8'), length, address });
+      o += 18 + nameLen;
+    }
+    this.blockPages = blocks.map((b) => b.length / ps);
+    return { type: 'blocks', blocks };
+  }
+
+  private checkIndexes(block: number, index: Uint32Array, what: string): void {
+    if (!this.blockPages) this.fail('BLOCK_MISMATCH', `${what} frame ${this.frameNo} before the BLOCKS frame`);
+    const limit = this.blockPages[block];
+    if (limit === undefined) this.fail('BLOCK_MISMATCH', `${what} frame ${this.frameNo} names block ${block}; the table has ${this.blockPages.length}`);
+    for (let i = 0; i < index.length; i++) {
+      if (index[i] >= limit) this.fail('OUT_OF_BOUNDS', `${what} frame ${this.frameNo}: page ${index[i]} is past the end of block ${block} (${limit} pages)`);
+    }
+  }
+
+  private readIndexes(p: Buffer, n: number): Uint32Array {
+    const index = new Uint32Array(n);
+    p.copy(Buffer.from(index.buffer), 0, 8, 8 + n * 4);
+    return index;
+  }
+
+  private decodePages(p: Buffer): StreamEvent {
+    this.need(p, 8, 'PAGES');
+    const block = p.readUInt32LE(0);
+    const n = p.readUInt32LE(4);
+    const metaEnd = 8 + n * 4 + n + pad4(n);
+    this.need(p, metaEnd, 'PAGES index');
+    const index = this.readIndexes(p, n);
+    this.checkIndexes(block, index, 'PAGES');
+    const zero = new Uint8Array(n);
+    zero.set(p.subarray(8 + n * 4, 8 + n * 5));
+    let zeros = 0;
+    for (let i = 0; i < n; i++) zeros += zero[i] ? 1 : 0;
+    const dataLen = (n - zeros) * this.header!.pageSize;
+    if (p.length !== metaEnd + dataLen) this.fail('MALFORMED', `PAGES frame ${this.frameNo}: ${n - zeros} data pages need ${dataLen} bytes, frame carries ${p.length - metaEnd}`);
+    this.counted.pages += n;
+    this.counted.zeroPages += zeros;
+    this.counted.batches += 1;
+    return { type: 'pages', batch: { block, index, zero, data: p.subarray(metaEnd) } };
+  }
+
+  private decodeDiscard(p: Buffer): StreamEvent {
+    this.need(p, 8, 'DISCARD');
+    const block = p.readUInt32LE(0);
+    const n = p.readUInt32LE(4);
+    if (p.length !== 8 + n * 4) this.fail('MALFORMED', `DISCARD frame ${this.frameNo}: ${n} indexes need ${8 + n * 4} bytes, frame has ${p.length}`);
+    const index = this.readIndexes(p, n);
+    this.checkIndexes(block, index, 'DISCARD');
+    this.counted.discarded += n;
+    return { type: 'discard', batch: { block, index } };
+  }
+
+  private decodeState(p: Buffer): StreamEvent {
+    this.need(p, 2, 'STATE');
+    const kindLen = p.readUInt16LE(0);
+    this.need(p, 2 + kindLen, 'STATE kind');
+    this.counted.states += 1;
+    return { type: 'state', state: { kind: p.subarray(2, 2 + kindLen).toString('utf8'), data: p.subarray(2 + kindLen) } };
+  }
+
+  // The END frame carries the sender's totals; the stream counts as ended only
+  // when they equal what this decoder saw, so a lost frame can never pass.
+  private decodeEnd(p: Buffer): StreamEvent {
+    if (p.length !== 40) this.fail('MALFORMED', `END frame has ${p.length} bytes, expected 40`);
+    const v = [0, 1, 2, 3, 4].map((i) => Number(p.readBigUInt64LE(i * 8)));
+    const totals: StreamTotals = { pages: v[0], zeroPages: v[1], discarded: v[2], batches: v[3], states: v[4] };
+    for (const k of Object.keys(totals) as (keyof StreamTotals)[]) {
+      if (totals[k] !== this.counted[k]) this.fail('TOTALS_MISMATCH', `END frame says ${k}=${totals[k]}, stream carried ${this.counted[k]}`);
+    }
+    this.ended = true;
+    return { type: 'end', totals };
+  }
+}

@@ -1,0 +1,142 @@
+// bgsnap codec: round trips over random snapshots and random chunking, and a
+// clear StreamError for every kind of malformed input.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { BgsnapDecoder, BgsnapEncoder } from '../format/bgsnap';
+import { StreamError } from '../format/errors';
+import type { StreamEvent } from '../format/events';
+import { generate, makeHeader, pageBytes } from './helpers/streams';
+import { prng, randInt } from './helpers/prng';
+
+function decodeChunked(stream: Buffer, cuts: number[]): StreamEvent[] {
+  const dec = new BgsnapDecoder();
+  const out: StreamEvent[] = [];
+  let last = 0;
+  for (const c of [...cuts, stream.length]) {
+    out.push(...dec.push(stream.subarray(last, c)));
+    last = c;
+  }
+  out.push(...dec.finish());
+  return out;
+}
+
+function applyPages(events: StreamEvent[], pageSize: number): Map<string, Buffer | null> {
+  const got = new Map<string, Buffer | null>();
+  for (const ev of events) {
+    if (ev.type !== 'pages') continue;
+    let d = 0;
+    const { block, index, zero, data } = ev.batch;
+    for (let i = 0; i < index.length; i++) {
+      got.set(`${block}:${index[i]}`, zero[i] ? null : Buffer.from(data.subarray(d, (d += pageSize))));
+    }
+  }
+  return got;
+}
+
+function expectError(stream: Buffer, code: string, re?: RegExp): StreamError {
+  try {
+    decodeChunked(stream, []);
+  } catch (e) {
+    assert.instance(e, StreamError);
+    assert.is((e as StreamError).code, code, (e as Error).message);
+    if (re) assert.match((e as Error).message, re);
+    return e as StreamError;
+  }
+  assert.unreachable(`expected ${code}`);
+  throw new Error('unreachable');
+}
+
+test('round trip: random snapshots, random chunk splits, last version wins', () => {
+  for (let seed = 1; seed <= 60; seed++) {
+    const g = generate(seed, { compressLevel: seed % 3 === 0 ? 3 : undefined });
+    const rnd = prng(seed * 7);
+    const cuts = Array.from({ length: randInt(rnd, 0, 20) }, () => randInt(rnd, 0, g.stream.length)).sort((a, b) => a - b);
+    const events = decodeChunked(g.stream, cuts);
+    assert.equal(events.map((e) => e.type).filter((t) => t !== 'pages'), ['header', 'blocks', 'state', 'end'], `seed ${seed}`);
+    const blocks = events.find((e) => e.type === 'blocks');
+    assert.equal(blocks && blocks.type === 'blocks' && blocks.blocks, g.blocks);
+    const got = applyPages(events, g.pageSize);
+    assert.is(got.size, g.expect.size, `seed ${seed}`);
+    for (const [k, v] of g.expect) assert.ok(v === null ? got.get(k) === null : v.equals(got.get(k)!), `seed ${seed} page ${k}`);
+  }
+});
+
+test('byte-at-a-time decoding gives the same events', () => {
+  const g = generate(99, { compressLevel: 1 });
+  const cuts = Array.from({ length: g.stream.length - 1 }, (_, i) => i + 1);
+  assert.is(decodeChunked(g.stream, cuts).length, decodeChunked(g.stream, []).length);
+});
+
+test('compression shrinks compressible pages and round-trips', () => {
+  const enc = new BgsnapEncoder({ compressLevel: 3 });
+  enc.header(makeHeader());
+  const data = Buffer.alloc(4096 * 8, 0x41);
+  const f = Buffer.concat(enc.pages({ block: 0, index: Uint32Array.from([0, 1, 2, 3, 4, 5, 6, 7]), zero: new Uint8Array(8), data }));
+  assert.ok(f.length < data.length / 10, `compressed frame ${f.length} bytes`);
+});
+
+test('bad magic, unknown version', () => {
+  const g = generate(1);
+  expectError(Buffer.concat([Buffer.from('NOTASNAP'), g.stream.subarray(8)]), 'BAD_MAGIC', /not a bgsnap stream/);
+  const v2 = Buffer.from(g.stream);
+  v2.writeUInt16LE(2, 6);
+  expectError(v2, 'BAD_VERSION', /version 2 is not supported/);
+});
+
+test('unknown frame type, bad checksum, oversized length', () => {
+  const g = generate(2);
+  const at = g.frames[0].length + g.frames[1].length; // the BLOCKS frame
+  const unknown = Buffer.from(g.stream);
+  unknown[at] = 42;
+  expectError(unknown, 'UNKNOWN_FRAME', /unknown frame type 42/);
+  const flipped = Buffer.from(g.stream);
+  flipped[at + 20] ^= 1;
+  const e = expectError(flipped, 'BAD_CHECKSUM', /BLOCKS frame 1/);
+  assert.is(e.offset, at);
+  const huge = Buffer.from(g.stream);
+  huge.writeUInt32LE(0x7fffffff, at + 4);
+  expectError(huge, 'TOO_LARGE');
+});
+
+test('page index past its block, unknown block, second block table', () => {
+  const enc = new BgsnapEncoder();
+  const head = [enc.magic(), ...enc.header(makeHeader()), ...enc.blocks([{ name: 'a', length: 8192, address: 0 }])];
+  const page = pageBytes(1, 4096);
+  const past = Buffer.concat([...head, ...enc.pages({ block: 0, index: Uint32Array.from([2]), zero: new Uint8Array(1), data: page })]);
+  expectError(past, 'OUT_OF_BOUNDS', /page 2 is past the end of block 0/);
+  const nob = Buffer.concat([...head, ...enc.pages({ block: 3, index: Uint32Array.from([0]), zero: new Uint8Array(1), data: page })]);
+  expectError(nob, 'BLOCK_MISMATCH', /names block 3/);
+  const twice = Buffer.concat([...head, ...enc.blocks([{ name: 'b', length: 4096, address: 0 }])]);
+  expectError(twice, 'BLOCK_MISMATCH', /second BLOCKS/);
+});
+
+test('a dropped frame fails the END totals', () => {
+  const g = generate(5, { blocks: 2 });
+  const pagesAt = 3; // first random batch
+  const dropped = Buffer.concat(g.frames.filter((_, i) => i !== pagesAt));
+  expectError(dropped, 'TOTALS_MISMATCH', /END frame says pages=/);
+});
+
+test('truncated at every frame boundary and inside frames: TRUNCATED, never an end event', () => {
+  const g = generate(7);
+  const bounds: number[] = [];
+  g.frames.reduce((o, f) => (bounds.push(o, o + 5, o + Math.floor(f.length / 2)), o + f.length), 0);
+  for (const cut of bounds.filter((b) => b < g.stream.length)) {
+    const dec = new BgsnapDecoder();
+    const evs = dec.push(g.stream.subarray(0, cut));
+    assert.not.ok(evs.some((e) => e.type === 'end'), `cut ${cut}`);
+    try {
+      dec.finish();
+      assert.unreachable(`cut ${cut} finished`);
+    } catch (e) {
+      assert.is((e as StreamError).code, 'TRUNCATED', `cut ${cut}: ${(e as Error).message}`);
+    }
+  }
+});
+
+test('bytes after END are refused', () => {
+  const g = generate(8);
+  expectError(Buffer.concat([g.stream, g.frames[1]]), 'MALFORMED', /after the END frame/);
+});
+
+test.run();
