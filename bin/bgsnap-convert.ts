@@ -1,0 +1,46 @@
+#!/usr/bin/env node
+// bgsnap-convert IMAGE --to qemu|raw -o OUT: replays an image as a QEMU migration
+// stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -")
+// or as flat memory. Refuses incomplete images unless --allow-incomplete.
+import { Command, Option } from 'commander';
+import { ImageReader } from '../receiver/image-reader';
+import { convertToQemu } from '../receiver/convert-qemu';
+import { convertToRaw } from '../receiver/convert-raw';
+import { Output } from '../receiver/output';
+import { main } from './common';
+import * as fs from 'node:fs';
+
+const prog = new Command('bgsnap-convert')
+  .description('convert a bgsnap image into a QEMU migration stream or raw memory')
+  .argument('<image>', 'image directory')
+  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'raw']).makeOptionMandatory())
+  .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
+  .option('--block <name>', 'with --to raw: write only this block')
+  .option('--allow-incomplete', 'convert an image that is marked incomplete')
+  .parse();
+
+const opts = prog.opts<{ to: string; output: string; block?: string; allowIncomplete?: boolean }>();
+
+async function convert(img: ImageReader): Promise<void> {
+  if (opts.to === 'qemu') {
+    const out = Output.open(opts.output);
+    await convertToQemu(img, out);
+    await out.close();
+  } else {
+    if (opts.output === '-') throw new Error('--to raw writes a sparse file; give a file name, not "-"');
+    const layout = await convertToRaw(img, opts.output, opts.block);
+    if (layout.length > 1) fs.writeFileSync(`${opts.output}.map.json`, JSON.stringify(layout, null, 2) + '\n');
+  }
+}
+
+main('bgsnap-convert', async () => {
+  const img = await ImageReader.open(prog.args[0]);
+  try {
+    if (!img.complete && !opts.allowIncomplete) {
+      throw new Error(`image ${img.dir} is incomplete (${img.status.reason}); pass --allow-incomplete to convert what it holds`);
+    }
+    await convert(img);
+  } finally {
+    await img.close();
+  }
+});

@@ -1,0 +1,63 @@
+#!/usr/bin/env node
+// bgsnap-inspect IMAGE [--json]: what an image holds: status, source, blocks,
+// page counts and sizes.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Command } from 'commander';
+import { ImageReader } from '../receiver/image-reader';
+import { main } from './common';
+
+const prog = new Command('bgsnap-inspect')
+  .description('show what a bgsnap image holds')
+  .argument('<image>', 'image directory')
+  .option('--json', 'print JSON')
+  .parse();
+const opts = prog.opts<{ json?: boolean }>();
+
+async function describe(img: ImageReader) {
+  const blocks = [];
+  for (let b = 0; b < img.blocks.length; b++) {
+    const m = await img.pages(b);
+    const present = m.present.count();
+    const data = m.data.count();
+    const { name, address, length, pages } = img.blocks[b];
+    blocks.push({ name, address, length, pages, present, dataPages: data, zeroPages: present - data, discardedPages: m.discarded.count() });
+  }
+  const st = fs.statSync(path.join(img.dir, 'data'));
+  return {
+    image: img.dir, status: img.status.status, reason: img.status.reason, snapshotId: img.header?.snapshotId, source: img.header?.source,
+    label: img.header?.label, created: img.header ? new Date(img.header.created).toISOString() : undefined, pageSize: img.format.pageSize,
+    imageSize: st.size, imageBytesOnDisk: st.blocks * 512, states: await img.stateKinds(), totals: await img.totals(), blocks,
+  };
+}
+
+function mib(n: number): string {
+  return `${(n / 1048576).toFixed(1)} MiB`;
+}
+
+function print(d: Awaited<ReturnType<typeof describe>>): void {
+  const lines = [
+    `image     ${d.image}`,
+    `status    ${d.status}${d.reason ? ` (${d.reason})` : ''}`,
+    `snapshot  ${d.snapshotId} from ${d.source} "${d.label}" at ${d.created}`,
+    `size      ${mib(d.imageSize)} apparent, ${mib(d.imageBytesOnDisk)} on disk`,
+    `states    ${d.states.join(', ') || '-'}`,
+    `blocks    ${d.blocks.length}`,
+  ];
+  for (const b of d.blocks) {
+    lines.push(`  ${b.name.padEnd(28)} ${('0x' + b.address.toString(16)).padStart(14)} ${mib(b.length).padStart(12)}  ` +
+      `${b.present}/${b.pages} pages: ${b.dataPages} data, ${b.zeroPages} zero${b.discardedPages ? `, ${b.discardedPages} discarded` : ''}`);
+  }
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+main('bgsnap-inspect', async () => {
+  const img = await ImageReader.open(prog.args[0]);
+  try {
+    const d = await describe(img);
+    if (opts.json) process.stdout.write(JSON.stringify(d, null, 2) + '\n');
+    else print(d);
+  } finally {
+    await img.close();
+  }
+});

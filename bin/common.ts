@@ -1,0 +1,29 @@
+// Shared by the thin CLIs: one way to report an error (program name, message,
+// errno code when there is one) and to exit non-zero, and --stats output.
+import * as fs from 'node:fs';
+
+export function fatal(prog: string, err: unknown): never {
+  const e = err as Error & { code?: string };
+  const code = e.code && !e.message.includes(e.code) ? ` [${e.code}]` : '';
+  process.stderr.write(`${prog}: ${e.message ?? String(err)}${code}\n`);
+  process.exit(typeof (err as { exitCode?: number }).exitCode === 'number' ? (err as { exitCode: number }).exitCode : 1);
+}
+
+export function main(prog: string, fn: () => Promise<number | void>): void {
+  fn().then(
+    (code) => process.exit(code ?? 0),
+    (err) => fatal(prog, err),
+  );
+}
+
+export function writeStats(file: string | undefined, stats: unknown): void {
+  if (file) fs.writeFileSync(file, JSON.stringify(stats, null, 2) + '\n');
+}
+
+export function parseIntArg(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new Error(`${name} must be a non-negative number, got "${v}"`);
+    return n;
+  };
+}

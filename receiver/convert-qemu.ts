@@ -1,0 +1,42 @@
+// Replays an image as a QEMU 7.2 migration stream that unmodified QEMU restores
+// with -incoming: the saved header and configuration, a ram START with the block
+// list, one PART with every data page in address order, then the saved device
+// state verbatim. Zero pages of the main RAM block are omitted (a fresh -incoming
+// destination's RAM is zero); the small blocks (ROMs, ACPI tables) get explicit
+// ZERO records because the destination fills them itself when it builds the machine.
+import { RamPartWriter, encodeRamStart, type RamSectionInfo } from '../format/qemu-encode';
+import type { ImageReader } from './image-reader';
+import type { Output } from './output';
+
+const RUN = 256;
+
+async function requiredState(img: ImageReader, kind: string): Promise<Buffer> {
+  const b = await img.state(kind);
+  if (!b) throw new Error(`${img.dir} has no ${kind} state: it was not captured from QEMU (source: ${img.header.source})`);
+  return b;
+}
+
+export async function convertToQemu(img: ImageReader, out: Output): Promise<void> {
+  const preamble = await requiredState(img, 'qemu.preamble');
+  const ram = JSON.parse((await requiredState(img, 'qemu.ram-section')).toString('utf8')) as RamSectionInfo;
+  const devices = await requiredState(img, 'qemu.devices');
+  const blocks = img.blocks.map((b) => ({ name: b.name, length: b.length }));
+  await out.write(preamble);
+  await out.write(encodeRamStart(blocks, ram));
+  const part = new RamPartWriter(blocks, ram.sectionId);
+  await out.write(part.begin());
+  const main = img.blocks.reduce((m, b, i) => (b.length > img.blocks[m].length ? i : m), 0);
+  for (let b = 0; b < img.blocks.length; b++) await writeBlock(img, out, part, b, b !== main);
+  await out.write(part.end());
+  await out.write(devices);
+}
+
+async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b: number, zeros: boolean): Promise<void> {
+  const buf = Buffer.allocUnsafe(RUN * img.format.pageSize);
+  for await (const run of img.runs(b, RUN)) {
+    const index = new Uint32Array(run.count);
+    for (let i = 0; i < run.count; i++) index[i] = run.first + i;
+    if (run.data) await out.write(part.pages(b, index, img.readPages(b, run.first, run.count, buf)));
+    else if (zeros) await out.write(part.zeros(b, index));
+  }
+}

@@ -1,0 +1,126 @@
+// Opens an image for reading: its index records, page bitmaps (loaded per block
+// on demand) and the data file. Converters and inspect use only this.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type { StreamHeader, StreamTotals } from '../format/events';
+import { IndexStore, INDEX_VERSION, type ImageStatus } from './index-store';
+import type { ImageBlock } from './image';
+import { BlockPages } from './pagemap';
+import type { ReceiveSummary } from './sink';
+
+export interface ImageFormat {
+  version: number;
+  pageSize: number;
+  blockAlign: number;
+  chunkPages: number;
+}
+
+// A run of consecutive pages of one block that all hold data, or are all zero.
+export interface PageRun {
+  first: number;
+  count: number;
+  data: boolean;
+}
+
+export class ImageReader {
+  private maps = new Map<number, BlockPages>();
+
+  private constructor(
+    readonly dir: string,
+    private readonly index: IndexStore,
+    private readonly fd: number,
+    readonly format: ImageFormat,
+    readonly status: ImageStatus,
+    readonly header: StreamHeader,
+    readonly blocks: ImageBlock[],
+  ) {}
+
+  static async open(dir: string): Promise<ImageReader> {
+    if (!fs.existsSync(path.join(dir, 'index'))) throw new Error(`${dir} is not a bgsnap image (no index)`);
+    const index = await IndexStore.open(path.join(dir, 'index'), false);
+    try {
+      const format = await index.getJson<ImageFormat>('format');
+      const status = await index.getJson<ImageStatus>('status');
+      if (!format || !status) throw new Error(`${dir}: index has no format record; the stream never started`);
+      if (format.version !== INDEX_VERSION) throw new Error(`${dir}: image version ${format.version} is not supported (this build reads ${INDEX_VERSION})`);
+      const header = (await index.getJson<StreamHeader>('header'))!;
+      const blocks = (await index.getJson<ImageBlock[]>('blocks')) ?? [];
+      const fd = fs.openSync(path.join(dir, 'data'), 'r');
+      return new ImageReader(dir, index, fd, format, status, header, blocks);
+    } catch (e) {
+      await index.close();
+      throw e;
+    }
+  }
+
+  get complete(): boolean {
+    return this.status.status === 'complete';
+  }
+
+  totals(): Promise<StreamTotals | undefined> {
+    return this.index.getJson<StreamTotals>('totals');
+  }
+
+  stats(): Promise<ReceiveSummary | undefined> {
+    return this.index.getJson<ReceiveSummary>('stats');
+  }
+
+  async stateKinds(): Promise<string[]> {
+    return (await this.index.keysWithPrefix('state/')).map((k) => k.slice('state/'.length));
+  }
+
+  state(kind: string): Promise<Buffer | undefined> {
+    return this.index.getBuffer(`state/${kind}`);
+  }
+
+  async pages(block: number): Promise<BlockPages> {
+    let m = this.maps.get(block);
+    if (m) return m;
+    const blk = this.blocks[block];
+    if (!blk) throw new Error(`image has no block ${block}`);
+    m = new BlockPages(blk.pages);
+    for (let c = 0; c < m.chunks(); c++) {
+      const buf = await this.index.getBuffer(`bitmap/${block}/${c}`);
+      if (buf) m.decodeChunk(c, buf);
+    }
+    this.maps.set(block, m);
+    return m;
+  }
+
+  // Runs of present pages in address order, each at most maxRun pages long.
+  async *runs(block: number, maxRun = 256): AsyncGenerator<PageRun> {
+    const m = await this.pages(block);
+    let p = 0;
+    while (p < m.pages) {
+      if (!m.present.get(p)) {
+        p++;
+        continue;
+      }
+      const data = m.data.get(p);
+      let n = 1;
+      while (n < maxRun && p + n < m.pages && m.present.get(p + n) && m.data.get(p + n) === data) n++;
+      yield { first: p, count: n, data };
+      p += n;
+    }
+  }
+
+  // Reads count pages of a block starting at page first into buf (caller's buffer).
+  readPages(block: number, first: number, count: number, buf: Buffer): Buffer {
+    const blk = this.blocks[block];
+    const ps = this.format.pageSize;
+    if (first + count > blk.pages) throw new Error(`read past the end of block ${blk.name}`);
+    const len = count * ps;
+    let done = 0;
+    while (done < len) {
+      const n = fs.readSync(this.fd, buf, done, len - done, blk.base + first * ps + done);
+      if (n === 0) throw new Error(`${this.dir}/data is shorter than its block table says`);
+      done += n;
+    }
+    return buf.subarray(0, len);
+  }
+
+  async close(): Promise<void> {
+    fs.closeSync(this.fd);
+    await this.index.close();
+  }
+}

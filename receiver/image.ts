@@ -1,0 +1,205 @@
+// Writes a fixed-size image: IMAGE/data holds every block at its own 2 MiB-aligned
+// base and every page at base + index * pageSize, so a page sent ten times takes
+// its space once (last version wins) and zero pages stay holes; IMAGE/index is the
+// LevelDB index (index-store.ts). The image is marked complete only by finish(),
+// after the END frame arrived, its totals matched and every page is accounted for.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { addon } from '../capture/addon';
+import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
+import { IndexStore, INDEX_VERSION } from './index-store';
+import { BlockPages, CHUNK_PAGES } from './pagemap';
+import type { ReceiveSummary, SnapshotSink } from './sink';
+
+export const BLOCK_ALIGN = 2 * 1024 * 1024;
+
+export interface ImageBlock extends BlockInfo {
+  base: number; // byte offset of page 0 in the data file
+  pages: number;
+}
+
+export function layoutBlocks(blocks: BlockInfo[], pageSize: number): ImageBlock[] {
+  let base = 0;
+  return blocks.map((b) => {
+    const ib = { ...b, base, pages: b.length / pageSize };
+    base += Math.ceil(b.length / BLOCK_ALIGN) * BLOCK_ALIGN;
+    return ib;
+  });
+}
+
+export interface ImageWriterOptions {
+  force?: boolean;
+}
+
+export class ImageWriter implements SnapshotSink {
+  private header: StreamHeader | undefined;
+  private blocks: ImageBlock[] = [];
+  private maps: BlockPages[] = [];
+  private totals: StreamTotals | undefined;
+  private pending: Promise<void>[] = [];
+  private zeroPage = Buffer.alloc(0);
+  private readonly counts = { pagesReceived: 0, zeroRecords: 0, duplicatePages: 0, discardedPages: 0, streamBytes: 0 };
+  private readonly started = Date.now();
+
+  private constructor(readonly dir: string, private readonly fd: number, private readonly index: IndexStore) {}
+
+  static async create(dir: string, opts: ImageWriterOptions = {}): Promise<ImageWriter> {
+    if (fs.existsSync(dir)) {
+      if (!opts.force) throw Object.assign(new Error(`image ${dir} already exists (use --force to replace it)`), { code: 'EEXIST' });
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    fs.mkdirSync(dir, { recursive: true });
+    const fd = fs.openSync(path.join(dir, 'data'), 'w+');
+    const index = await IndexStore.open(path.join(dir, 'index'), true);
+    await index.putJson('status', { status: 'incomplete', reason: 'receiving', updated: Date.now() }, true);
+    return new ImageWriter(dir, fd, index);
+  }
+
+  // Bytes of stream consumed so far; the receiver loop keeps it current for stats.
+  set streamBytes(n: number) {
+    this.counts.streamBytes = n;
+  }
+
+  write(ev: StreamEvent): void {
+    switch (ev.type) {
+      case 'header': return this.onHeader(ev.header);
+      case 'blocks': return this.onBlocks(ev.blocks);
+      case 'pages': return this.onPages(ev.batch);
+      case 'discard': return this.onDiscard(ev.batch);
+      case 'state': return void this.pending.push(this.index.putBuffer(`state/${ev.state.kind}`, Buffer.from(ev.state.data)));
+      case 'end': this.totals = ev.totals;
+    }
+  }
+
+  private onHeader(h: StreamHeader): void {
+    this.header = h;
+    this.zeroPage = Buffer.alloc(h.pageSize);
+    this.pending.push(this.index.putJson('header', h));
+    this.pending.push(this.index.putJson('format', { version: INDEX_VERSION, pageSize: h.pageSize, blockAlign: BLOCK_ALIGN, chunkPages: CHUNK_PAGES }));
+  }
+
+  private onBlocks(blocks: BlockInfo[]): void {
+    if (!this.header) throw new Error('block table before the stream header');
+    this.blocks = layoutBlocks(blocks, this.header.pageSize);
+    this.maps = this.blocks.map((b) => new BlockPages(b.pages));
+    const last = this.blocks[this.blocks.length - 1];
+    fs.ftruncateSync(this.fd, last ? last.base + last.length : 0);
+    this.pending.push(this.index.putJson('blocks', this.blocks));
+  }
+
+  private block(n: number): { blk: ImageBlock; map: BlockPages } {
+    const blk = this.blocks[n];
+    if (!blk) throw new Error(`page batch for block ${n}, but the image has ${this.blocks.length} blocks`);
+    return { blk, map: this.maps[n] };
+  }
+
+  // Writes runs of consecutive non-zero pages with one pwrite each; a page that is
+  // zero (flagged, or all-zero bytes) becomes a hole, punched if it held data.
+  private onPages(batch: PageBatch): void {
+    const { blk, map } = this.block(batch.block);
+    const ps = this.header!.pageSize;
+    const { index, zero, data } = batch;
+    let runStart = -1; // first batch slot of the current run
+    let runData = 0; // data offset of the run
+    let d = 0;
+    for (let i = 0; i <= index.length; i++) {
+      const isData = i < index.length && !zero[i] && !data.subarray(d, d + ps).equals(this.zeroPage);
+      const extends_ = isData && runStart >= 0 && index[i] === index[i - 1] + 1;
+      if (runStart >= 0 && !extends_) this.writeRun(blk, index[runStart], data, runData, d - runData);
+      if (isData && !extends_) {
+        runStart = i;
+        runData = d;
+      } else if (!isData) runStart = -1;
+      if (i === index.length) break;
+      this.account(map, blk, index[i], isData);
+      if (!zero[i]) d += ps;
+    }
+    this.counts.pagesReceived += index.length;
+  }
+
+  private account(map: BlockPages, blk: ImageBlock, page: number, isData: boolean): void {
+    if (map.present.get(page)) this.counts.duplicatePages++;
+    map.present.set(page);
+    map.discarded.clear(page);
+    if (isData) return map.data.set(page);
+    this.counts.zeroRecords++;
+    if (!map.data.get(page)) return;
+    map.data.clear(page);
+    const ps = this.header!.pageSize;
+    addon.punchHole(this.fd, blk.base + page * ps, ps);
+  }
+
+  private writeRun(blk: ImageBlock, page: number, data: Buffer, from: number, len: number): void {
+    const off = blk.base + page * this.header!.pageSize;
+    // The decoders already bound every index; this guards the image itself.
+    if (page < 0 || off + len > blk.base + blk.length) throw new Error(`refusing to write ${len} bytes at page ${page} outside block ${blk.name}`);
+    let done = 0;
+    while (done < len) done += fs.writeSync(this.fd, data, from + done, len - done, off + done);
+  }
+
+  private onDiscard(batch: DiscardBatch): void {
+    const { map } = this.block(batch.block);
+    for (const page of batch.index) {
+      if (!map.present.get(page)) map.discarded.set(page);
+    }
+    this.counts.discardedPages += batch.index.length;
+  }
+
+  // Why the image cannot be complete, or '' when it can.
+  private incompleteReason(): string {
+    if (!this.totals) return 'the stream ended without its END frame';
+    for (let b = 0; b < this.blocks.length; b++) {
+      const m = this.maps[b];
+      let missing = 0;
+      for (let p = 0; p < m.pages; p++) if (!m.present.get(p) && !m.discarded.get(p)) missing++;
+      if (missing) return `${missing} pages of block ${this.blocks[b].name} never arrived`;
+    }
+    return '';
+  }
+
+  async finish(): Promise<ReceiveSummary> {
+    const reason = this.incompleteReason();
+    return this.close(reason === '' ? 'complete' : 'incomplete', reason);
+  }
+
+  async fail(reason: string): Promise<ReceiveSummary> {
+    return this.close('incomplete', reason);
+  }
+
+  // Data first, fsynced; then bitmaps and totals; the status record last, synced,
+  // so a crash at any point leaves an image that says incomplete.
+  private async close(status: 'complete' | 'incomplete', reason: string): Promise<ReceiveSummary> {
+    await Promise.allSettled(this.pending);
+    await Promise.all(this.pending);
+    fs.fsyncSync(this.fd);
+    const st = fs.fstatSync(this.fd);
+    fs.closeSync(this.fd);
+    const summary = this.summary(status, reason, st.blocks * 512);
+    const records: [string, Buffer][] = [];
+    this.maps.forEach((m, b) => {
+      for (let c = 0; c < m.chunks(); c++) records.push([`bitmap/${b}/${c}`, m.encodeChunk(c)]);
+    });
+    if (this.totals) records.push(['totals', Buffer.from(JSON.stringify(this.totals))]);
+    records.push(['stats', Buffer.from(JSON.stringify(summary))]);
+    await this.index.putMany(records, true);
+    await this.index.putJson('status', { status, reason, updated: Date.now() }, true);
+    await this.index.close();
+    return summary;
+  }
+
+  private summary(status: 'complete' | 'incomplete', reason: string, imageBytes: number): ReceiveSummary {
+    let unique = 0;
+    let dataPages = 0;
+    for (const m of this.maps) {
+      unique += m.present.count();
+      dataPages += m.data.count();
+    }
+    return {
+      status, reason, image: this.dir, snapshotId: this.header?.snapshotId ?? '', source: this.header?.source ?? '',
+      pagesReceived: this.counts.pagesReceived, uniquePages: unique, dataPages, zeroPages: unique - dataPages,
+      duplicatePages: this.counts.duplicatePages, discardedPages: this.counts.discardedPages,
+      streamBytes: this.counts.streamBytes, imageBytes, imageSize: this.blocks.length ? this.blocks[this.blocks.length - 1].base + this.blocks[this.blocks.length - 1].length : 0,
+      seconds: (Date.now() - this.started) / 1000,
+    };
+  }
+}

@@ -1,0 +1,65 @@
+// The image index: a LevelDB database beside the data file. Small JSON records
+// describe the image; binary records hold per-chunk page bitmaps and state blobs.
+//
+//   format            {"version":1,"pageSize":4096,"blockAlign":2097152,"chunkPages":32768}
+//   status            {"status":"incomplete"|"complete","reason":"...","updated":ms}
+//   header            the stream header (snapshot id, source, label, created)
+//   blocks            [{name,length,address,base,pages}]  base = offset in the data file
+//   bitmap/B/C        bitmaps of chunk C of block B: present | data | discarded,
+//                     each ceil(pages in chunk / 8) bytes, bit p%8 of byte p/8
+//   state/KIND        a state blob, verbatim (QEMU device state, process state)
+//   totals            the END frame's totals as the sender stated them
+//   stats             the receiver's summary (also written by --stats)
+import { Level } from 'level';
+
+export const INDEX_VERSION = 1;
+
+export type ImageStatus = { status: 'incomplete' | 'complete'; reason: string; updated: number };
+
+export class IndexStore {
+  private constructor(private readonly db: Level<string, Buffer>) {}
+
+  static async open(dir: string, createIfMissing: boolean): Promise<IndexStore> {
+    const db = new Level<string, Buffer>(dir, { keyEncoding: 'utf8', valueEncoding: 'buffer', createIfMissing, errorIfExists: createIfMissing });
+    try {
+      await db.open();
+    } catch (e) {
+      const cause = (e as { cause?: Error }).cause?.message ?? (e as Error).message;
+      throw new Error(`cannot open image index ${dir}: ${cause}`);
+    }
+    return new IndexStore(db);
+  }
+
+  putJson(key: string, value: unknown, sync = false): Promise<void> {
+    return this.db.put(key, Buffer.from(JSON.stringify(value)), { sync });
+  }
+
+  putBuffer(key: string, value: Buffer): Promise<void> {
+    return this.db.put(key, value);
+  }
+
+  async getJson<T>(key: string): Promise<T | undefined> {
+    const v = await this.db.get(key);
+    return v === undefined ? undefined : (JSON.parse(v.toString('utf8')) as T);
+  }
+
+  getBuffer(key: string): Promise<Buffer | undefined> {
+    return this.db.get(key);
+  }
+
+  // Keys under a prefix, in order (e.g. all state blobs).
+  async keysWithPrefix(prefix: string): Promise<string[]> {
+    const out: string[] = [];
+    for await (const k of this.db.keys({ gte: prefix, lt: prefix + '\xff' })) out.push(k);
+    return out;
+  }
+
+  // Writes many records at once; sync makes LevelDB fsync its log before returning.
+  async putMany(entries: [string, Buffer][], sync: boolean): Promise<void> {
+    await this.db.batch(entries.map(([key, value]) => ({ type: 'put' as const, key, value })), { sync });
+  }
+
+  close(): Promise<void> {
+    return this.db.close();
+  }
+}

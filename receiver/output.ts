@@ -1,0 +1,40 @@
+// A sequential output (a file, or stdout when the name is "-") that waits for the
+// destination to drain, so converting a large image never buffers it in memory.
+import * as fs from 'node:fs';
+import { once } from 'node:events';
+import type { Writable } from 'node:stream';
+
+export class Output {
+  bytes = 0;
+  private failure: Error | undefined;
+  private constructor(private readonly stream: Writable, private readonly name: string) {
+    stream.on('error', (e) => (this.failure ??= e));
+  }
+
+  static open(name: string): Output {
+    const stream = name === '-' ? process.stdout : fs.createWriteStream(name);
+    return new Output(stream, name === '-' ? 'stdout' : name);
+  }
+
+  private check(): void {
+    const f = this.failure as Error | undefined;
+    if (f) throw new Error(`writing ${this.name}: ${f.message}`);
+  }
+
+  async write(buf: Buffer): Promise<void> {
+    this.check();
+    this.bytes += buf.length;
+    if (!this.stream.write(buf)) await Promise.race([once(this.stream, 'drain'), once(this.stream, 'error')]);
+    this.check();
+  }
+
+  async close(): Promise<void> {
+    if (this.stream === process.stdout) {
+      await new Promise<void>((resolve) => (this.stream.writableLength ? this.stream.once('drain', resolve) : resolve()));
+      return;
+    }
+    this.stream.end();
+    await Promise.race([once(this.stream, 'close'), once(this.stream, 'error')]);
+    this.check();
+  }
+}

@@ -1,0 +1,72 @@
+// Reads a snapshot stream from any Readable, picks the decoder by magic (bgsnap or
+// a raw QEMU migration stream), and feeds a sink. The decode step is a through2
+// transform from bytes to event batches, so backpressure runs from the sink back
+// to the socket or pipe the stream arrives on.
+import { pipeline } from 'node:stream/promises';
+import type { Readable, TransformCallback } from 'node:stream';
+import through2 from 'through2';
+import { BgsnapDecoder, isBgsnapStream } from '../format/bgsnap';
+import { QemuDecoder, isQemuStream } from '../format/qemu';
+import { StreamError } from '../format/errors';
+import type { StreamDecoder, StreamEvent } from '../format/events';
+import type { ReceiveSummary, SnapshotSink } from './sink';
+
+// Chooses the decoder from the first bytes; undefined until 4 bytes have arrived.
+export function detectDecoder(first: Buffer): StreamDecoder | undefined {
+  if (first.length < 4) return undefined;
+  if (isQemuStream(first)) return new QemuDecoder();
+  if (first.length < 6) return undefined;
+  if (isBgsnapStream(first)) return new BgsnapDecoder();
+  throw new StreamError('input', 'BAD_MAGIC', 0, `neither a bgsnap nor a QEMU migration stream (starts with ${first.subarray(0, 8).toString('hex')})`);
+}
+
+// A transform from byte chunks to arrays of events; the stream's end is checked
+// by the decoder's finish(), which throws unless the stream provably ended.
+export function decodeStream(onBytes?: (n: number) => void) {
+  let dec: StreamDecoder | undefined;
+  let head = Buffer.alloc(0);
+  return through2.obj(
+    function (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
+      try {
+        if (!dec) {
+          head = Buffer.concat([head, chunk]);
+          dec = detectDecoder(head);
+          if (!dec) return cb();
+          chunk = head;
+        }
+        const events = dec.push(chunk);
+        onBytes?.(dec.bytesIn);
+        cb(null, events.length ? events : undefined);
+      } catch (e) {
+        cb(e as Error);
+      }
+    },
+    function (cb: TransformCallback) {
+      try {
+        if (!dec) throw new StreamError('input', 'TRUNCATED', head.length, head.length ? 'input ended inside the stream magic' : 'input is empty');
+        const events = dec.finish();
+        cb(null, events.length ? events : undefined);
+      } catch (e) {
+        cb(e as Error);
+      }
+    },
+  );
+}
+
+// Receives one stream into the sink. Resolves with the summary whenever the sink
+// could be closed; the summary says incomplete, with the reason, if anything broke.
+export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number }): Promise<ReceiveSummary> {
+  try {
+    await pipeline(input, decodeStream((n) => (sink.streamBytes = n)), async (source: AsyncIterable<StreamEvent[]>) => {
+      for await (const events of source) {
+        for (const ev of events) {
+          const r = sink.write(ev);
+          if (r) await r;
+        }
+      }
+    });
+  } catch (e) {
+    return sink.fail((e as Error).message);
+  }
+  return sink.finish();
+}
