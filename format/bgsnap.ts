@@ -189,24 +189,34 @@ export class BgsnapDecoder implements StreamDecoder {
   private frameNo = 0;
   private readonly counted = emptyTotals();
   private dctx: zstdBinding.DCtx | undefined;
+  private error: Error | undefined;
 
   get bytesIn(): number {
     return this.offset + this.q.length;
   }
 
+  // Events decoded before an error in the same chunk are returned first; the
+  // error is thrown by the next call, so a consumer keeps every valid frame.
   push(chunk: Buffer): StreamEvent[] {
+    if (this.error) throw this.error;
     this.q.push(chunk);
     const out: StreamEvent[] = [];
-    if (!this.sawMagic && !this.readMagic()) return out;
-    while (this.q.length >= FRAME_HEADER) {
-      const ev = this.readFrame();
-      if (ev === undefined) break;
-      out.push(ev);
+    try {
+      if (!this.sawMagic && !this.readMagic()) return out;
+      while (this.q.length >= FRAME_HEADER) {
+        const ev = this.readFrame();
+        if (ev === undefined) break;
+        out.push(ev);
+      }
+    } catch (e) {
+      if (out.length === 0) throw e;
+      this.error = e as Error;
     }
     return out;
   }
 
   finish(): StreamEvent[] {
+    if (this.error) throw this.error;
     if (this.ended) return [];
     const what = !this.sawMagic ? 'the stream magic' : this.q.length > 0 ? `frame ${this.frameNo}` : 'the END frame';
     throw new StreamError(FORMAT, 'TRUNCATED', this.bytesIn, `input ended before ${what} was complete`);

@@ -20,13 +20,20 @@ export function detectDecoder(first: Buffer): StreamDecoder | undefined {
   throw new StreamError('input', 'BAD_MAGIC', 0, `neither a bgsnap nor a QEMU migration stream (starts with ${first.subarray(0, 8).toString('hex')})`);
 }
 
+// What the decode transform emits: a batch of events, or the decode error in band,
+// so every event decoded before the error reaches the sink before it is failed
+// (an error raised through the pipeline would tear it down with events unread).
+export type Decoded = StreamEvent[] | { error: Error };
+
 // A transform from byte chunks to arrays of events; the stream's end is checked
 // by the decoder's finish(), which throws unless the stream provably ended.
 export function decodeStream(onBytes?: (n: number) => void) {
   let dec: StreamDecoder | undefined;
   let head = Buffer.alloc(0);
+  let failed = false;
   return through2.obj(
     function (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
+      if (failed) return cb();
       try {
         if (!dec) {
           head = Buffer.concat([head, chunk]);
@@ -38,16 +45,18 @@ export function decodeStream(onBytes?: (n: number) => void) {
         onBytes?.(dec.bytesIn);
         cb(null, events.length ? events : undefined);
       } catch (e) {
-        cb(e as Error);
+        failed = true;
+        cb(null, { error: e as Error });
       }
     },
     function (cb: TransformCallback) {
+      if (failed) return cb();
       try {
         if (!dec) throw new StreamError('input', 'TRUNCATED', head.length, head.length ? 'input ended inside the stream magic' : 'input is empty');
         const events = dec.finish();
         cb(null, events.length ? events : undefined);
       } catch (e) {
-        cb(e as Error);
+        cb(null, { error: e as Error });
       }
     },
   );
@@ -57,8 +66,9 @@ export function decodeStream(onBytes?: (n: number) => void) {
 // could be closed; the summary says incomplete, with the reason, if anything broke.
 export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number }): Promise<ReceiveSummary> {
   try {
-    await pipeline(input, decodeStream((n) => (sink.streamBytes = n)), async (source: AsyncIterable<StreamEvent[]>) => {
+    await pipeline(input, decodeStream((n) => (sink.streamBytes = n)), async (source: AsyncIterable<Decoded>) => {
       for await (const events of source) {
+        if (!Array.isArray(events)) throw events.error;
         for (const ev of events) {
           const r = sink.write(ev);
           if (r) await r;
