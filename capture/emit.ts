@@ -1,0 +1,36 @@
+// Writes capture events as a bgsnap stream to an Output (file, stdout), frame by
+// frame and without copying page data, waiting for the destination to drain: a
+// slow reader slows the capture instead of growing memory.
+import { BgsnapEncoder } from '../format/bgsnap';
+import type { StreamEvent, StreamTotals } from '../format/events';
+import type { Output } from '../receiver/output';
+
+export interface EmitProgress {
+  bytesOut: number;
+  pages: number;
+}
+
+function framesOf(enc: BgsnapEncoder, ev: StreamEvent): Buffer[] {
+  switch (ev.type) {
+    case 'header': return enc.header(ev.header);
+    case 'blocks': return enc.blocks(ev.blocks);
+    case 'pages': return enc.pages(ev.batch);
+    case 'discard': return enc.discard(ev.batch);
+    case 'state': return enc.state(ev.state);
+    case 'end': return enc.end();
+  }
+}
+
+// Returns the totals written in the END frame; throws if the source ended
+// without one (then no END frame is written and the receiver marks it incomplete).
+export async function emitStream(
+  events: AsyncIterable<StreamEvent>, out: Output, enc: BgsnapEncoder, onProgress?: (p: EmitProgress) => void,
+): Promise<StreamTotals> {
+  await out.write(enc.magic());
+  for await (const ev of events) {
+    for (const part of framesOf(enc, ev)) await out.write(part);
+    onProgress?.({ bytesOut: out.bytes, pages: enc.totals.pages });
+    if (ev.type === 'end') return { ...enc.totals };
+  }
+  throw new Error('the capture source ended without an end of stream');
+}
