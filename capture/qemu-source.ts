@@ -1,0 +1,317 @@
+// The `--qmp SOCKET` capture source: takes a live point-in-time snapshot of a
+// running QEMU VM with QEMU's own background-snapshot migration and hands its raw
+// migration stream to the caller as a Node Readable.
+//
+// Background snapshot (QEMU >= 6.0, Linux host) write-protects guest RAM with
+// userfaultfd at the start and saves each page before the guest may change it,
+// so the stream is the memory of one instant while the VM keeps running.
+//
+// We only change what the snapshot needs (the background-snapshot capability, and
+// max-bandwidth when asked) and put it back afterwards, whatever happens.
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { PassThrough, type Readable } from 'node:stream';
+import { QmpClient } from './qmp';
+
+// Capabilities QEMU 7.x refuses to combine with background-snapshot
+// (migrate_caps_check); checked first so the user learns every offender at once.
+export const INCOMPATIBLE_CAPABILITIES: readonly string[] = [
+  'postcopy-ram', 'postcopy-blocktime', 'dirty-bitmaps', 'late-block-activate', 'return-path',
+  'pause-before-switchover', 'multifd', 'zero-copy-send', 'auto-converge', 'release-ram',
+  'rdma-pin-all', 'compress', 'xbzrle', 'x-colo', 'validate-uuid',
+];
+
+// Migration states in which QEMU would refuse (or confuse) a new migration.
+const ACTIVE_STATES = new Set([
+  'setup', 'active', 'pre-switchover', 'device', 'cancelling', 'colo', 'wait-unplug',
+  'postcopy-active', 'postcopy-paused', 'postcopy-recover',
+]);
+
+export interface QemuSnapshotOptions {
+  pollMs?: number; // query-migrate interval, default 100
+  connectTimeoutMs?: number; // QMP greeting, default 5000
+  acceptTimeoutMs?: number; // until QEMU connects to our socket, default 30000
+  maxBandwidth?: number; // bytes/s for this snapshot only (QEMU 7.2 default: 128 MiB/s)
+  tmpRoot?: string; // parent of the private socket directory, default os.tmpdir()
+}
+
+export interface MigrationInfo {
+  status?: string;
+  'total-time'?: number;
+  downtime?: number;
+  'setup-time'?: number;
+  'error-desc'?: string;
+  ram?: Record<string, number>;
+  [key: string]: unknown;
+}
+
+export interface QemuSnapshotResult {
+  downtimeMs: number | null; // how long QEMU paused the guest
+  totalTimeMs: number | null;
+  setupTimeMs: number | null;
+  runStateAfter: string; // query-status after the snapshot; 'running' for a running VM
+  info: MigrationInfo; // QEMU's final query-migrate reply
+}
+
+export interface QemuSnapshot {
+  readonly stream: Readable; // QEMU's raw migration stream; ends only if QEMU reported success
+  readonly done: Promise<QemuSnapshotResult>; // settles after everything was put back
+  readonly qemuVersion: string;
+  readonly capabilities: ReadonlyMap<string, boolean>; // as found, before any change
+  readonly runStateBefore: string;
+  readonly startedAt: number; // Date.now() just before `migrate`: the snapshot point
+  abort(reason?: string): Promise<void>;
+}
+
+interface Changes {
+  capabilities: Map<string, boolean>; // capability -> value to restore
+  maxBandwidth: number | null; // value to restore
+}
+
+export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshotOptions = {}): Promise<QemuSnapshot> {
+  const qmp = await QmpClient.connect(qmpSocketPath, { timeoutMs: opts.connectTimeoutMs ?? 5000 });
+  const changes: Changes = { capabilities: new Map(), maxBandwidth: null };
+  let dir: string | null = null;
+  try {
+    await refuseIfMigrating(qmp);
+    const capabilities = await readCapabilities(qmp);
+    refuseIncompatible(capabilities);
+    const runStateBefore = await runState(qmp);
+    await applySettings(qmp, capabilities, opts, changes);
+    dir = fs.mkdtempSync(path.join(opts.tmpRoot ?? os.tmpdir(), 'bgsnap-qmp-'));
+    fs.chmodSync(dir, 0o700); // the socket carries all guest memory
+    const sockPath = path.join(dir, 'migration.sock');
+    const server = await listen(sockPath);
+    const startedAt = Date.now();
+    const session = new Session(qmp, server, dir, changes, opts);
+    try {
+      await qmp.execute('migrate', { uri: `unix:${sockPath}` });
+    } catch (err) {
+      server.close();
+      throw err;
+    }
+    session.start();
+    const info = { qemuVersion: qmp.qemuVersion, capabilities, runStateBefore, startedAt };
+    return { ...info, stream: session.out, done: session.done, abort: (r) => session.abort(r) };
+  } catch (err) {
+    await restore(qmp, changes).catch(() => undefined);
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    qmp.close();
+    throw err;
+  }
+}
+
+async function refuseIfMigrating(qmp: QmpClient): Promise<void> {
+  const info = await qmp.execute<MigrationInfo>('query-migrate');
+  if (info.status && ACTIVE_STATES.has(info.status)) {
+    throw new Error(
+      `a migration is already in progress on this VM (status '${info.status}'); ` +
+        `wait for it to finish or stop it with {"execute":"migrate_cancel"}`,
+    );
+  }
+}
+
+async function readCapabilities(qmp: QmpClient): Promise<Map<string, boolean>> {
+  const list = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
+  const caps = new Map(list.map((c) => [c.capability, c.state] as const));
+  if (!caps.has('background-snapshot')) {
+    throw new Error(`QEMU ${qmp.qemuVersion} has no background-snapshot migration capability (needs QEMU 6.0 or later)`);
+  }
+  return caps;
+}
+
+export function refuseIncompatible(caps: ReadonlyMap<string, boolean>): void {
+  const on = INCOMPATIBLE_CAPABILITIES.filter((c) => caps.get(c) === true);
+  if (on.length === 0) return;
+  const off = JSON.stringify({
+    execute: 'migrate-set-capabilities',
+    arguments: { capabilities: on.map((capability) => ({ capability, state: false })) },
+  });
+  throw new Error(
+    `migration capabilit${on.length > 1 ? 'ies' : 'y'} ${on.map((c) => `'${c}'`).join(', ')} ` +
+      `cannot be combined with background-snapshot; turn ${on.length > 1 ? 'them' : 'it'} off with ${off} ` +
+      `(HMP: ${on.map((c) => `migrate_set_capability ${c} off`).join('; ')})`,
+  );
+}
+
+async function runState(qmp: QmpClient): Promise<string> {
+  return (await qmp.execute<{ status: string }>('query-status')).status;
+}
+
+// Records each old value before changing it, so a failure half-way still restores.
+async function applySettings(qmp: QmpClient, caps: Map<string, boolean>, opts: QemuSnapshotOptions, changes: Changes): Promise<void> {
+  if (opts.maxBandwidth !== undefined) {
+    const params = await qmp.execute<{ 'max-bandwidth'?: number }>('query-migrate-parameters');
+    changes.maxBandwidth = params['max-bandwidth'] ?? null;
+    await qmp.execute('migrate-set-parameters', { 'max-bandwidth': opts.maxBandwidth });
+  }
+  if (caps.get('background-snapshot') !== true) {
+    changes.capabilities.set('background-snapshot', false);
+    await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] });
+  }
+}
+
+async function restore(qmp: QmpClient, changes: Changes): Promise<void> {
+  const capabilities = [...changes.capabilities].map(([capability, state]) => ({ capability, state }));
+  if (capabilities.length) await qmp.execute('migrate-set-capabilities', { capabilities });
+  changes.capabilities.clear();
+  if (changes.maxBandwidth !== null) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': changes.maxBandwidth });
+  changes.maxBandwidth = null;
+}
+
+function listen(sockPath: string): Promise<net.Server> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(sockPath, () => {
+      server.off('error', reject);
+      resolve(server);
+    });
+  });
+}
+
+// One running snapshot: relays the single connection QEMU makes, watches
+// query-migrate, and puts everything back when it is over.
+class Session {
+  readonly out = new PassThrough();
+  readonly done: Promise<QemuSnapshotResult>;
+  private resolveDone!: (r: QemuSnapshotResult) => void;
+  private rejectDone!: (e: Error) => void;
+  private conn: net.Socket | null = null;
+  private connEnded = false;
+  private completed: MigrationInfo | null = null;
+  private settled = false;
+  private finishing: Promise<void> | null = null;
+
+  constructor(
+    private readonly qmp: QmpClient,
+    private readonly server: net.Server,
+    private readonly dir: string,
+    private readonly changes: Changes,
+    private readonly opts: QemuSnapshotOptions,
+  ) {
+    this.done = new Promise((resolve, reject) => ((this.resolveDone = resolve), (this.rejectDone = reject)));
+    this.done.catch(() => undefined); // callers who only read the stream must not crash on it
+    server.on('connection', (c) => this.onConnection(c));
+    // A reader that gives up early must not leave QEMU blocked on a full socket.
+    this.out.on('close', () => {
+      if (!this.settled) void this.fail(new Error('snapshot stream was closed by its reader before the end'));
+    });
+  }
+
+  start(): void {
+    void this.watch();
+  }
+
+  abort(reason = 'aborted by the caller'): Promise<void> {
+    return this.fail(new Error(`snapshot aborted: ${reason}`));
+  }
+
+  private onConnection(conn: net.Socket): void {
+    if (this.conn) return void conn.destroy(); // exactly one stream
+    this.conn = conn;
+    this.server.close(); // nobody else may connect
+    conn.pipe(this.out, { end: false });
+    conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
+    conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
+  }
+
+  private async watch(): Promise<void> {
+    const pollMs = this.opts.pollMs ?? 100;
+    const acceptBy = Date.now() + (this.opts.acceptTimeoutMs ?? 30000);
+    while (!this.settled && !this.completed) {
+      let info: MigrationInfo;
+      try {
+        info = await this.qmp.execute<MigrationInfo>('query-migrate');
+      } catch (err) {
+        return void this.fail(new Error(`lost QEMU while snapshotting: ${(err as Error).message}`));
+      }
+      const problem = this.problemWith(info, acceptBy);
+      if (problem) return void this.fail(problem);
+      if (info.status === 'completed') this.completed = info;
+      else await sleep(pollMs);
+    }
+    this.maybeSucceed();
+    // QEMU closes the socket right after completing; a stream that stays open
+    // would otherwise hang the caller forever.
+    const guard = setTimeout(() => {
+      if (!this.finishing) void this.fail(new Error('QEMU reported completion but the stream never ended'));
+    }, 30000);
+    guard.unref();
+  }
+
+  private problemWith(info: MigrationInfo, acceptBy: number): Error | null {
+    if (info.status === 'failed') return new Error(`QEMU snapshot failed: ${info['error-desc'] ?? 'no reason given'}`);
+    if (info.status === 'cancelled') return new Error('QEMU snapshot was cancelled (migrate_cancel from elsewhere?)');
+    if (!this.conn && Date.now() > acceptBy) return new Error(`QEMU did not connect to the snapshot socket (status '${info.status}')`);
+    return null;
+  }
+
+  // Success needs both QEMU's word and the end of the data.
+  private maybeSucceed(): void {
+    if (!this.completed || !this.connEnded || this.finishing) return;
+    const info = this.completed;
+    this.finishing = (async () => {
+      try {
+        await restore(this.qmp, this.changes);
+        const state = await runState(this.qmp);
+        this.cleanup();
+        this.out.end();
+        this.resolveDone(resultOf(info, state));
+      } catch (err) {
+        this.cleanup();
+        this.out.destroy(err as Error);
+        this.rejectDone(new Error(`snapshot completed but restoring QEMU settings failed: ${(err as Error).message}`));
+      }
+    })();
+  }
+
+  private fail(err: Error): Promise<void> {
+    if (this.finishing) return this.finishing;
+    this.settled = true;
+    this.finishing = (async () => {
+      const cleanupErr = await this.cancelAndRestore().catch((e: Error) => e);
+      this.cleanup();
+      this.out.destroy(err);
+      this.rejectDone(cleanupErr ? new Error(`${err.message}; also, restoring QEMU settings failed: ${cleanupErr.message}`) : err);
+    })();
+    return this.finishing;
+  }
+
+  // QEMU refuses capability changes until the migration has fully stopped.
+  private async cancelAndRestore(): Promise<void> {
+    if (this.qmp.closed) throw new Error('the QMP connection is gone');
+    let status = (await this.qmp.execute<MigrationInfo>('query-migrate')).status ?? 'none';
+    if (ACTIVE_STATES.has(status)) await this.qmp.execute('migrate_cancel');
+    for (let i = 0; i < 300 && ACTIVE_STATES.has(status); i++) {
+      await sleep(100);
+      status = (await this.qmp.execute<MigrationInfo>('query-migrate')).status ?? 'none';
+    }
+    await restore(this.qmp, this.changes);
+  }
+
+  private cleanup(): void {
+    this.settled = true;
+    this.server.close();
+    this.conn?.destroy();
+    this.qmp.close();
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+function resultOf(info: MigrationInfo, runStateAfter: string): QemuSnapshotResult {
+  const num = (v: unknown) => (typeof v === 'number' ? v : null);
+  return {
+    downtimeMs: num(info.downtime),
+    totalTimeMs: num(info['total-time']),
+    setupTimeMs: num(info['setup-time']),
+    runStateAfter,
+    info,
+  };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
