@@ -6,7 +6,111 @@ export interface Addon {
   punchHole(fd: number, offset: number, length: number): void;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
+  // Process capture (capture/native/capture_js.cc). startCapture resolves at the
+  // snapshot point: the target was frozen, protected and let go again.
+  startCapture(pid: number, options?: CaptureOptions): Promise<number>;
+  // A filled page batch, or null once every page was saved. Its arrays are views
+  // of native memory: call releaseBuffer(handle, batch.id) when done with them.
+  nextBuffer(handle: number): Promise<NativeBatch | null>;
+  releaseBuffer(handle: number, id: number): boolean;
+  takeDiscards(handle: number): { block: number; index: Uint32Array }[];
+  captureInfo(handle: number): CaptureInfo;
+  abortCapture(handle: number): void;
+  closeCapture(handle: number): void;
   [name: string]: unknown;
+}
+
+export interface CaptureOptions {
+  bufferMb?: number; // total size of the page buffers (default 64)
+  rateLimitMBps?: number; // pace the linear scan (faults are never paced)
+  stallTimeoutMs?: number; // watchdog: drop protection if the saver stalls (30000)
+  testHoldAt?: 'inject' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
+  testHoldMs?: number;
+}
+
+export interface NativeBatch {
+  id: number;
+  block: number;
+  index: Uint32Array;
+  zero: Uint8Array;
+  data: Buffer;
+}
+
+export interface NativeMap {
+  start: number;
+  end: number;
+  perms: string;
+  offset: number;
+  dev: string;
+  inode: number;
+  path: string;
+  block: number; // -1 when not captured
+  how: string; // 'protected' | 'copied: ...' | 'skipped: ...'
+}
+
+export interface NativeBlock {
+  name: string;
+  address: number;
+  length: number;
+  map: number;
+  protected: boolean;
+  thp: boolean;
+}
+
+export interface FreezeStats {
+  totalMs: number;
+  seizeMs: number;
+  injectMs: number;
+  registerMs: number;
+  protectMs: number;
+  pagemapMs: number;
+  copyMs: number;
+  detachMs: number;
+  threads: number;
+  rounds: number;
+  sysctlToggled: boolean;
+  snapshotTime: number; // ms since the epoch
+}
+
+export interface CaptureCounters {
+  scanPages: number;
+  faultPages: number;
+  copiedPages: number;
+  zeroPages: number;
+  untouchedPages: number;
+  discarded: number;
+  bytes: number;
+  faults: number;
+  spuriousFaults: number;
+  eagain: number;
+  removeEvents: number;
+  unmapEvents: number;
+  remapEvents: number;
+  batches: number;
+  bufferWaits: number;
+  rollbacks: number;
+  faultWaitP50Ms: number;
+  faultWaitP99Ms: number;
+  faultWaitMaxMs: number;
+  faultWaitSamples: number;
+}
+
+export interface CaptureInfo {
+  state: 'freezing' | 'running' | 'done' | 'failed';
+  pid: number;
+  error?: Error & { code?: string };
+  counters: CaptureCounters;
+  // Present once the snapshot point was reached:
+  freeze?: FreezeStats;
+  maps?: NativeMap[];
+  blocks?: NativeBlock[];
+  threads?: { tid: number; regs: Buffer; fpregs: Buffer; pendingSignal: number }[];
+  auxv?: Buffer;
+  cmdline?: Buffer;
+  exe?: string;
+  status?: string;
+  mapsText?: string;
+  seconds?: number;
 }
 
 const addonPath = path.join(__dirname, '..', '..', 'build', 'Release', 'bgsnap.node');

@@ -28,6 +28,9 @@ static const char* ErrnoName(int err) {
     case ENOTTY: return "ENOTTY";
     case EDQUOT: return "EDQUOT";
     case ECHILD: return "ECHILD";
+    case ECANCELED: return "ECANCELED";
+    case ETIMEDOUT: return "ETIMEDOUT";
+    case ENOEXEC: return "ENOEXEC";
     default: return "EUNKNOWN";
   }
 }
@@ -43,6 +46,7 @@ Napi::Error ErrnoError(Napi::Env env, int err, const std::string& what) {
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   bgsnap::InitFileOps(env, exports);
+  bgsnap::InitCapture(env, exports);
   return exports;
 }
 

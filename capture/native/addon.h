@@ -11,5 +11,6 @@ Napi::Error ErrnoError(Napi::Env env, int err, const std::string& what);
 
 // Registration hooks, one per source file, called from addon.cc.
 void InitFileOps(Napi::Env env, Napi::Object exports);
+void InitCapture(Napi::Env env, Napi::Object exports);  // process capture (capture_js.cc)
 
 }  // namespace bgsnap

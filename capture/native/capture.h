@@ -1,0 +1,176 @@
+// Types shared by the process capture engine: the frozen threads, the target's
+// mappings, the blocks we save, and the bounded buffers JavaScript drains.
+//
+// Threading: one dedicated std::thread per capture does everything that touches
+// the target (ptrace requests must come from the thread that attached, and the
+// target's writers wait on this thread while protection is active). The JS thread
+// only takes ready buffers, gives them back, and reads counters.
+#pragma once
+#include <sys/types.h>
+#include <sys/user.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace bgsnap {
+
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kHuge = 2ull << 20;
+
+// A failure: errno-style code plus a sentence for people.
+struct Failure {
+  int err = 0;
+  std::string what;
+  bool Set(int e, const std::string& w) {
+    if (err == 0) { err = e; what = w; }
+    return false;  // so callers can `return f.Set(...)`
+  }
+  bool failed() const { return err != 0; }
+};
+
+double NowMs();  // CLOCK_MONOTONIC milliseconds
+
+struct ThreadState {
+  pid_t tid = 0;
+  bool attached = false;
+  bool stopped = false;
+  bool exited = false;
+  bool eventStop = false;     // PTRACE_EVENT_STOP: a clean place to inject
+  int pendingSignal = 0;      // signal-delivery-stop held; re-delivered at detach
+  bool resendByKill = false;  // the held signal was consumed by injection
+  user_regs_struct regs{};
+  user_fpregs_struct fpregs{};
+};
+
+struct MapEntry {
+  uint64_t start = 0, end = 0, offset = 0, inode = 0;
+  std::string perms, dev, path;
+  int block = -1;   // index into the capture's blocks, -1 when not captured
+  std::string how;  // "protected", "copied", or "skipped: <why>"
+};
+
+// One bit per page of a block.
+class Bitmap {
+ public:
+  void Resize(uint32_t bits) { words_.assign((bits + 63) / 64, 0); }
+  bool Test(uint32_t i) const { return (words_[i >> 6] >> (i & 63)) & 1; }
+  void Set(uint32_t i) { words_[i >> 6] |= 1ull << (i & 63); }
+  void Clear(uint32_t i) { words_[i >> 6] &= ~(1ull << (i & 63)); }
+  void SetRange(uint32_t a, uint32_t b) { Fill(a, b, true); }
+  void ClearRange(uint32_t a, uint32_t b) { Fill(a, b, false); }
+  // First index in [a, b) whose bit is clear (NextClear) or set (NextSet), or b.
+  uint32_t NextClear(uint32_t a, uint32_t b) const { return Next(a, b, ~0ull); }
+  uint32_t NextSet(uint32_t a, uint32_t b) const { return Next(a, b, 0); }
+
+ private:
+  uint32_t Next(uint32_t a, uint32_t b, uint64_t flip) const {
+    while (a < b) {
+      uint64_t w = (words_[a >> 6] ^ flip) >> (a & 63);
+      if (w) { uint32_t r = a + __builtin_ctzll(w); return r < b ? r : b; }
+      a = (a | 63) + 1;
+    }
+    return b;
+  }
+  void Fill(uint32_t a, uint32_t b, bool on) {
+    for (; a < b && (a & 63); a++) on ? Set(a) : Clear(a);
+    for (; a + 64 <= b; a += 64) words_[a >> 6] = on ? ~0ull : 0;
+    for (; a < b; a++) on ? Set(a) : Clear(a);
+  }
+  std::vector<uint64_t> words_;
+};
+
+enum class BlockKind { kProtected, kCopied };
+
+struct Block {
+  uint64_t start = 0, length = 0;  // virtual range at the snapshot point
+  uint32_t pages = 0;
+  int map = -1;
+  BlockKind kind = BlockKind::kProtected;
+  bool anonPrivate = false;  // untouched pages read as zero and are not trapped
+  bool thp = false;          // save 2 MiB per fault so huge pages are not split
+  Bitmap done;               // saved, recorded as zero, or discarded
+  Bitmap zeroPending;        // untouched at the snapshot: emit as zero, never read
+  std::vector<uint8_t> copy; // kCopied: the bytes taken while frozen
+  std::string name;
+};
+
+// Where a run of a protected block's pages lives now (mremap moves it).
+struct Segment {
+  uint64_t start, end;
+  int block;
+  uint32_t firstPage;
+};
+
+struct Options {
+  uint32_t bufferMb = 64;
+  double rateLimitMBps = 0;   // 0: unpaced
+  uint32_t stallMs = 30000;   // watchdog: drop protection if the saver stalls
+  std::string holdAt;         // tests: "inject", "frozen" or "copy"
+  uint32_t holdMs = 0;
+};
+
+struct FreezeStats {
+  double totalMs = 0, seizeMs = 0, injectMs = 0, registerMs = 0, protectMs = 0;
+  double pagemapMs = 0, copyMs = 0, detachMs = 0;
+  int threads = 0, rounds = 0;
+  bool sysctlToggled = false;  // vm.unprivileged_userfaultfd set to 1 around injection
+  double snapshotTime = 0;     // wall-clock ms at the snapshot point
+};
+
+struct Counters {
+  std::atomic<uint64_t> scanPages{0}, faultPages{0}, copiedPages{0};
+  std::atomic<uint64_t> zeroPages{0}, untouchedPages{0}, discarded{0};
+  std::atomic<uint64_t> bytes{0}, faults{0}, spurious{0}, eagain{0};
+  std::atomic<uint64_t> removeEvents{0}, unmapEvents{0}, remapEvents{0};
+  std::atomic<uint64_t> batches{0}, bufferWaits{0}, rollbacks{0};
+};
+
+// A bounded set of pre-faulted page batches. The saver fills one batch per block
+// and publishes it; JavaScript takes it, writes it out, and releases it. When all
+// are taken, Acquire blocks the saver and so the target's faulting writers: that
+// is the throttle, and it bounds our memory whatever the target's size.
+struct Batch {
+  uint32_t id = 0;
+  uint8_t* data = nullptr;
+  uint32_t* index = nullptr;
+  uint8_t* zero = nullptr;
+  uint32_t capData = 0, capIndex = 0;
+  int block = -1;
+  uint32_t count = 0, dataPages = 0;
+  enum Owner { kFree, kSaver, kReady, kJs } owner = kFree;
+};
+
+struct Memory {
+  void* base = nullptr;
+  size_t length = 0;
+  ~Memory();
+};
+
+class BufferPool {
+ public:
+  bool Init(uint32_t totalMb, Failure* f);
+  // Saver side. Acquire returns nullptr when abort was raised while waiting.
+  Batch* Acquire(const std::atomic<bool>& abort, std::atomic<double>& waitingSince);
+  void Publish(Batch* b);
+  void Wake() { cv_.notify_all(); }
+  // JS side.
+  Batch* TakeReady();
+  bool Release(uint32_t id);
+  size_t ReadyCount();
+  std::shared_ptr<Memory> memory;
+  std::vector<Batch> batches;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<uint32_t> free_, ready_;
+};
+
+}  // namespace bgsnap

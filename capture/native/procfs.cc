@@ -1,0 +1,97 @@
+// Reading the target through /proc: its mappings, small state files, and which
+// pages were ever touched (PAGEMAP_SCAN, one ioctl per range instead of 8 bytes
+// of /proc/PID/pagemap per page: ~1.7 ms against 18-30 ms per 2 GiB).
+#include "procfs.h"
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+
+namespace bgsnap {
+
+// PAGEMAP_SCAN (Linux 6.7); the build machine's headers may predate it.
+struct PageRegion {
+  uint64_t start, end, categories;
+};
+struct PmScanArg {
+  uint64_t size, flags, start, end, walkEnd, vec, vecLen, maxPages;
+  uint64_t categoryInverted, categoryMask, categoryAnyofMask, returnMask;
+};
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+constexpr uint64_t kPageIsPresent = 1 << 3, kPageIsSwapped = 1 << 4, kPageIsHuge = 1 << 6;
+
+bool ReadWhole(const std::string& path, std::string* out) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  out->clear();
+  char buf[65536];
+  for (;;) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    out->append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return true;
+}
+
+static bool ParseMapLine(const std::string& line, MapEntry* m) {
+  char perms[8] = {0}, dev[16] = {0};
+  int pathAt = 0;
+  unsigned long long start, end, off, inode;
+  if (sscanf(line.c_str(), "%llx-%llx %7s %llx %15s %llu %n", &start, &end, perms, &off, dev,
+             &inode, &pathAt) < 6) {
+    return false;
+  }
+  m->start = start;
+  m->end = end;
+  m->perms = perms;
+  m->offset = off;
+  m->dev = dev;
+  m->inode = inode;
+  m->path = pathAt > 0 && static_cast<size_t>(pathAt) <= line.size() ? line.substr(pathAt) : "";
+  return true;
+}
+
+bool ParseMaps(const std::string& text, std::vector<MapEntry>* out) {
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    MapEntry m;
+    if (ParseMapLine(text.substr(pos, nl - pos), &m)) out->push_back(m);
+    pos = nl + 1;
+  }
+  return !out->empty();
+}
+
+// Calls fn(start, end, huge) for every run of pages that are present or swapped.
+bool ScanTouched(int pagemapFd, uint64_t start, uint64_t end,
+                 const std::function<void(uint64_t, uint64_t, bool)>& fn, Failure* f) {
+  std::vector<PageRegion> vec(4096);
+  PmScanArg a{};
+  a.size = sizeof a;
+  a.start = start;
+  a.end = end;
+  a.vec = reinterpret_cast<uint64_t>(vec.data());
+  a.vecLen = vec.size();
+  a.categoryAnyofMask = kPageIsPresent | kPageIsSwapped;
+  a.returnMask = kPageIsPresent | kPageIsSwapped | kPageIsHuge;
+  while (a.start < end) {
+    int n = ioctl(pagemapFd, kPagemapScan, &a);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return f->Set(errno, "PAGEMAP_SCAN ioctl (needs Linux 6.7+)");
+    }
+    for (int i = 0; i < n; i++) fn(vec[i].start, vec[i].end, vec[i].categories & kPageIsHuge);
+    if (a.walkEnd <= a.start) break;
+    a.start = a.walkEnd;
+  }
+  return true;
+}
+
+}  // namespace bgsnap

@@ -1,0 +1,166 @@
+// Freeze: PTRACE_SEIZE + PTRACE_INTERRUPT every thread, repeated until no new
+// thread appears. Threads are left in whatever stop they reached (interrupt,
+// clone event, or signal delivery): each is a real stop, and leaving a signal
+// delivery stop in place lets PTRACE_DETACH re-deliver the signal with its
+// original siginfo instead of re-sending it.
+#include "ptrace_freeze.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <fstream>
+
+namespace bgsnap {
+
+double NowMs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static bool ListTasks(pid_t pid, std::vector<pid_t>* out) {
+  std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* d = opendir(dir.c_str());
+  if (!d) return false;
+  while (dirent* e = readdir(d)) {
+    if (e->d_name[0] != '.') out->push_back(static_cast<pid_t>(atoi(e->d_name)));
+  }
+  closedir(d);
+  return true;
+}
+
+static std::string TracerOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("TracerPid:", 0) == 0) return line.substr(10);
+  }
+  return "?";
+}
+
+// Poll for a ptrace status without blocking forever: a thread in
+// uninterruptible sleep may not stop, and we must be able to give up.
+int Freezer::WaitStatus(pid_t tid, int* status, double timeoutMs) {
+  double deadline = NowMs() + timeoutMs;
+  long sleepNs = 2000;
+  for (;;) {
+    int r = waitpid(tid, status, __WALL | WNOHANG);
+    if (r != 0) return r < 0 ? -errno : r;
+    if (NowMs() > deadline) return 0;
+    timespec ts{0, sleepNs};
+    nanosleep(&ts, nullptr);
+    sleepNs = std::min(sleepNs * 2, 200000L);
+  }
+}
+
+bool Freezer::SeizeNew(bool* added, Failure* f) {
+  std::vector<pid_t> tids;
+  if (!ListTasks(pid_, &tids)) {
+    return f->Set(ESRCH, "process " + std::to_string(pid_) + " does not exist");
+  }
+  for (pid_t tid : tids) {
+    auto known = std::find_if(threads_.begin(), threads_.end(),
+                              [tid](const ThreadState& t) { return t.tid == tid; });
+    if (known != threads_.end()) continue;
+    if (Ptrace(PTRACE_SEIZE, tid, PTRACE_O_TRACECLONE) != 0) {
+      if (errno == ESRCH) continue;  // exited between listing and seizing
+      int e = errno;
+      return f->Set(e, "ptrace(PTRACE_SEIZE) of thread " + std::to_string(tid) + " of process " +
+                           std::to_string(pid_) + " failed (TracerPid:" + TracerOf(pid_) +
+                           "; an already-traced process or one we lack permission for "
+                           "cannot be captured)");
+    }
+    ThreadState t;
+    t.tid = tid;
+    t.attached = true;
+    threads_.push_back(t);
+    Ptrace(PTRACE_INTERRUPT, tid, 0L);
+    *added = true;
+  }
+  return true;
+}
+
+// Wait until thread i reaches a stop. A clone event adds the new thread, which
+// the kernel auto-attached and will stop on its own.
+bool Freezer::WaitStop(size_t i, Failure* f) {
+  pid_t tid = threads_[i].tid;
+  int st = 0;
+  int r = WaitStatus(tid, &st, 3000);
+  if (r == 0) return f->Set(EBUSY, "thread " + std::to_string(tid) + " did not stop within 3 s");
+  if (r < 0 || WIFEXITED(st) || WIFSIGNALED(st)) {
+    threads_[i].exited = true;
+    threads_[i].attached = false;
+    return true;
+  }
+  ThreadState& t = threads_[i];
+  t.stopped = true;
+  int event = st >> 16;
+  if (event == PTRACE_EVENT_STOP) {
+    t.eventStop = true;
+  } else if (event == PTRACE_EVENT_CLONE) {
+    unsigned long child = 0;
+    Ptrace(PTRACE_GETEVENTMSG, tid, &child);
+    ThreadState c;
+    c.tid = static_cast<pid_t>(child);
+    c.attached = true;
+    threads_.push_back(c);
+  } else if (event == 0) {
+    t.pendingSignal = WSTOPSIG(st);
+  }
+  return true;
+}
+
+bool Freezer::Freeze(Failure* f) {
+  for (rounds_ = 1; rounds_ <= 100; rounds_++) {
+    bool added = false;
+    if (!SeizeNew(&added, f)) break;
+    for (size_t i = 0; i < threads_.size() && !f->failed(); i++) {
+      if (threads_[i].attached && !threads_[i].stopped) WaitStop(i, f);
+    }
+    if (f->failed()) break;
+    if (!added) break;
+  }
+  if (!f->failed() && rounds_ > 100) f->Set(EAGAIN, "thread list never became stable");
+  threads_.erase(std::remove_if(threads_.begin(), threads_.end(),
+                                [](const ThreadState& t) { return t.exited; }),
+                 threads_.end());
+  if (!f->failed() && threads_.empty()) f->Set(ESRCH, "process exited while being frozen");
+  for (ThreadState& t : threads_) {
+    if (f->failed()) break;
+    if (Ptrace(PTRACE_GETREGS, t.tid, &t.regs) != 0 ||
+        Ptrace(PTRACE_GETFPREGS, t.tid, &t.fpregs) != 0) {
+      f->Set(errno, "ptrace(GETREGS) of thread " + std::to_string(t.tid));
+    }
+  }
+  if (f->failed()) Detach();
+  return !f->failed();
+}
+
+void Freezer::DetachOne(ThreadState& t) {
+  if (!t.attached) return;
+  if (!t.stopped) {
+    // PTRACE_DETACH needs a stopped tracee; bring it to a stop first.
+    Ptrace(PTRACE_INTERRUPT, t.tid, 0L);
+    int st;
+    if (WaitStatus(t.tid, &st, 1000) > 0 && WIFSTOPPED(st) && (st >> 16) == 0) {
+      t.pendingSignal = WSTOPSIG(st);
+    }
+  }
+  int sig = t.resendByKill ? 0 : t.pendingSignal;
+  Ptrace(PTRACE_DETACH, t.tid, sig);
+  if (t.resendByKill && t.pendingSignal) syscall(SYS_tgkill, pid_, t.tid, t.pendingSignal);
+  t.attached = false;
+}
+
+void Freezer::Detach() {
+  for (ThreadState& t : threads_) DetachOne(t);
+}
+
+}  // namespace bgsnap

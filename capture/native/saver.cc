@@ -1,0 +1,397 @@
+// The saver loop: after the target resumes, save every page exactly once.
+// Fault events come first (a writer is waiting: save the still-unchanged pages
+// around it, un-protect, wake); otherwise scan linearly in aligned chunks.
+// A page is marked done only after its read succeeded and no layout event
+// (munmap, mremap, madvise) slipped in during the read; a chunk is un-protected
+// only after all its pages are done. We never write into the target's memory.
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+
+#include "session.h"
+
+namespace bgsnap {
+
+static constexpr uint64_t kFaultGranule = 64 << 10;
+
+bool Session::SaverLoop(Failure* f) {
+  size_t cb = 0;
+  uint32_t cp = 0;
+  bool held = false;
+  lastLook_ = paceStart_ = NowMs();
+  while (!f->failed()) {
+    heartbeat_ = NowMs();
+    if (abort_) return f->Set(ECANCELED, "capture aborted");
+    if (!Drain(f)) break;
+    if (!faults_.empty()) { HandleFaults(f); continue; }
+    if (cb >= blocks.size()) break;
+    if (!ScanChunk(&cb, &cp, f)) break;
+    if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); }
+    Pace(f);
+  }
+  return !f->failed();
+}
+
+// Read every queued event. Layout events are applied at once (bookkeeping
+// only); faults are queued for HandleFaults.
+bool Session::Drain(Failure* f) {
+  int fd = uffd_.load();
+  if (fd < 0) return f->Set(EBADF, "userfaultfd closed by the watchdog");
+  double look = NowMs();
+  uffd_msg msgs[64];
+  for (;;) {
+    ssize_t n = read(fd, msgs, sizeof msgs);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) break;
+    if (n < 0) return f->Set(errno, "reading userfaultfd events");
+    for (size_t i = 0; i < n / sizeof(uffd_msg); i++) {
+      const uffd_msg& m = msgs[i];
+      if (m.event == UFFD_EVENT_PAGEFAULT) {
+        faults_.push_back({m.arg.pagefault.address, lastLook_});
+        counters.faults++;
+      } else if (m.event == UFFD_EVENT_REMOVE || m.event == UFFD_EVENT_UNMAP) {
+        bool unmap = m.event == UFFD_EVENT_UNMAP;
+        (unmap ? counters.unmapEvents : counters.removeEvents)++;
+        OnRemove(m.arg.remove.start, m.arg.remove.end, unmap);
+      } else if (m.event == UFFD_EVENT_REMAP) {
+        counters.remapEvents++;
+        OnRemap(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
+      }
+    }
+    if (static_cast<size_t>(n) < sizeof msgs) break;
+  }
+  lastLook_ = look;
+  return true;
+}
+
+void Session::CutSegments(uint64_t start, uint64_t end, std::vector<Segment>* cut) {
+  std::vector<Segment> keep;
+  for (const Segment& s : segs_) {
+    if (s.end <= start || s.start >= end) { keep.push_back(s); continue; }
+    if (s.start < start) keep.push_back({s.start, start, s.block, s.firstPage});
+    uint64_t a = std::max(s.start, start), z = std::min(s.end, end);
+    cut->push_back({a, z, s.block, s.firstPage + static_cast<uint32_t>((a - s.start) / kPage)});
+    if (s.end > end) {
+      keep.push_back({end, s.end, s.block, s.firstPage + static_cast<uint32_t>((end - s.start) / kPage)});
+    }
+  }
+  segs_.swap(keep);
+}
+
+static void SortSegs(std::vector<Segment>* v) {
+  std::sort(v->begin(), v->end(), [](const Segment& a, const Segment& b) { return a.start < b.start; });
+}
+
+// MADV_DONTNEED/REMOVE (the event arrives before the zap) or munmap (after):
+// pages not yet saved lose their snapshot content. Zero-pending pages keep
+// theirs: they were zero at the snapshot point, whatever happens now.
+void Session::OnRemove(uint64_t start, uint64_t end, bool unmapped) {
+  epoch_++;
+  std::vector<Segment> cut;
+  CutSegments(start, end, &cut);
+  for (const Segment& s : cut) {
+    DiscardPages(s.block, s.firstPage, s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage));
+    if (!unmapped) segs_.push_back(s);
+  }
+  if (!unmapped) SortSegs(&segs_);
+}
+
+// mremap moved pages (with their write-protection): follow them.
+void Session::OnRemap(uint64_t from, uint64_t to, uint64_t len) {
+  epoch_++;
+  std::vector<Segment> replaced, moved;
+  CutSegments(to, to + len, &replaced);
+  for (const Segment& s : replaced) {
+    DiscardPages(s.block, s.firstPage, s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage));
+  }
+  CutSegments(from, from + len, &moved);
+  for (Segment s : moved) {
+    s.start = s.start - from + to;
+    s.end = s.end - from + to;
+    segs_.push_back(s);
+  }
+  SortSegs(&segs_);
+}
+
+void Session::DiscardPages(int b, uint32_t p0, uint32_t p1) {
+  Block& blk = blocks[b];
+  std::vector<uint32_t> lost;
+  for (uint32_t p = blk.done.NextClear(p0, p1); p < p1; p = blk.done.NextClear(p + 1, p1)) {
+    if (blk.zeroPending.Test(p)) continue;
+    blk.done.Set(p);
+    lost.push_back(p);
+  }
+  if (lost.empty()) return;
+  counters.discarded += lost.size();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (discards_.empty() || discards_.back().first != b) discards_.push_back({b, {}});
+  auto& v = discards_.back().second;
+  v.insert(v.end(), lost.begin(), lost.end());
+}
+
+const Segment* Session::FindSeg(uint64_t addr) const {
+  auto it = std::upper_bound(segs_.begin(), segs_.end(), addr,
+                             [](uint64_t a, const Segment& s) { return a < s.start; });
+  if (it == segs_.begin()) return nullptr;
+  --it;
+  return addr < it->end ? &*it : nullptr;
+}
+
+const Segment* Session::SegForPage(int b, uint32_t p) const {
+  for (const Segment& s : segs_) {
+    if (s.block == b && p >= s.firstPage && p < s.firstPage + (s.end - s.start) / kPage) return &s;
+  }
+  return nullptr;
+}
+
+uint32_t Session::NextSegPage(int b, uint32_t p) const {
+  uint32_t next = blocks[b].pages;
+  for (const Segment& s : segs_) {
+    if (s.block == b && s.firstPage > p) next = std::min(next, s.firstPage);
+  }
+  return next;
+}
+
+bool Session::HandleFaults(Failure* f) {
+  std::vector<Fault> batch;
+  batch.swap(faults_);
+  faultMode_ = true;
+  for (const Fault& ft : batch) {
+    if (!HandleFault(ft, f)) break;
+  }
+  faultMode_ = false;
+  return !f->failed();
+}
+
+// Save the unchanged 64 KiB around the fault (2 MiB in THP areas, so the huge
+// page is un-protected whole and not split), then un-protect, which wakes it.
+bool Session::HandleFault(const Fault& ft, Failure* f) {
+  uint64_t e0 = epoch_;
+  const Segment* s = FindSeg(ft.addr);
+  if (!s) {
+    Wake(ft.addr);
+    counters.spurious++;
+    return true;
+  }
+  int b = s->block;
+  uint64_t g = blocks[b].thp ? kHuge : kFaultGranule;
+  uint64_t lo = std::max(s->start, ft.addr & ~(g - 1));
+  uint64_t hi = std::min(s->end, (ft.addr & ~(g - 1)) + g);
+  uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
+  uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
+  if (!SavePages(b, p0, p1, f) || !Unprotect(b, p0, p1, f)) return false;
+  if (epoch_ != e0) Wake(ft.addr);  // the pages moved: wake the old address too
+  float us = static_cast<float>((NowMs() - ft.since) * 1000);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (waits_.size() < (4u << 20)) waits_.push_back(us);
+  return true;
+}
+
+bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
+  Block& blk = blocks[b];
+  for (uint32_t p = blk.done.NextClear(p0, p1); p < p1; p = blk.done.NextClear(p, p1)) {
+    if (abort_) return f->Set(ECANCELED, "capture aborted");
+    if (blk.zeroPending.Test(p)) {
+      Batch* bt = OpenBatch(b, f);
+      if (!bt) return false;
+      bt->index[bt->count] = p;
+      bt->zero[bt->count++] = 1;
+      blk.done.Set(p);
+      counters.zeroPages++;
+      counters.untouchedPages++;
+      continue;
+    }
+    uint32_t end = blk.zeroPending.NextSet(p, blk.done.NextSet(p, p1));
+    int r = ReadRun(b, p, end - p, f);
+    if (r < 0 && f->failed()) return false;
+  }
+  return true;
+}
+
+static bool IsZeroPage(const uint8_t* p) {
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < kPage / 8; i += 4) {
+    if (w[i] | w[i + 1] | w[i + 2] | w[i + 3]) return false;
+  }
+  return true;
+}
+
+// Read up to n pages starting at page p of block b into the open batch.
+// Returns pages settled, or -1 to retry (layout changed) / on failure.
+int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
+  Block& blk = blocks[b];
+  Batch* bt = OpenBatch(b, f);
+  if (!bt) return -1;
+  n = std::min({n, bt->capData - bt->dataPages, bt->capIndex - bt->count});
+  uint8_t* dst = bt->data + uint64_t(bt->dataPages) * kPage;
+  if (blk.kind == BlockKind::kCopied) {
+    memcpy(dst, blk.copy.data() + uint64_t(p) * kPage, n * kPage);
+    Commit(bt, b, p, n);
+    return static_cast<int>(n);
+  }
+  const Segment* s = SegForPage(b, p);
+  if (!s) {  // unmapped and already cut out: nothing left to read
+    DiscardPages(b, p, p + n);
+    return static_cast<int>(n);
+  }
+  n = std::min<uint32_t>(n, s->firstPage + static_cast<uint32_t>((s->end - s->start) / kPage) - p);
+  uint64_t e0 = epoch_;
+  iovec local{dst, n * kPage};
+  iovec remote{reinterpret_cast<void*>(s->start + uint64_t(p - s->firstPage) * kPage), n * kPage};
+  ssize_t r = process_vm_readv(pid_, &local, 1, &remote, 1, 0);
+  int err = errno;
+  if (!Drain(f)) return -1;
+  if (epoch_ != e0) {  // a munmap/mremap may have raced the read: redo it
+    counters.rollbacks++;
+    return -1;
+  }
+  if (r < 0 && err == ESRCH) return f->Set(ESRCH, "the target exited during capture"), -1;
+  uint32_t got = r > 0 ? static_cast<uint32_t>(r / kPage) : 0;
+  if (got == 0) {  // unreadable now (e.g. PROT_NONE): its content is lost to us
+    DiscardPages(b, p, p + 1);
+    return 1;
+  }
+  Commit(bt, b, p, got);
+  return static_cast<int>(got);
+}
+
+// Append n just-read pages to the batch: zero pages become zero records and the
+// data behind them is compacted, so the batch holds non-zero pages back to back.
+void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n) {
+  Block& blk = blocks[b];
+  uint8_t* src = bt->data + uint64_t(bt->dataPages) * kPage;
+  uint32_t w = bt->dataPages, zeros = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    const uint8_t* page = src + uint64_t(i) * kPage;
+    bt->index[bt->count] = p + i;
+    bool zero = IsZeroPage(page);
+    bt->zero[bt->count++] = zero;
+    blk.done.Set(p + i);
+    if (zero) { zeros++; continue; }
+    uint8_t* to = bt->data + uint64_t(w) * kPage;
+    if (to != page) memmove(to, page, kPage);
+    w++;
+  }
+  counters.bytes += uint64_t(w - bt->dataPages) * kPage;
+  counters.zeroPages += zeros;
+  bt->dataPages = w;
+  if (blk.kind == BlockKind::kProtected) (faultMode_ ? counters.faultPages : counters.scanPages) += n;
+}
+
+// One open batch per block (at most four at once), so faults landing in
+// different mappings do not force out half-empty batches.
+Batch* Session::OpenBatch(int b, Failure* f) {
+  for (size_t i = 0; i < open_.size(); i++) {
+    Batch* bt = open_[i];
+    if (bt->block != b) continue;
+    if (bt->count < bt->capIndex && bt->dataPages < bt->capData) return bt;
+    open_.erase(open_.begin() + i);
+    pool.Publish(bt);
+    counters.batches++;
+    notify_();
+    break;
+  }
+  if (open_.size() >= 4) {
+    auto fullest = std::max_element(open_.begin(), open_.end(), [](Batch* x, Batch* y) {
+      return x->dataPages + x->count < y->dataPages + y->count;
+    });
+    pool.Publish(*fullest);
+    counters.batches++;
+    open_.erase(fullest);
+    notify_();
+  }
+  if (pool.ReadyCount() + open_.size() >= pool.batches.size()) counters.bufferWaits++;
+  Batch* bt = pool.Acquire(abort_, waitingSince_);
+  if (!bt) return f->Set(ECANCELED, "capture aborted"), nullptr;
+  bt->block = b;
+  open_.push_back(bt);
+  return bt;
+}
+
+void Session::PublishAll() {
+  for (Batch* bt : open_) {
+    if (bt->count) counters.batches++;
+    pool.Publish(bt);
+  }
+  open_.clear();
+  notify_();
+}
+
+int Session::WpIoctl(uint64_t start, uint64_t len, bool protect) {
+  uffdio_writeprotect wp{{start, len}, protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+  return ioctl(uffd_.load(), UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+}
+
+void Session::Wake(uint64_t addr) {
+  uffdio_range r{addr & ~(kPage - 1), kPage};
+  ioctl(uffd_.load(), UFFDIO_WAKE, &r);
+}
+
+// Un-protect pages [p0, p1) of block b wherever they live now; this also wakes
+// writers waiting there. EAGAIN means a mapping change is in flight: drain its
+// event and back off (a tight retry spun 10k-44k times in the prototype), then
+// recompute the ranges, since the event may have moved them.
+bool Session::Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f) {
+  if (blocks[b].kind != BlockKind::kProtected) return true;
+  for (useconds_t backoff = 50;; backoff = std::min<useconds_t>(backoff * 2, 5000)) {
+    int err = 0;
+    for (const Segment& s : segs_) {
+      uint32_t sp1 = s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage);
+      uint32_t a = std::max(p0, s.firstPage), z = std::min(p1, sp1);
+      if (s.block != b || a >= z) continue;
+      err = WpIoctl(s.start + uint64_t(a - s.firstPage) * kPage, uint64_t(z - a) * kPage, false);
+      if (err == ENOENT) err = 0;  // unmapped meanwhile; its event will follow
+      if (err) break;
+    }
+    if (err == 0) return true;
+    if (err != EAGAIN) return f->Set(err, "UFFDIO_WRITEPROTECT (un-protect)");
+    counters.eagain++;
+    if (!Drain(f)) return false;
+    usleep(backoff);
+  }
+}
+
+bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
+  Block& blk = blocks[*cb];
+  if (*cp >= blk.pages) {
+    (*cb)++;
+    *cp = 0;
+    return true;
+  }
+  uint32_t p0 = *cp, p1 = std::min(blk.pages, p0 + 1024);
+  const Segment* s = blk.kind == BlockKind::kProtected ? SegForPage(static_cast<int>(*cb), p0) : nullptr;
+  if (s) {  // 2-4 MiB, ending on a 2 MiB boundary of the current address
+    uint64_t addr = s->start + uint64_t(p0 - s->firstPage) * kPage;
+    uint64_t chunkEnd = std::min(s->end, (addr & ~(kHuge - 1)) + 2 * kHuge);
+    p1 = p0 + static_cast<uint32_t>((chunkEnd - addr) / kPage);
+  } else if (blk.kind == BlockKind::kProtected) {
+    p1 = NextSegPage(static_cast<int>(*cb), p0);  // unmapped stretch
+  }
+  int b = static_cast<int>(*cb);
+  if (!SavePages(b, p0, p1, f) || !Unprotect(b, p0, p1, f)) return false;
+  scannedBytes_ += uint64_t(p1 - p0) * kPage;
+  *cp = p1;
+  return true;
+}
+
+// --rate-limit paces the scan only; faults are served while we wait.
+bool Session::Pace(Failure* f) {
+  if (opts_.rateLimitMBps <= 0) return true;
+  double due = paceStart_ + scannedBytes_ / (opts_.rateLimitMBps * 1e6) * 1e3;
+  for (double now = NowMs(); now < due && !abort_; now = NowMs()) {
+    heartbeat_ = now;
+    pollfd p{uffd_.load(), POLLIN, 0};
+    int wait = static_cast<int>(std::min(due - now, 50.0)) + 1;
+    if (poll(&p, 1, wait) > 0) {
+      if (!Drain(f) || !HandleFaults(f)) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace bgsnap

@@ -1,0 +1,110 @@
+// One capture of one process: freeze, protect, detach, then save every page
+// exactly once on a dedicated thread while the target runs.
+#pragma once
+#include <functional>
+#include <thread>
+
+#include "capture.h"
+#include "ptrace_freeze.h"
+
+namespace bgsnap {
+
+class Session {
+ public:
+  enum State { kFreezing = 0, kRunning = 1, kDone = 2, kFailed = 3 };
+
+  Session(pid_t pid, const Options& o) : pid_(pid), opts_(o) {}
+  ~Session();
+  // notify() is called from the capture thread whenever JavaScript may have
+  // something to look at; it must never block.
+  void Start(std::function<void()> notify, std::function<void()> release);
+  void Abort();
+  void Join();
+
+  int state() const { return state_.load(); }
+  bool frozen() const { return frozen_.load(); }  // the snapshot point was reached
+  Failure failure();
+  std::vector<std::pair<int, std::vector<uint32_t>>> TakeDiscards();
+  void FaultWaits(double* p50, double* p99, double* max, size_t* n);
+
+  BufferPool pool;
+  Counters counters;
+  // Filled during the freeze; read-only once state() >= kRunning.
+  pid_t pid() const { return pid_; }
+  FreezeStats freeze;
+  std::vector<ThreadState> threads;
+  std::vector<MapEntry> maps;
+  std::vector<Block> blocks;  // JS reads only the fixed fields
+  std::string auxv, cmdline, exe, status, mapsText, environ;
+  double seconds = 0;
+
+ private:
+  struct Fault {
+    uint64_t addr;
+    double since;  // the saver's previous look at the queue: an upper bound
+  };
+  void Run();
+  void Watchdog();
+  void Finish(const Failure& f);
+  void Hold(const char* at);
+  void CloseUffd();
+  // Freeze phase (uffd_capture.cc).
+  bool Setup(Failure* f);
+  bool ProbeKernel(Failure* f);
+  bool ReadProcState(Failure* f);
+  bool InjectUffd(Freezer& fz, Failure* f);
+  bool RemoteUffd(Freezer& fz, long* fd, Failure* f);
+  bool PlanAndRegister(Failure* f);
+  bool ProtectAll(Failure* f);
+  bool ScanUntouched(Failure* f);
+  bool CopyFrozen(Failure* f);
+  // Saver (saver.cc).
+  bool SaverLoop(Failure* f);
+  bool Drain(Failure* f);
+  void OnRemove(uint64_t start, uint64_t end, bool unmapped);
+  void OnRemap(uint64_t from, uint64_t to, uint64_t len);
+  void CutSegments(uint64_t start, uint64_t end, std::vector<Segment>* cut);
+  void DiscardPages(int b, uint32_t p0, uint32_t p1);
+  const Segment* FindSeg(uint64_t addr) const;
+  const Segment* SegForPage(int b, uint32_t p) const;
+  bool HandleFaults(Failure* f);
+  bool HandleFault(const Fault& ft, Failure* f);
+  bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
+  int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
+  void Commit(Batch* bt, int b, uint32_t p, uint32_t n);
+  Batch* OpenBatch(int b, Failure* f);
+  void PublishAll();
+  bool Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f);
+  int WpIoctl(uint64_t start, uint64_t len, bool protect);  // 0 or errno
+  void Wake(uint64_t addr);
+  bool ScanChunk(size_t* cb, uint32_t* cp, Failure* f);
+  uint32_t NextSegPage(int b, uint32_t p) const;
+  bool Pace(Failure* f);
+
+  pid_t pid_;
+  Options opts_;
+  std::function<void()> notify_, release_;
+  std::atomic<bool> frozen_{false};
+  std::thread thread_, watchdog_;
+  std::atomic<int> state_{kFreezing};
+  std::atomic<bool> abort_{false};
+  std::atomic<int> uffd_{-1};
+  std::atomic<double> heartbeat_{0}, waitingSince_{0};
+  std::mutex mu_;  // failure_, discards_, waits_
+  std::condition_variable doneCv_;
+  Failure failure_;
+  std::vector<std::pair<int, std::vector<uint32_t>>> discards_;
+  std::vector<float> waits_;  // µs, one per fault
+  // Saver-thread state.
+  std::vector<Segment> segs_;  // sorted by start
+  std::vector<Fault> faults_;
+  std::vector<Batch*> open_;
+  uint64_t epoch_ = 0;  // bumped by every layout event (remove, unmap, remap)
+  double lastLook_ = 0;
+  bool faultMode_ = false;
+  double paceStart_ = 0;
+  uint64_t scannedBytes_ = 0;
+  int sysctlOld_ = -1;
+};
+
+}  // namespace bgsnap
