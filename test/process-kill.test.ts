@@ -1,0 +1,76 @@
+// Killing the capturing process with SIGKILL at any moment must leave the target
+// running normally: right after the injection (threads still stopped), while
+// frozen with every page write-protected, while its writers wait on a fault the
+// saver is not serving, and in the middle of a paced copy. Afterwards no page is
+// write-protected, no thread is stuck, memory is intact, and a second snapshot
+// is consistent.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { spawn } from 'node:child_process';
+import * as path from 'node:path';
+import { captureProcess } from '../capture/process-source';
+import {
+  allThreadsProgress, checkInvariant, collect, isAlive, startTarget, writeProtectedPages, type Target,
+} from './process-target';
+
+const CHILD = path.join(__dirname, 'process-capture-child.js');
+
+// Start a capture child and SIGKILL it once `marker` shows on its stdout/stderr
+// (plus delayMs). Resolves when the child is gone.
+function killCaptureAt(pid: number, holdAt: string, marker: RegExp, delayMs: number, rate = 0): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CHILD, String(pid), holdAt, '20000', String(rate)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let armed = false;
+    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`marker ${marker} never seen: ${out}`)); }, 30_000);
+    const onData = (d: Buffer) => {
+      out += d.toString();
+      if (armed || !marker.test(out)) return;
+      armed = true;
+      setTimeout(() => child.kill('SIGKILL'), delayMs);
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      if (signal !== 'SIGKILL') reject(new Error(`capture child ended by itself (${code}): ${out}`));
+      else resolve(out);
+    });
+  });
+}
+
+async function assertRecovered(t: Target, label: string) {
+  await new Promise((r) => setTimeout(r, 100));
+  assert.ok(isAlive(t.pid), `${label}: target alive`);
+  assert.is(writeProtectedPages(t.pid, t.base, t.size), 0, `${label}: no page write-protected`);
+  const p = await allThreadsProgress(t);
+  assert.ok(p.ok, `${label}: every thread progresses ${p.before} -> ${p.after}`);
+  const live = await t.command('check');
+  assert.match(live, /^check ok/, `${label}: ${live}`);
+  const cap = captureProcess(t.pid);
+  const c = await collect(cap.events, t.base, t.size);
+  const r = checkInvariant(c.region!);
+  assert.ok(r.ok, `${label}: second snapshot ${r.detail}`);
+  assert.is(c.duplicates, 0);
+}
+
+const cases: [string, string, RegExp, number, number][] = [
+  ['right after injection (threads stopped, uffd not yet armed)', 'inject', /bgsnap-hold inject/, 50, 0],
+  ['during the freeze, every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0],
+  ['mid-copy while writers wait on unserved faults', 'copy', /bgsnap-hold copy/, 300, 0],
+  ['mid-copy of a paced scan', '-', /started/, 700, 60],
+];
+
+for (const [label, at, marker, delay, rate] of cases) {
+  test(`SIGKILL of the capture ${label}: the target keeps running`, async () => {
+    const t = await startTarget('anon', 128, 3);
+    try {
+      await killCaptureAt(t.pid, at, marker, delay, rate);
+      await assertRecovered(t, label);
+    } finally {
+      t.kill();
+    }
+  });
+}
+
+test.run();
