@@ -41,11 +41,11 @@ export interface Target {
 // Start the invariant target; it forks into the background so it is not our
 // child (our own waitpid for children would otherwise see its ptrace stops).
 // Commands go through fd 3, replies come on its stdout.
-export async function startTarget(mode: Mode, mib: number, writers = 3, asUser?: string): Promise<Target> {
+export async function startTarget(mode: Mode, mib: number, writers = 3, asUid?: number): Promise<Target> {
   const bin = buildTarget('invariant');
   const argv = [mode, String(mib), String(writers)];
-  const child: ChildProcess = asUser
-    ? spawn('setpriv', [`--reuid=${asUser}`, `--regid=${asUser}`, '--clear-groups', bin, ...argv], { stdio: ['ignore', 'pipe', 'inherit', 'pipe'] })
+  const child: ChildProcess = asUid !== undefined
+    ? spawn('setpriv', [`--reuid=${asUid}`, `--regid=${asUid}`, '--clear-groups', bin, ...argv], { stdio: ['ignore', 'pipe', 'inherit', 'pipe'] })
     : spawn(bin, argv, { stdio: ['ignore', 'pipe', 'inherit', 'pipe'] });
   const lines: string[] = [];
   const waiters: ((l: string) => void)[] = [];

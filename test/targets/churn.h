@@ -67,7 +67,9 @@ static void churn_step(uint64_t *seed) {
 static void *churn(void *arg) {
   (void)arg;
   uint64_t seed = 4242;
-  struct timespec ts = {0, 200000};
+  // One operation per 20 ms: each slot is hit about every 0.3 s, so a paced
+  // capture sees slots both saved intact and destroyed before it got there.
+  struct timespec ts = {0, 20000000};
   for (;;) {
     churn_step(&seed);
     if (nanosleep(&ts, NULL) != 0) die("nanosleep (churn)");
