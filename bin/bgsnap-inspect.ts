@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // bgsnap-inspect IMAGE [--json]: what an image holds: status, source, blocks,
-// page counts and sizes.
+// page counts and sizes. --verify re-reads every stored page against the CRC32
+// recorded when it was received; exits 3 if any differs or the image is incomplete.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Command } from 'commander';
@@ -11,8 +12,9 @@ const prog = new Command('bgsnap-inspect')
   .description('show what a bgsnap image holds')
   .argument('<image>', 'image directory')
   .option('--json', 'print JSON')
+  .option('--verify', 're-check every stored page against its recorded checksum')
   .parse();
-const opts = prog.opts<{ json?: boolean }>();
+const opts = prog.opts<{ json?: boolean; verify?: boolean }>();
 
 async function describe(img: ImageReader) {
   const blocks = [];
@@ -51,9 +53,19 @@ function print(d: Awaited<ReturnType<typeof describe>>): void {
   process.stdout.write(lines.join('\n') + '\n');
 }
 
+async function verify(img: ImageReader): Promise<number> {
+  const v = await img.verify();
+  const ok = v.badCount === 0 && v.unchecked === 0 && img.complete;
+  const what = `${v.dataPages} data pages checked, ${v.zeroPages} zero pages checked, ${v.unchecked} without checksum, ${v.badCount} bad`;
+  if (opts.json) process.stdout.write(JSON.stringify({ image: img.dir, status: img.status.status, ok, ...v }, null, 2) + '\n');
+  else process.stdout.write(`verify    ${ok ? 'OK' : 'FAILED'}: ${what}${img.complete ? '' : ' (image is incomplete)'}\n${v.bad.map((b) => `  ${b}\n`).join('')}`);
+  return ok ? 0 : 3;
+}
+
 main('bgsnap-inspect', async () => {
   const img = await ImageReader.open(prog.args[0]);
   try {
+    if (opts.verify) return await verify(img);
     const d = await describe(img);
     if (opts.json) process.stdout.write(JSON.stringify(d, null, 2) + '\n');
     else print(d);

@@ -2,10 +2,11 @@
 // on demand) and the data file. Converters and inspect use only this.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import * as zlib from 'node:zlib';
 import type { StreamHeader, StreamTotals } from '../format/events';
 import { IndexStore, INDEX_VERSION, type ImageStatus } from './index-store';
 import type { ImageBlock } from './image';
-import { BlockPages } from './pagemap';
+import { BlockPages, CHUNK_PAGES, PageCrcs } from './pagemap';
 import type { ReceiveSummary } from './sink';
 
 export interface ImageFormat {
@@ -13,6 +14,14 @@ export interface ImageFormat {
   pageSize: number;
   blockAlign: number;
   chunkPages: number;
+}
+
+export interface VerifyResult {
+  dataPages: number; // data pages whose CRC32 was checked
+  zeroPages: number; // zero pages checked to read as zeroes
+  unchecked: number; // data pages without a recorded checksum (image predates them)
+  bad: string[]; // "block:page: what is wrong", at most maxReport of them
+  badCount: number;
 }
 
 // A run of consecutive pages of one block that all hold data, or are all zero.
@@ -117,6 +126,42 @@ export class ImageReader {
       done += n;
     }
     return buf.subarray(0, len);
+  }
+
+  // Re-reads every stored page: data pages against the CRC32 recorded when they
+  // were received, zero pages must read as zeroes.
+  async verify(maxReport = 20): Promise<VerifyResult> {
+    const r: VerifyResult = { dataPages: 0, zeroPages: 0, unchecked: 0, bad: [], badCount: 0 };
+    const ps = this.format.pageSize;
+    const buf = Buffer.alloc(256 * ps);
+    const zero = Buffer.alloc(ps);
+    for (let b = 0; b < this.blocks.length; b++) {
+      const crcs = new Map<number, Uint32Array | undefined>();
+      for await (const run of this.runs(b, 256)) {
+        const pages = this.readPages(b, run.first, run.count, buf);
+        for (let i = 0; i < run.count; i++) {
+          const page = pages.subarray(i * ps, (i + 1) * ps);
+          const p = run.first + i;
+          const problem = run.data ? await this.checkData(b, p, page, crcs, r) : (r.zeroPages++, page.equals(zero) ? '' : 'zero page reads non-zero');
+          if (!problem) continue;
+          if (r.badCount++ < maxReport) r.bad.push(`${this.blocks[b].name}:${p}: ${problem}`);
+        }
+      }
+    }
+    return r;
+  }
+
+  private async checkData(b: number, p: number, page: Buffer, crcs: Map<number, Uint32Array | undefined>, r: VerifyResult): Promise<string> {
+    const c = Math.floor(p / CHUNK_PAGES);
+    if (!crcs.has(c)) {
+      const raw = await this.index.getBuffer(`crc/${b}/${c}`);
+      crcs.set(c, raw && PageCrcs.decodeChunk(raw));
+    }
+    const want = crcs.get(c)?.[p - c * CHUNK_PAGES];
+    if (want === undefined) return (r.unchecked++, '');
+    r.dataPages++;
+    const got = zlib.crc32(page);
+    return got === want ? '' : `crc32 ${got.toString(16)} != recorded ${want.toString(16)}`;
   }
 
   async close(): Promise<void> {

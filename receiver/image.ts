@@ -3,12 +3,15 @@
 // its space once (last version wins) and zero pages stay holes; IMAGE/index is the
 // LevelDB index (index-store.ts). The image is marked complete only by finish(),
 // after the END frame arrived, its totals matched and every page is accounted for.
+// Every data page's CRC32 goes to the index (crc/B/C) so --verify can re-check it.
 import * as fs from 'node:fs';
+import * as zlib from 'node:zlib';
+import { promisify } from 'node:util';
 import * as path from 'node:path';
 import { addon } from '../capture/addon';
 import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
 import { IndexStore, INDEX_VERSION } from './index-store';
-import { BlockPages, CHUNK_PAGES } from './pagemap';
+import { BlockPages, CHUNK_PAGES, PageCrcs } from './pagemap';
 import type { ReceiveSummary, SnapshotSink } from './sink';
 
 export const BLOCK_ALIGN = 2 * 1024 * 1024;
@@ -29,19 +32,42 @@ export function layoutBlocks(blocks: BlockInfo[], pageSize: number): ImageBlock[
 
 export interface ImageWriterOptions {
   force?: boolean;
+  // Refuse a block table whose data file would exceed this many bytes, before
+  // allocating anything for it (the bitmaps alone are 3 bits per page).
+  maxImageBytes?: number;
+}
+
+const fsync = promisify(fs.fsync);
+
+export function imageSize(blocks: ImageBlock[]): number {
+  const last = blocks[blocks.length - 1];
+  return last ? last.base + last.length : 0;
+}
+
+// Makes a directory's entries (the data file, the image directory) durable.
+export async function fsyncDir(dir: string): Promise<void> {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    await fsync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 export class ImageWriter implements SnapshotSink {
   private header: StreamHeader | undefined;
   private blocks: ImageBlock[] = [];
   private maps: BlockPages[] = [];
+  private crcs: PageCrcs[] = [];
   private totals: StreamTotals | undefined;
   private pending: Promise<void>[] = [];
   private zeroPage = Buffer.alloc(0);
   private readonly counts = { pagesReceived: 0, zeroRecords: 0, duplicatePages: 0, discardedPages: 0, streamBytes: 0 };
   private readonly started = Date.now();
 
-  private constructor(readonly dir: string, private readonly fd: number, private readonly index: IndexStore) {}
+  private constructor(
+    readonly dir: string, private readonly fd: number, private readonly index: IndexStore, private readonly maxImageBytes: number,
+  ) {}
 
   static async create(dir: string, opts: ImageWriterOptions = {}): Promise<ImageWriter> {
     if (fs.existsSync(dir)) {
@@ -52,7 +78,7 @@ export class ImageWriter implements SnapshotSink {
     const fd = fs.openSync(path.join(dir, 'data'), 'w+');
     const index = await IndexStore.open(path.join(dir, 'index'), true);
     await index.putJson('status', { status: 'incomplete', reason: 'receiving', updated: Date.now() }, true);
-    return new ImageWriter(dir, fd, index);
+    return new ImageWriter(dir, fd, index, opts.maxImageBytes ?? Number.MAX_SAFE_INTEGER);
   }
 
   // Bytes of stream consumed so far; the receiver loop keeps it current for stats.
@@ -75,35 +101,42 @@ export class ImageWriter implements SnapshotSink {
     this.header = h;
     this.zeroPage = Buffer.alloc(h.pageSize);
     this.pending.push(this.index.putJson('header', h));
-    this.pending.push(this.index.putJson('format', { version: INDEX_VERSION, pageSize: h.pageSize, blockAlign: BLOCK_ALIGN, chunkPages: CHUNK_PAGES }));
+    this.pending.push(this.index.putJson('format', {
+      version: INDEX_VERSION, pageSize: h.pageSize, blockAlign: BLOCK_ALIGN, chunkPages: CHUNK_PAGES, pageChecksum: 'crc32',
+    }));
   }
 
   private onBlocks(blocks: BlockInfo[]): void {
     if (!this.header) throw new Error('block table before the stream header');
-    this.blocks = layoutBlocks(blocks, this.header.pageSize);
+    const layout = layoutBlocks(blocks, this.header.pageSize);
+    const size = imageSize(layout);
+    if (size > this.maxImageBytes) throw new Error(`the block table needs a ${size}-byte image, over the limit of ${this.maxImageBytes} bytes`);
+    this.blocks = layout;
     this.maps = this.blocks.map((b) => new BlockPages(b.pages));
-    const last = this.blocks[this.blocks.length - 1];
-    fs.ftruncateSync(this.fd, last ? last.base + last.length : 0);
+    this.crcs = this.blocks.map((b) => new PageCrcs(b.pages));
+    fs.ftruncateSync(this.fd, size);
     this.pending.push(this.index.putJson('blocks', this.blocks));
   }
 
-  private block(n: number): { blk: ImageBlock; map: BlockPages } {
+  private block(n: number): { blk: ImageBlock; map: BlockPages; crc: PageCrcs } {
     const blk = this.blocks[n];
     if (!blk) throw new Error(`page batch for block ${n}, but the image has ${this.blocks.length} blocks`);
-    return { blk, map: this.maps[n] };
+    return { blk, map: this.maps[n], crc: this.crcs[n] };
   }
 
   // Writes runs of consecutive non-zero pages with one pwrite each; a page that is
   // zero (flagged, or all-zero bytes) becomes a hole, punched if it held data.
   private onPages(batch: PageBatch): void {
-    const { blk, map } = this.block(batch.block);
+    const { blk, map, crc } = this.block(batch.block);
     const ps = this.header!.pageSize;
     const { index, zero, data } = batch;
     let runStart = -1; // first batch slot of the current run
     let runData = 0; // data offset of the run
     let d = 0;
     for (let i = 0; i <= index.length; i++) {
-      const isData = i < index.length && !zero[i] && !data.subarray(d, d + ps).equals(this.zeroPage);
+      const page = i < index.length && !zero[i] ? data.subarray(d, d + ps) : undefined;
+      const isData = page !== undefined && !page.equals(this.zeroPage);
+      if (isData) crc.set(index[i], zlib.crc32(page));
       const extends_ = isData && runStart >= 0 && index[i] === index[i - 1] + 1;
       if (runStart >= 0 && !extends_) this.writeRun(blk, index[runStart], data, runData, d - runData);
       if (isData && !extends_) {
@@ -168,23 +201,43 @@ export class ImageWriter implements SnapshotSink {
 
   // Data first, fsynced; then bitmaps and totals; the status record last, synced,
   // so a crash at any point leaves an image that says incomplete.
+  // An incomplete status is written first as well: on a full disk the small
+  // record may still fit where the bitmaps do not. The fd and the index are
+  // closed whatever fails. fsync runs off the event loop so one image finishing
+  // does not stall others received by the same process.
   private async close(status: 'complete' | 'incomplete', reason: string): Promise<ReceiveSummary> {
-    await Promise.allSettled(this.pending);
-    await Promise.all(this.pending);
-    fs.fsyncSync(this.fd);
-    const st = fs.fstatSync(this.fd);
-    fs.closeSync(this.fd);
-    const summary = this.summary(status, reason, st.blocks * 512);
+    try {
+      await Promise.allSettled(this.pending);
+      if (status === 'incomplete') await this.putStatus(status, reason);
+      await Promise.all(this.pending);
+      await fsync(this.fd);
+      const summary = this.summary(status, reason, fs.fstatSync(this.fd).blocks * 512);
+      await fsyncDir(this.dir);
+      await this.index.putMany(this.indexRecords(summary), true);
+      await this.putStatus(status, reason);
+      return summary;
+    } finally {
+      fs.closeSync(this.fd);
+      await this.index.close();
+    }
+  }
+
+  private putStatus(status: 'complete' | 'incomplete', reason: string): Promise<void> {
+    return this.index.putJson('status', { status, reason, updated: Date.now() }, true);
+  }
+
+  private indexRecords(summary: ReceiveSummary): [string, Buffer][] {
     const records: [string, Buffer][] = [];
     this.maps.forEach((m, b) => {
-      for (let c = 0; c < m.chunks(); c++) records.push([`bitmap/${b}/${c}`, m.encodeChunk(c)]);
+      for (let c = 0; c < m.chunks(); c++) {
+        records.push([`bitmap/${b}/${c}`, m.encodeChunk(c)]);
+        const crcs = this.crcs[b].encodeChunk(c);
+        if (crcs) records.push([`crc/${b}/${c}`, crcs]);
+      }
     });
     if (this.totals) records.push(['totals', Buffer.from(JSON.stringify(this.totals))]);
     records.push(['stats', Buffer.from(JSON.stringify(summary))]);
-    await this.index.putMany(records, true);
-    await this.index.putJson('status', { status, reason, updated: Date.now() }, true);
-    await this.index.close();
-    return summary;
+    return records;
   }
 
   private summary(status: 'complete' | 'incomplete', reason: string, imageBytes: number): ReceiveSummary {
@@ -198,7 +251,7 @@ export class ImageWriter implements SnapshotSink {
       status, reason, image: this.dir, snapshotId: this.header?.snapshotId ?? '', source: this.header?.source ?? '',
       pagesReceived: this.counts.pagesReceived, uniquePages: unique, dataPages, zeroPages: unique - dataPages,
       duplicatePages: this.counts.duplicatePages, discardedPages: this.counts.discardedPages,
-      streamBytes: this.counts.streamBytes, imageBytes, imageSize: this.blocks.length ? this.blocks[this.blocks.length - 1].base + this.blocks[this.blocks.length - 1].length : 0,
+      streamBytes: this.counts.streamBytes, imageBytes, imageSize: imageSize(this.blocks),
       seconds: (Date.now() - this.started) / 1000,
     };
   }
