@@ -4,9 +4,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import type { StreamHeader, StreamTotals } from '../format/events';
-import { IndexStore, INDEX_VERSION, type ImageStatus } from './index-store';
+import { IndexStore, INDEX_VERSION, PageCrcs, type ImageStatus } from './index-store';
 import type { ImageBlock } from './image';
-import { BlockPages, CHUNK_PAGES, PageCrcs } from './pagemap';
+import { BlockPages, CHUNK_PAGES } from './pagemap';
 import type { ReceiveSummary } from './sink';
 
 export interface ImageFormat {

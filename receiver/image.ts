@@ -10,8 +10,8 @@ import { promisify } from 'node:util';
 import * as path from 'node:path';
 import { addon } from '../capture/addon';
 import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
-import { IndexStore, INDEX_VERSION } from './index-store';
-import { BlockPages, CHUNK_PAGES, PageCrcs } from './pagemap';
+import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
+import { BlockPages, CHUNK_PAGES } from './pagemap';
 import type { ReceiveSummary, SnapshotSink } from './sink';
 
 export const BLOCK_ALIGN = 2 * 1024 * 1024;

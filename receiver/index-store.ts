@@ -7,10 +7,14 @@
 //   blocks            [{name,length,address,base,pages}]  base = offset in the data file
 //   bitmap/B/C        bitmaps of chunk C of block B: present | data | discarded,
 //                     each ceil(pages in chunk / 8) bytes, bit p%8 of byte p/8
+//   crc/B/C           CRC32 of each data page of chunk C of block B, one u32 LE
+//                     per page of the chunk; meaningful where the data bit is set
+//                     (absent for a chunk without data pages); see --verify
 //   state/KIND        a state blob, verbatim (QEMU device state, process state)
 //   totals            the END frame's totals as the sender stated them
 //   stats             the receiver's summary (also written by --stats)
 import { Level } from 'level';
+import { CHUNK_PAGES } from './pagemap';
 
 export const INDEX_VERSION = 1;
 
@@ -61,5 +65,36 @@ export class IndexStore {
 
   close(): Promise<void> {
     return this.db.close();
+  }
+}
+
+// CRC32 of every data page, kept per chunk and allocated only for chunks that
+// receive data, so a huge sparse mapping costs nothing until pages arrive.
+// Stored under crc/B/C as CHUNK_PAGES-or-fewer little-endian u32s; a slot counts
+// only where the chunk's data bit is set.
+export class PageCrcs {
+  private readonly chunks = new Map<number, Uint32Array>();
+  constructor(readonly pages: number) {}
+
+  private chunkLen(c: number): number {
+    return Math.min(CHUNK_PAGES, this.pages - c * CHUNK_PAGES);
+  }
+
+  set(page: number, crc: number): void {
+    const c = Math.floor(page / CHUNK_PAGES);
+    let a = this.chunks.get(c);
+    if (!a) this.chunks.set(c, (a = new Uint32Array(this.chunkLen(c))));
+    a[page - c * CHUNK_PAGES] = crc;
+  }
+
+  encodeChunk(c: number): Buffer | undefined {
+    const a = this.chunks.get(c);
+    return a && Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+  }
+
+  static decodeChunk(buf: Buffer): Uint32Array {
+    const a = new Uint32Array(buf.length / 4);
+    Buffer.from(a.buffer).set(buf);
+    return a;
   }
 }

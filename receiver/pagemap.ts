@@ -62,34 +62,3 @@ export class BlockPages {
     [this.present, this.data, this.discarded].forEach((s, k) => s.bits.set(buf.subarray(k * len, (k + 1) * len), from));
   }
 }
-
-// CRC32 of every data page, kept per chunk and allocated only for chunks that
-// receive data, so a huge sparse mapping costs nothing until pages arrive.
-// Stored under crc/B/C as CHUNK_PAGES-or-fewer little-endian u32s; a slot counts
-// only where the chunk's data bit is set.
-export class PageCrcs {
-  private readonly chunks = new Map<number, Uint32Array>();
-  constructor(readonly pages: number) {}
-
-  private chunkLen(c: number): number {
-    return Math.min(CHUNK_PAGES, this.pages - c * CHUNK_PAGES);
-  }
-
-  set(page: number, crc: number): void {
-    const c = Math.floor(page / CHUNK_PAGES);
-    let a = this.chunks.get(c);
-    if (!a) this.chunks.set(c, (a = new Uint32Array(this.chunkLen(c))));
-    a[page - c * CHUNK_PAGES] = crc;
-  }
-
-  encodeChunk(c: number): Buffer | undefined {
-    const a = this.chunks.get(c);
-    return a && Buffer.from(a.buffer, a.byteOffset, a.byteLength);
-  }
-
-  static decodeChunk(buf: Buffer): Uint32Array {
-    const a = new Uint32Array(buf.length / 4);
-    Buffer.from(a.buffer).set(buf);
-    return a;
-  }
-}
