@@ -1,24 +1,33 @@
 #!/usr/bin/env node
-// bgsnap-capture --qmp SOCKET: a live point-in-time snapshot of a running QEMU VM
-// as a bgsnap stream on stdout (or -o FILE). The VM keeps running throughout.
+// bgsnap-capture --qmp SOCKET | --pid PID: a live point-in-time snapshot of a
+// running QEMU VM or any Linux process as a bgsnap stream on stdout (or -o FILE).
+// The target keeps running throughout; if this program dies, it is released.
 import { Command } from 'commander';
 import { BgsnapEncoder } from '../format/bgsnap';
 import { emitStream, type EmitProgress } from '../capture/emit';
 import { captureQemu } from '../capture/qemu-events';
+import { captureProcess } from '../capture/process-source';
 import type { CaptureSource } from '../capture/source';
+import type { PageBatch } from '../format/events';
 import { Output } from '../receiver/output';
 import { main, parseIntArg, writeStats } from './common';
 
 const prog = new Command('bgsnap-capture')
   .description('take a live point-in-time memory snapshot and write it as a bgsnap stream')
   .option('--qmp <socket>', 'QMP socket of a running QEMU VM')
+  .option('--pid <pid>', 'any running process', parseIntArg('--pid'))
+  .option('--buffer-mb <MiB>', 'process only: capture buffer memory; faulting writers wait when it is full', parseIntArg('--buffer-mb'), 64)
+  .option('--rate-limit <MBps>', 'process only: pace the linear scan', parseIntArg('--rate-limit'))
   .option('-o, --output <file>', 'write the stream to a file instead of stdout', '-')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--stats <file>', 'write a JSON summary to this file')
   .parse();
 
-type Opts = { qmp?: string; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string };
+type Opts = {
+  qmp?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
+  bufferMb: number; rateLimit?: number;
+};
 const opts = prog.opts<Opts>();
 
 function compressLevel(): number | undefined {
@@ -28,9 +37,11 @@ function compressLevel(): number | undefined {
   return level;
 }
 
-async function openSource(): Promise<CaptureSource> {
+async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) => void }> {
+  if (opts.qmp && opts.pid !== undefined) throw new Error('give one of --qmp and --pid, not both');
   if (opts.qmp) return captureQemu(opts.qmp, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6 });
-  throw new Error('say what to capture: --qmp SOCKET');
+  if (opts.pid !== undefined) return captureProcess(opts.pid, { bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true });
+  throw new Error('say what to capture: --qmp SOCKET or --pid PID');
 }
 
 function progress(): ((p: EmitProgress) => void) | undefined {
@@ -50,7 +61,7 @@ main('bgsnap-capture', async () => {
   const out = Output.open(opts.output);
   const stop = (sig: string) => void source.abort(`received ${sig}`);
   process.once('SIGINT', stop).once('SIGTERM', stop);
-  const totals = await emitStream(source.events, out, new BgsnapEncoder({ compressLevel: level }), progress());
+  const totals = await emitStream(source.events, out, new BgsnapEncoder({ compressLevel: level }), progress(), source.release);
   await out.close();
   const seconds = (Date.now() - started) / 1000;
   if (process.stderr.isTTY) process.stderr.write('\n');

@@ -2,7 +2,7 @@
 // frame and without copying page data, waiting for the destination to drain: a
 // slow reader slows the capture instead of growing memory.
 import { BgsnapEncoder } from '../format/bgsnap';
-import type { StreamEvent, StreamTotals } from '../format/events';
+import type { PageBatch, StreamEvent, StreamTotals } from '../format/events';
 import type { Output } from '../receiver/output';
 
 export interface EmitProgress {
@@ -23,12 +23,21 @@ function framesOf(enc: BgsnapEncoder, ev: StreamEvent): Buffer[] {
 
 // Returns the totals written in the END frame; throws if the source ended
 // without one (then no END frame is written and the receiver marks it incomplete).
+// `release` hands a zero-copy page batch back to its source once its frame has
+// been written (the process source's native buffers).
 export async function emitStream(
   events: AsyncIterable<StreamEvent>, out: Output, enc: BgsnapEncoder, onProgress?: (p: EmitProgress) => void,
+  release?: (b: PageBatch) => void,
 ): Promise<StreamTotals> {
   await out.write(enc.magic());
   for await (const ev of events) {
-    for (const part of framesOf(enc, ev)) await out.write(part);
+    const parts = framesOf(enc, ev);
+    if (ev.type === 'pages' && release) {
+      // Writes complete in order: once the last part is taken, all of them are.
+      for (let i = 0; i < parts.length - 1; i++) await out.write(parts[i]);
+      await out.writeSettled(parts[parts.length - 1]);
+      release(ev.batch);
+    } else for (const part of parts) await out.write(part);
     onProgress?.({ bytesOut: out.bytes, pages: enc.totals.pages });
     if (ev.type === 'end') return { ...enc.totals };
   }

@@ -158,6 +158,13 @@ function pad4(n: number): number {
   return (4 - (n % 4)) % 4;
 }
 
+// zlib's crc32 treats a zero-length buffer without memory (new ArrayBuffer(0),
+// an empty native buffer) as a request for the initial value and returns 0
+// instead of the running checksum, so empty parts must not be fed to it.
+function crc32(data: Buffer, crc: number): number {
+  return data.length === 0 ? crc : zlib.crc32(data, crc);
+}
+
 function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
   const length = parts.reduce((s, p) => s + p.length, 0);
   if (length > MAX_PAYLOAD) throw new Error(`bgsnap frame of ${length} bytes exceeds ${MAX_PAYLOAD}`);
@@ -167,7 +174,7 @@ function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number):
   h.writeUInt32LE(length, 4);
   h.writeUInt32LE(rawLength ?? length, 8);
   let crc = zlib.crc32(h.subarray(0, 12));
-  for (const p of parts) crc = zlib.crc32(p, crc);
+  for (const p of parts) crc = crc32(p, crc);
   h.writeUInt32LE(crc, 12);
   return [h, ...parts];
 }
@@ -253,7 +260,7 @@ export class BgsnapDecoder implements StreamDecoder {
     this.q.skip(FRAME_HEADER);
     const wire = this.q.take(length);
     let crc = zlib.crc32(h.subarray(0, 12));
-    crc = zlib.crc32(wire, crc);
+    crc = crc32(wire, crc);
     if (crc !== h.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in ${FrameType[type]} frame ${this.frameNo}`);
     const payload = flags & FLAG_ZSTD ? this.inflate(wire, rawLength, type) : wire;
     if (!(flags & FLAG_ZSTD) && rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);

@@ -28,6 +28,15 @@ export class Output {
     this.check();
   }
 
+  // Resolves only once the destination has taken the bytes, so the caller may
+  // reuse the buffer (zero-copy page buffers go back to the capture engine).
+  async writeSettled(buf: Buffer): Promise<void> {
+    this.check();
+    this.bytes += buf.length;
+    await new Promise<void>((resolve, reject) => this.stream.write(buf, (e) => (e ? reject(e) : resolve())));
+    this.check();
+  }
+
   async close(): Promise<void> {
     if (this.stream === process.stdout) {
       await new Promise<void>((resolve) => (this.stream.writableLength ? this.stream.once('drain', resolve) : resolve()));

@@ -65,18 +65,24 @@ export function decodeStream(onBytes?: (n: number) => void) {
 // Receives one stream into the sink. Resolves with the summary whenever the sink
 // could be closed; the summary says incomplete, with the reason, if anything broke.
 export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number }): Promise<ReceiveSummary> {
+  let cause: Error | undefined; // the consumer's own error; pipeline may report an AbortError instead
   try {
     await pipeline(input, decodeStream((n) => (sink.streamBytes = n)), async (source: AsyncIterable<Decoded>) => {
-      for await (const events of source) {
-        if (!Array.isArray(events)) throw events.error;
-        for (const ev of events) {
-          const r = sink.write(ev);
-          if (r) await r;
+      try {
+        for await (const events of source) {
+          if (!Array.isArray(events)) throw events.error;
+          for (const ev of events) {
+            const r = sink.write(ev);
+            if (r) await r;
+          }
         }
+      } catch (e) {
+        cause = e as Error;
+        throw e;
       }
     });
   } catch (e) {
-    return sink.fail((e as Error).message);
+    return sink.fail((cause ?? (e as Error)).message);
   }
   return sink.finish();
 }
