@@ -7,6 +7,7 @@ import { BgsnapEncoder } from '../format/bgsnap';
 import { emitStream, type EmitProgress } from '../capture/emit';
 import { captureQemu } from '../capture/qemu-events';
 import { captureProcess } from '../capture/process-source';
+import { addNetOptions, NetOutput, type NetFlags } from '../capture/net-output';
 import type { CaptureSource } from '../capture/source';
 import type { PageBatch } from '../format/events';
 import { Output } from '../receiver/output';
@@ -21,13 +22,13 @@ const prog = new Command('bgsnap-capture')
   .option('-o, --output <file>', 'write the stream to a file instead of stdout', '-')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
-  .option('--stats <file>', 'write a JSON summary to this file')
-  .parse();
+  .option('--stats <file>', 'write a JSON summary to this file');
+addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
   bufferMb: number; rateLimit?: number;
-};
+} & NetFlags;
 const opts = prog.opts<Opts>();
 
 function compressLevel(): number | undefined {
@@ -57,13 +58,14 @@ function progress(): ((p: EmitProgress) => void) | undefined {
 main('bgsnap-capture', async () => {
   const level = compressLevel();
   const started = Date.now();
+  // Connected and authenticated before the target is touched: a refused capture never freezes it.
+  const out = opts.to !== undefined ? await NetOutput.connect(opts) : Output.open(opts.output);
   const source = await openSource();
-  const out = Output.open(opts.output);
   const stop = (sig: string) => void source.abort(`received ${sig}`);
   process.once('SIGINT', stop).once('SIGTERM', stop);
   const totals = await emitStream(source.events, out, new BgsnapEncoder({ compressLevel: level }), progress(), source.release);
-  await out.close();
+  const acked = await out.close(); // with --to: the receiver's summary of the durable image
   const seconds = (Date.now() - started) / 1000;
   if (process.stderr.isTTY) process.stderr.write('\n');
-  writeStats(opts.stats, { status: 'complete', ...totals, bytesOut: out.bytes, seconds, throughputMBps: out.bytes / 1e6 / seconds, ...source.stats() });
+  writeStats(opts.stats, { status: 'complete', ...totals, bytesOut: out.bytes, seconds, throughputMBps: out.bytes / 1e6 / seconds, ...source.stats(), ...(acked ? { receiver: acked } : {}) });
 });

@@ -26,7 +26,7 @@ function framesOf(enc: BgsnapEncoder, ev: StreamEvent): Buffer[] {
 // `release` hands a zero-copy page batch back to its source once its frame has
 // been written (the process source's native buffers).
 export async function emitStream(
-  events: AsyncIterable<StreamEvent>, out: Output, enc: BgsnapEncoder, onProgress?: (p: EmitProgress) => void,
+  events: AsyncIterable<StreamEvent>, out: Pick<Output, 'bytes' | 'write' | 'writeSettled'>, enc: BgsnapEncoder, onProgress?: (p: EmitProgress) => void,
   release?: (b: PageBatch) => void,
 ): Promise<StreamTotals> {
   await out.write(enc.magic());
