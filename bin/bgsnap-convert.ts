@@ -1,19 +1,21 @@
 #!/usr/bin/env node
-// bgsnap-convert IMAGE --to qemu|raw -o OUT: replays an image as a QEMU migration
-// stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -")
-// or as flat memory. Refuses incomplete images unless --allow-incomplete.
+// bgsnap-convert IMAGE --to qemu|raw|elf-core -o OUT: replays an image as a QEMU migration
+// stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -"),
+// as flat memory, or (process images) as an ELF core file for gdb. Refuses incomplete
+// images unless --allow-incomplete.
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
 import { convertToQemu } from '../receiver/convert-qemu';
 import { convertToRaw } from '../receiver/convert-raw';
+import { convertToElfCore } from '../receiver/convert-elf';
 import { Output } from '../receiver/output';
 import { main } from './common';
 import * as fs from 'node:fs';
 
 const prog = new Command('bgsnap-convert')
-  .description('convert a bgsnap image into a QEMU migration stream or raw memory')
+  .description('convert a bgsnap image into a QEMU migration stream, raw memory or an ELF core file')
   .argument('<image>', 'image directory')
-  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'raw']).makeOptionMandatory())
+  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'raw', 'elf-core']).makeOptionMandatory())
   .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
   .option('--block <name>', 'with --to raw: write only this block')
   .option('--allow-incomplete', 'convert an image that is marked incomplete')
@@ -26,6 +28,10 @@ async function convert(img: ImageReader): Promise<void> {
     const out = Output.open(opts.output);
     await convertToQemu(img, out);
     await out.close();
+  } else if (opts.to === 'elf-core') {
+    if (opts.output === '-') throw new Error('--to elf-core writes a sparse file; give a file name, not "-"');
+    const core = await convertToElfCore(img, opts.output); // refuses QEMU images: they have no threads or mappings
+    for (const w of core.warnings) process.stderr.write(`bgsnap-convert: warning: ${w}\n`);
   } else {
     if (opts.output === '-') throw new Error('--to raw writes a sparse file; give a file name, not "-"');
     const layout = await convertToRaw(img, opts.output, opts.block);

@@ -1,0 +1,273 @@
+// bgsnap-convert --to elf-core on a live capture: a three-thread C target
+// (test/targets/backtrace.c) is captured through the real pipe
+// `bgsnap-capture --pid | bgsnap-receive`, converted, and opened with the real
+// gdb, which must show each thread's call chain (through libc), the thread count
+// and the target's globals. The notes are parsed here to check their contents;
+// --to raw must reproduce a mapping's bytes; QEMU images are refused.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { execFileSync, spawn } from 'node:child_process';
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BIN, run, sh } from './helpers/cli';
+import { genStream } from './helpers/qemu-gen';
+
+const SRC = path.resolve(__dirname, '..', '..', 'test', 'targets', 'backtrace.c');
+const CACHE = path.join(os.tmpdir(), 'bgsnap-test-targets');
+const NT_PRSTATUS = 1, NT_PRPSINFO = 3, NT_AUXV = 6, NT_FILE = 0x46494c45, NT_FPREGSET = 2;
+const SOME_GLOBAL = '0x5eed1234abcd';
+
+// gdb needs the debug info and the frames of -O0 code: not buildTarget's -O2.
+function buildBacktrace(): string {
+  const hash = crypto.createHash('sha256').update(fs.readFileSync(SRC)).digest('hex').slice(0, 12);
+  const out = path.join(CACHE, `backtrace-g-${hash}`);
+  if (!fs.existsSync(out)) {
+    fs.mkdirSync(CACHE, { recursive: true });
+    const tmp = `${out}.${process.pid}`;
+    execFileSync('gcc', ['-g', '-O0', '-pthread', '-Wall', '-o', tmp, SRC], { stdio: 'inherit' });
+    fs.renameSync(tmp, out);
+  }
+  return out;
+}
+
+// The byte at offset i of the target's pattern mapping (pattern_byte in the C).
+const patternByte = (i: number) => (i * 7 + Math.floor(i / 4096) * 13 + 3) & 0xff;
+
+interface Backtrace {
+  bin: string;
+  pid: number;
+  pattern: number;
+  size: number;
+  counter: number;
+  tids: number[];
+}
+
+// Starts the target (it forks into the background) and reads its ready line.
+function startBacktrace(bin: string): Promise<Backtrace> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(bin, [], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error('backtrace target never said ready')), 20_000);
+    child.stdout!.on('data', (d: Buffer) => {
+      buf += d.toString();
+      const m = /ready pid=(\d+) pattern=0x([0-9a-f]+) size=(\d+) counter=0x([0-9a-f]+)\n/.exec(buf);
+      if (!m) return;
+      clearTimeout(timer);
+      child.stdout!.destroy();
+      const pid = Number(m[1]);
+      resolve({ bin, pid, pattern: parseInt(m[2], 16), size: Number(m[3]), counter: parseInt(m[4], 16), tids: tasks(pid) });
+    });
+  });
+}
+
+const tasks = (pid: number) => fs.readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
+const syscallOf = (pid: number, tid: number) => fs.readFileSync(`/proc/${pid}/task/${tid}/syscall`, 'utf8').split(' ')[0].trim();
+const taskState = (pid: number, tid: number) => /\) (\S) /.exec(fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8'))![1];
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+// Waits until main is in pause (34), the worker in clock_nanosleep (230) and
+// the busy thread running, so the snapshot finds each at the end of its chain.
+async function waitParked(t: Backtrace): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    const calls = t.tids.map((tid) => syscallOf(t.pid, tid));
+    if (t.tids.length === 3 && calls.includes('34') && calls.includes('230') && calls.includes('running')) return;
+    await sleep(10);
+  }
+  throw new Error(`target threads not parked: ${t.tids.map((tid) => syscallOf(t.pid, tid)).join(', ')}`);
+}
+
+function readCounter(t: Backtrace): bigint {
+  const fd = fs.openSync(`/proc/${t.pid}/mem`, 'r');
+  try {
+    const b = Buffer.alloc(8);
+    fs.readSync(fd, b, 0, 8, t.counter);
+    return b.readBigUInt64LE(0);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+let target: Backtrace;
+let dir: string;
+let image: string;
+let core: string;
+
+test.before(async () => {
+  target = await startBacktrace(buildBacktrace());
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-elf-'));
+  image = path.join(dir, 'img');
+  core = path.join(dir, 'core');
+  await waitParked(target);
+});
+
+test.after(() => {
+  try { process.kill(target.pid, 'SIGKILL'); } catch { /* gone */ }
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test('live capture through the CLI pipe; the target keeps running', async () => {
+  const r = await sh(`${BIN.capture} --pid ${target.pid} | ${BIN.receive} -o ${image}`, 60_000);
+  assert.is(r.code, 0, r.stderr);
+  assert.equal(tasks(target.pid), target.tids, 'same threads after the capture');
+  for (const tid of target.tids) assert.not.match(taskState(target.pid, tid), /[TtZX]/, `thread ${tid} state`);
+  const before = readCounter(target);
+  await sleep(100);
+  assert.ok(readCounter(target) > before, 'busy thread still writing memory');
+});
+
+test('bgsnap-convert --to elf-core writes a sparse core, no warnings', async () => {
+  const r = await run(BIN.convert, [image, '--to', 'elf-core', '-o', core]);
+  assert.is(r.code, 0, r.stderr);
+  assert.is(r.stderr, '', 'no warnings (DT_DEBUG restored)');
+  const st = fs.statSync(core);
+  assert.ok(st.blocks * 512 < st.size, `sparse: ${st.blocks * 512} bytes allocated of ${st.size}`);
+  const re = await run('readelf', ['-hlW', core]);
+  assert.is(re.code, 0, re.stderr);
+  assert.not.match(re.stderr, /warning|error/i, re.stderr);
+  assert.match(re.stdout, /Type:\s+CORE/);
+});
+
+// Frames of `thread apply all bt`, by LWP: the function names in order.
+function backtraces(out: string): Map<number, string[]> {
+  const map = new Map<number, string[]>();
+  let frames: string[] | undefined;
+  for (const line of out.split('\n')) {
+    const th = /^Thread \d+ \(.*LWP (\d+)\)\):?$/.exec(line);
+    if (th) map.set(Number(th[1]), (frames = []));
+    const fr = /^#\d+\s+(?:0x[0-9a-f]+ in )?(\S+) \(/.exec(line);
+    if (fr && frames) frames.push(fr[1]);
+  }
+  return map;
+}
+
+// True when want appears in frames in order, each matched by a pattern.
+function chain(frames: string[], want: RegExp[]): boolean {
+  let i = 0;
+  for (const f of frames) if (i < want.length && want[i].test(f)) i++;
+  return i === want.length;
+}
+
+let gdbOut = '';
+
+test('gdb opens the core: three threads, each call chain, globals', async () => {
+  const cmds = ['info threads', 'thread apply all bt', 'print/x some_global', 'print greeting', 'print heap_values[0]@4',
+    'print/x *pattern@8', 'print busy_counter', 'info sharedlibrary'];
+  const r = await run('gdb', ['-batch', '-nx', ...cmds.flatMap((c) => ['-ex', c]), target.bin, core], 120_000);
+  gdbOut = r.stdout;
+  console.log(r.stdout.replace(/^/gm, '  | '));
+  assert.is(r.code, 0, r.stderr);
+  assert.match(r.stdout, `Core was generated by \`${target.bin}'`);
+  assert.match(r.stdout, new RegExp(`Current thread is 1 \\(.*LWP ${target.pid}\\)`));
+  assert.is(r.stdout.split('\n').filter((l) => /^\*?\s+\d+\s+(Thread 0x|LWP )/.test(l)).length, 3, 'info threads: 3');
+  const bt = backtraces(r.stdout);
+  assert.equal([...bt.keys()].sort((a, b) => a - b), target.tids, 'one backtrace per captured thread');
+  const [main, ...others] = [bt.get(target.pid)!, ...target.tids.filter((t) => t !== target.pid).map((t) => bt.get(t)!)];
+  assert.ok(chain(main, [/pause/, /^level_two$/, /^level_one$/, /^main$/]), `main thread: ${main.join(' <- ')}`);
+  const worker = others.find((f) => f.includes('worker_wait')) ?? [];
+  assert.ok(chain(worker, [/nanosleep/, /^worker_wait$/, /^worker_main$/, /^start_thread$/]), `worker: ${worker.join(' <- ')}`);
+  const busy = others.find((f) => f.includes('busy_loop')) ?? [];
+  assert.ok(chain(busy, [/^busy_loop$/, /^busy_main$/, /^start_thread$/]), `busy: ${busy.join(' <- ')}`);
+  assert.match(r.stdout, `= ${SOME_GLOBAL}`);
+  assert.match(r.stdout, '= "hello from bgsnap"');
+  assert.match(r.stdout, '= {11, 22, 33, 44}');
+  const bytes = Array.from({ length: 8 }, (_, i) => `0x${patternByte(i).toString(16)}`).join(', ');
+  assert.match(r.stdout, `= {${bytes}}`);
+  assert.match(r.stdout, /libc\.so\.6/, 'gdb found libc through the restored DT_DEBUG');
+});
+
+interface Note { type: number; name: string; desc: Buffer }
+interface Phdr { type: number; flags: number; offset: number; vaddr: number; filesz: number; memsz: number }
+
+// The core's program headers and notes, parsed from the ELF spec's layouts.
+function parseCore(buf: Buffer): { phdrs: Phdr[]; notes: Note[] } {
+  const phoff = Number(buf.readBigUInt64LE(32));
+  const phdrs: Phdr[] = [];
+  for (let i = 0; i < buf.readUInt16LE(56); i++) {
+    const o = phoff + 56 * i;
+    const n = (at: number) => Number(buf.readBigUInt64LE(o + at));
+    phdrs.push({ type: buf.readUInt32LE(o), flags: buf.readUInt32LE(o + 4), offset: n(8), vaddr: n(16), filesz: n(32), memsz: n(40) });
+  }
+  const pn = phdrs.find((p) => p.type === 4)!;
+  const notes: Note[] = [];
+  const al = (n: number) => (n + 3) & ~3;
+  for (let o = pn.offset; o < pn.offset + pn.filesz;) {
+    const namesz = buf.readUInt32LE(o), descsz = buf.readUInt32LE(o + 4), type = buf.readUInt32LE(o + 8);
+    const name = buf.toString('latin1', o + 12, o + 12 + namesz - 1);
+    notes.push({ type, name, desc: buf.subarray(o + 12 + al(namesz), o + 12 + al(namesz) + descsz) });
+    o += 12 + al(namesz) + al(descsz);
+  }
+  return { phdrs, notes };
+}
+
+// NT_FILE: count, page size, count × {start, end, offset in pages}, then names.
+function parseFileNote(d: Buffer): { start: number; end: number; offset: number; name: string }[] {
+  const count = Number(d.readBigUInt64LE(0)), ps = Number(d.readBigUInt64LE(8));
+  const names = d.toString('utf8', 16 + 24 * count).split('\0');
+  return Array.from({ length: count }, (_, i) => ({
+    start: Number(d.readBigUInt64LE(16 + 24 * i)), end: Number(d.readBigUInt64LE(24 + 24 * i)),
+    offset: Number(d.readBigUInt64LE(32 + 24 * i)) * ps, name: names[i],
+  }));
+}
+
+test('notes: NT_PRSTATUS per thread (main first), NT_PRPSINFO, NT_AUXV, NT_FILE; PT_LOAD data', () => {
+  const buf = fs.readFileSync(core);
+  const { phdrs, notes } = parseCore(buf);
+  const pr = notes.filter((n) => n.type === NT_PRSTATUS && n.name === 'CORE');
+  assert.is(pr.length, target.tids.length, 'NT_PRSTATUS count == threads');
+  assert.is(pr[0].desc.readInt32LE(32), target.pid, 'main thread first');
+  assert.equal(pr.map((n) => n.desc.readInt32LE(32)).sort((a, b) => a - b), target.tids);
+  assert.is(notes.filter((n) => n.type === NT_FPREGSET).length, target.tids.length);
+  const ps = notes.find((n) => n.type === NT_PRPSINFO)!;
+  assert.is(ps.desc.readInt32LE(24), target.pid);
+  assert.is(ps.desc.toString('latin1', 40, 56).replace(/\0.*$/s, ''), path.basename(target.bin).slice(0, 15));
+  assert.is(ps.desc.toString('latin1', 56).replace(/\0.*$/s, ''), target.bin, 'psargs = argv');
+  assert.ok(notes.find((n) => n.type === NT_AUXV)!.desc.equals(fs.readFileSync(`/proc/${target.pid}/auxv`)), 'auxv');
+  const files = parseFileNote(notes.find((n) => n.type === NT_FILE)!.desc);
+  assert.ok(files.some((f) => f.name === target.bin && f.offset === 0), 'NT_FILE names the executable');
+  assert.ok(files.some((f) => /libc\.so\.6$/.test(f.name) && f.offset > 0), 'NT_FILE names libc with offsets');
+  const loads = phdrs.filter((p) => p.type === 1);
+  assert.ok(loads.every((l) => l.offset % 4096 === 0 && l.vaddr % 4096 === 0), 'page-aligned PT_LOADs');
+  const pat = loads.find((l) => l.vaddr <= target.pattern && target.pattern + target.size <= l.vaddr + l.filesz)!;
+  assert.ok(pat, 'pattern mapping captured in a PT_LOAD');
+  const at = pat.offset + target.pattern - pat.vaddr;
+  const want = Buffer.from(Array.from({ length: target.size }, (_, i) => patternByte(i)));
+  assert.ok(buf.subarray(at, at + target.size).equals(want), 'PT_LOAD bytes = the pattern');
+});
+
+test('--to raw: the pattern mapping and the counter at their map.json offsets', async () => {
+  const raw = path.join(dir, 'raw');
+  const r = await run(BIN.convert, [image, '--to', 'raw', '-o', raw]);
+  assert.is(r.code, 0, r.stderr);
+  const layout = JSON.parse(fs.readFileSync(`${raw}.map.json`, 'utf8')) as { address: number; length: number; offset: number }[];
+  const at = (addr: number, len: number) => {
+    const l = layout.find((x) => x.address <= addr && addr + len <= x.address + x.length)!;
+    assert.ok(l, `mapping of ${addr.toString(16)} in map.json`);
+    const fd = fs.openSync(raw, 'r');
+    try {
+      const b = Buffer.alloc(len);
+      fs.readSync(fd, b, 0, len, l.offset + addr - l.address);
+      return b;
+    } finally {
+      fs.closeSync(fd);
+    }
+  };
+  const want = Buffer.from(Array.from({ length: target.size }, (_, i) => patternByte(i)));
+  assert.ok(at(target.pattern, target.size).equals(want), 'raw pattern bytes');
+  const counter = at(target.counter, 8).readBigUInt64LE(0);
+  assert.ok(counter > 0n, 'busy counter captured');
+  assert.match(gdbOut, new RegExp(`\\$\\d+ = ${counter}\\n`), 'gdb sees the same counter as --to raw');
+});
+
+test('--to elf-core refuses a QEMU image', async () => {
+  const qimg = path.join(dir, 'qemu-img');
+  const r = await run(BIN.receive, ['-o', qimg], 60_000, genStream(7).bytes);
+  assert.is(r.code, 0, r.stderr);
+  const c = await run(BIN.convert, [qimg, '--to', 'elf-core', '-o', path.join(dir, 'qcore')]);
+  assert.is.not(c.code, 0);
+  assert.match(c.stderr, /needs a process image.*qemu image/);
+  assert.not.ok(fs.existsSync(path.join(dir, 'qcore')), 'nothing written');
+});
+
+test.run();
