@@ -21,8 +21,12 @@ test('bgsnap-capture --pid | bgsnap-receive: a complete image, consistent', asyn
   try {
     const image = path.join(dir, 'img');
     const capStats = path.join(dir, 'capture.json');
-    const r = await sh(`${BIN.capture} --pid ${t.pid} --buffer-mb 32 --stats ${capStats} | ${BIN.receive} -o ${image}`, 60_000);
+    const capErr = path.join(dir, 'capture.err');
+    const capCode = path.join(dir, 'capture.code');
+    // The pipe's status is the receiver's: record the capture side's own.
+    const r = await sh(`{ ${BIN.capture} --pid ${t.pid} --buffer-mb 32 --stats ${capStats} 2>${capErr}; echo $? >${capCode}; } | ${BIN.receive} -o ${image}`, 60_000);
     assert.is(r.code, 0, r.stderr);
+    assert.is(fs.readFileSync(capCode, 'utf8').trim(), '0', `bgsnap-capture: ${fs.readFileSync(capErr, 'utf8')}`);
     const img = await ImageReader.open(image);
     try {
       assert.ok(img.complete, 'image complete');

@@ -50,7 +50,7 @@ struct page {
 static uint8_t *region;
 static uint64_t npages;
 static int nthreads;
-static volatile int paused, parked;
+static volatile int paused, parked, busy;  // busy: threads inside a transfer
 static int pipefd[2];
 
 static struct journal *J(int t) { return (struct journal *)(region + 256 + 64 * t); }
@@ -73,12 +73,22 @@ static void stamp(struct page *p) {
 
 static void transfer(int t, uint64_t *seed) {
   for (;;) {
-    while (paused) { __atomic_add_fetch(&parked, 1, __ATOMIC_SEQ_CST); while (paused) usleep(100); __atomic_sub_fetch(&parked, 1, __ATOMIC_SEQ_CST); }
+    // Announce first, then look at `paused`: check() sets paused, then waits for
+    // busy == 0, so no transfer can be half done while it sums (even when a
+    // thread was preempted for a long time on a loaded machine).
+    __atomic_add_fetch(&busy, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&paused, __ATOMIC_SEQ_CST)) {
+      __atomic_sub_fetch(&busy, 1, __ATOMIC_SEQ_CST);
+      __atomic_add_fetch(&parked, 1, __ATOMIC_SEQ_CST);
+      while (paused) usleep(100);
+      __atomic_sub_fetch(&parked, 1, __ATOMIC_SEQ_CST);
+      continue;
+    }
     uint64_t i = 1 + rnd(seed) % (npages - 1), j = 1 + rnd(seed) % (npages - 1);
-    if (i == j) continue;
+    if (i == j) { __atomic_sub_fetch(&busy, 1, __ATOMIC_SEQ_CST); continue; }
     struct page *a = P(i < j ? i : j), *b = P(i < j ? j : i);
-    if (!trylock(a)) continue;
-    if (!trylock(b)) { unlock(a); continue; }
+    if (!trylock(a)) { __atomic_sub_fetch(&busy, 1, __ATOMIC_SEQ_CST); continue; }
+    if (!trylock(b)) { unlock(a); __atomic_sub_fetch(&busy, 1, __ATOMIC_SEQ_CST); continue; }
     struct journal *jr = J(t);
     int64_t d = (int64_t)(rnd(seed) % 100) + 1;
     jr->i = i; jr->j = j; jr->d = d; jr->oldi = P(i)->value; jr->oldj = P(j)->value;
@@ -88,6 +98,7 @@ static void transfer(int t, uint64_t *seed) {
     jr->active = 0; barrier();
     jr->count++;
     unlock(b); unlock(a);
+    __atomic_sub_fetch(&busy, 1, __ATOMIC_SEQ_CST);
     return;
   }
 }
@@ -128,9 +139,8 @@ static void *reader(void *arg) {
 #include "churn.h"
 
 static void check(void) {
-  paused = 1;
-  while (parked < nthreads - 2) usleep(100);  // sleeper and reader park too
-  usleep(2000);
+  __atomic_store_n(&paused, 1, __ATOMIC_SEQ_CST);
+  while (__atomic_load_n(&busy, __ATOMIC_SEQ_CST) != 0) usleep(100);
   int64_t sum = 0;
   uint64_t bad = 0;
   for (uint64_t i = 1; i < npages; i++) {
