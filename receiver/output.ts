@@ -24,7 +24,8 @@ export class Output {
   async write(buf: Buffer): Promise<void> {
     this.check();
     this.bytes += buf.length;
-    if (!this.stream.write(buf)) await Promise.race([once(this.stream, 'drain'), once(this.stream, 'error')]);
+    // events.once also rejects on 'error' and removes its listeners either way.
+    if (!this.stream.write(buf)) await once(this.stream, 'drain').catch(() => undefined);
     this.check();
   }
 
@@ -43,7 +44,7 @@ export class Output {
       return;
     }
     this.stream.end();
-    await Promise.race([once(this.stream, 'close'), once(this.stream, 'error')]);
+    await once(this.stream, 'close').catch(() => undefined);
     this.check();
   }
 }
