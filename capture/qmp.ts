@@ -90,8 +90,10 @@ export class QmpClient {
     return `${v.major}.${v.minor}.${v.micro}`;
   }
 
-  // Runs a command and returns its `return` value; throws QmpError on QEMU's refusal.
-  execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
+  // Runs a command and returns its `return` value; throws QmpError on QEMU's
+  // refusal. QEMU's main loop can be blocked for long (see qemu-source.ts), so
+  // callers that must not hang pass a timeout; a late reply is then dropped.
+  execute<T = unknown>(command: string, args?: Record<string, unknown>, opts: { timeoutMs?: number } = {}): Promise<T> {
     if (this.closedError) {
       return Promise.reject(new Error(`QMP command '${command}' not sent: ${this.closedError.message}`));
     }
@@ -99,7 +101,12 @@ export class QmpClient {
     const msg: Message = { execute: command, id };
     if (args !== undefined) msg.arguments = args;
     return new Promise<T>((resolve, reject) => {
-      this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject });
+      const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => {
+        this.pending.delete(id);
+        reject(new Error(`QMP command '${command}' got no reply within ${opts.timeoutMs} ms`));
+      }, opts.timeoutMs);
+      const settle = <A>(f: (a: A) => void) => (a: A) => (clearTimeout(timer), f(a));
+      this.pending.set(id, { command, resolve: settle(resolve as (v: unknown) => void), reject: settle(reject) });
       this.socket.write(JSON.stringify(msg) + '\n');
     });
   }

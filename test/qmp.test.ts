@@ -9,10 +9,11 @@ import * as path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { QmpClient, QmpError } from '../capture/qmp';
 import { openQemuSnapshot } from '../capture/qemu-source';
-import { withVm, sleep, type Vm } from './helpers/vm';
+import { bounded, withVm, sleep, type Vm } from './helpers/vm';
 
 type Caps = { capability: string; state: boolean }[];
 const BIOS_VM = { memMb: 128 };
+const VM_TEST_MS = 60_000; // withVm kills the VM and fails the test after this
 
 function setCaps(vm: Vm, caps: Record<string, boolean>): Promise<unknown> {
   const capabilities = Object.entries(caps).map(([capability, state]) => ({ capability, state }));
@@ -49,7 +50,7 @@ test('QMP: greeting, capabilities negotiated, query-status, events', async () =>
     } finally {
       qmp.close();
     }
-  });
+  }, VM_TEST_MS);
 });
 
 test('QMP: a bad command is an error naming it, with QEMU desc', async () => {
@@ -63,7 +64,7 @@ test('QMP: a bad command is an error naming it, with QEMU desc', async () => {
     assert.match(bad.message, /migrate-set-capabilities.*nope/);
     // The connection stays usable after errors.
     assert.is((await vm.qmp.execute<{ status: string }>('query-status')).status, 'running');
-  });
+  }, VM_TEST_MS);
 });
 
 test('QMP: clear errors for a missing socket and a socket that is not QMP', async () => {
@@ -98,7 +99,7 @@ test('source: refuses xbzrle and compress, naming both, capabilities untouched',
     assert.equal(await vm.qmp.execute<Caps>('query-migrate-capabilities'), before);
     // The spare monitor was released: a new client can connect.
     (await QmpClient.connect(vm.qmpPath)).close();
-  });
+  }, VM_TEST_MS);
 });
 
 test('source: refuses while another migration is running', async () => {
@@ -118,7 +119,16 @@ test('source: refuses while another migration is running', async () => {
       for (const c of conns) c.destroy();
       server.close();
     }
-  });
+  }, VM_TEST_MS);
+});
+
+test('source: QEMU refusing the migration is reported with its desc, settings restored', async () => {
+  await withVm({ ...BIOS_VM, incoming: 'defer' }, async (vm) => {
+    const before = await vm.qmp.execute<Caps>('query-migrate-capabilities');
+    const err = await rejection(openQemuSnapshot(vm.qmpPath));
+    assert.match(err.message, /'migrate' failed: Guest is waiting for an incoming migration/);
+    assert.equal(await vm.qmp.execute<Caps>('query-migrate-capabilities'), before);
+  }, VM_TEST_MS);
 });
 
 test('source: snapshot of a running VM: QEVM stream, VM running, settings restored', async () => {
@@ -145,38 +155,37 @@ test('source: snapshot of a running VM: QEVM stream, VM running, settings restor
     const params = await vm.qmp.execute<Record<string, number>>('query-migrate-parameters');
     assert.is(params['max-bandwidth'], bandwidthBefore, 'max-bandwidth restored');
     assert.equal(tmpDirsNamed('bgsnap-qmp-'), dirsBefore, 'private socket dir removed');
-  });
+  }, VM_TEST_MS);
 });
 
-test('source: a stalled reader blocks QEMU, not the VM; abort cancels and restores', async () => {
+test('source: abort while the reader stalls drains QEMU to the end and restores settings', async () => {
   await withVm(BIOS_VM, async (vm) => {
     const before = await vm.qmp.execute<Caps>('query-migrate-capabilities');
-    // Nobody reads the stream yet, so QEMU blocks once the socket buffers fill.
+    // Nobody reads the stream, so QEMU's writes block once the socket buffers
+    // fill. QMP is not queried meanwhile: a vCPU that writes a page not yet
+    // saved can then wait holding QEMU's big lock, and QMP stops answering.
     const snap = await openQemuSnapshot(vm.qmpPath);
     await sleep(500);
-    assert.is((await vm.qmp.execute<{ status: string }>('query-migrate')).status, 'active');
-    assert.is((await vm.qmp.execute<{ status: string }>('query-status')).status, 'running');
-    await snap.abort('test');
-    const err = await rejection(snap.done);
-    assert.match(err.message, /aborted: test/);
+    await bounded(snap.abort('test'), 20_000, 'abort');
+    assert.match((await rejection(snap.done)).message, /aborted: test/);
     const drained = await pipeline(snap.stream, fs.createWriteStream('/dev/null')).catch((e: Error) => e);
     assert.instance(drained, Error, 'the stream must not end cleanly after an abort');
-    assert.is((await vm.qmp.execute<{ status: string }>('query-migrate')).status, 'cancelled');
+    assert.is((await vm.qmp.execute<{ status: string }>('query-migrate')).status, 'completed', 'drained, not cancelled');
     assert.equal(await vm.qmp.execute<Caps>('query-migrate-capabilities'), before);
     assert.is((await vm.qmp.execute<{ status: string }>('query-status')).status, 'running');
-  });
+  }, VM_TEST_MS);
 });
 
-test('source: a reader that gives up early cancels the snapshot', async () => {
+test('source: abortBy cancel sends migrate_cancel; a reader that gives up early aborts', async () => {
   await withVm(BIOS_VM, async (vm) => {
-    const snap = await openQemuSnapshot(vm.qmpPath);
+    const snap = await openQemuSnapshot(vm.qmpPath, { abortBy: 'cancel' });
     await new Promise((r) => snap.stream.once('data', r));
     snap.stream.destroy();
     assert.match((await rejection(snap.done)).message, /closed by its reader/);
-    assert.match((await vm.qmp.execute<{ status: string }>('query-migrate')).status, /^(cancelled|failed)$/);
+    assert.match((await vm.qmp.execute<{ status: string }>('query-migrate')).status, /^(cancelled|completed)$/);
     const caps = await vm.qmp.execute<Caps>('query-migrate-capabilities');
     assert.is(caps.find((c) => c.capability === 'background-snapshot')?.state, false);
-  });
+  }, VM_TEST_MS);
 });
 
 test.run();

@@ -30,7 +30,9 @@ fi
 # apt-get download writes into the current directory.
 (cd "$work/deb" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
   (cd "$work/deb" && apt-get download "$pkg")
-dpkg-deb -x "$work/deb"/*.deb "$work/kernel"
+# Only the kernel image is needed, not the ~100 MB of modules beside it.
+mkdir -p "$work/kernel"
+dpkg-deb --fsys-tarfile "$work/deb"/*.deb | tar -x -C "$work/kernel" --wildcards './boot/vmlinuz-*'
 cp "$work/kernel"/boot/vmlinuz-* "$out/vmlinuz"
 printf "%s %s\n" "$pkg" "$(dpkg-deb -f "$work/deb"/*.deb Version)" > "$out/kernel-version"
 

@@ -251,11 +251,21 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-// Runs fn with a fresh VM and always kills it, whether fn succeeds or throws.
-export async function withVm<T>(opts: VmOptions, fn: (vm: Vm) => Promise<T>): Promise<T> {
+// Rejects when `p` takes longer than `ms`; uvu has no test timeouts of its own.
+export function bounded<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const limit = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} took longer than ${ms} ms`)), ms);
+  });
+  return Promise.race([p, limit]).finally(() => clearTimeout(timer));
+}
+
+// Runs fn with a fresh VM and always kills it, whether fn succeeds, throws or
+// hangs past timeoutMs.
+export async function withVm<T>(opts: VmOptions, fn: (vm: Vm) => Promise<T>, timeoutMs = 120_000): Promise<T> {
   const vm = await startVm(opts);
   try {
-    return await fn(vm);
+    return await bounded(fn(vm), timeoutMs, 'test with a VM');
   } finally {
     await vm.kill();
   }
@@ -285,13 +295,18 @@ export async function snapshotTicking<T>(
   vm: Vm,
   consume: (stream: Readable) => Promise<T>,
   opts: QemuSnapshotOptions = {},
+  timeoutMs = 120_000,
 ): Promise<SnapshotRun<T>> {
   const lastTick = () => vm.ticks().at(-1)?.n ?? 0;
   const lastBefore = lastTick();
   const from = vm.lines().length;
   const start = Date.now();
   const snap = await openQemuSnapshot(vm.qmpPath, opts);
-  const [consumed, result] = await Promise.all([consume(snap.stream), snap.done]);
+  const both = Promise.all([consume(snap.stream), snap.done]);
+  const [consumed, result] = await bounded(both, timeoutMs, 'snapshot').catch(async (err: Error) => {
+    await snap.abort(err.message);
+    throw err;
+  });
   const ms = Date.now() - start;
   return { result, consumed, lastBefore, lastEnd: lastTick(), during: vm.ticks(from), ms };
 }
