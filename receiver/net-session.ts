@@ -61,9 +61,12 @@ export class Session {
       this.reply(ReplyKind.RESULT, summary.status === 'complete' ? RESULT_COMPLETE : RESULT_INCOMPLETE, summary, true);
       this.cfg.log(`${this.peer}: image ${summary.image || '(none)'} ${summary.status}${summary.reason ? `: ${summary.reason}` : ''}`);
     } catch (e) {
+      // After READY the sender is owed a RESULT even when the image could not be
+      // closed cleanly (a full disk fails the index too); it stays marked incomplete.
       if (e instanceof Refused) this.reply(ReplyKind.READY, e.code, { reason: e.message }, true);
+      else if (admitted) this.reply(ReplyKind.RESULT, RESULT_INCOMPLETE, { status: 'incomplete', reason: (e as Error).message }, true);
+      else this.sock.destroy();
       this.cfg.log(`${this.peer}: ${e instanceof Refused ? 'refused' : 'failed'}: ${(e as Error).message}`);
-      if (!(e instanceof Refused)) this.sock.destroy();
     } finally {
       if (admitted) this.cfg.leave();
     }
@@ -122,6 +125,10 @@ export class Session {
   private reply(kind: ReplyKind, code: number, body: unknown, last: boolean): void {
     if (this.sock.destroyed || !this.sock.writable) return;
     if (!last) return void this.sock.write(encodeReply(kind, code, body));
+    // Keep reading (and dropping) what the sender still has in flight: closing
+    // with unread bytes would reset the connection and lose this reply.
+    this.sock.removeAllListeners('data');
+    this.sock.on('data', () => undefined).resume();
     this.sock.end(encodeReply(kind, code, body));
     setTimeout(() => this.sock.destroy(), 10_000).unref(); // a peer that never closes
   }
