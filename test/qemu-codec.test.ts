@@ -8,7 +8,8 @@ import { StreamError } from '../format/errors.js';
 import type { StreamEvent } from '../format/events.js';
 import { QemuDecoder, isQemuStream } from '../format/qemu.js';
 import { RamPartWriter, encodePreamble, encodeRamStart } from '../format/qemu-encode.js';
-import { canon, decodeChunks, decoder, flatten, genStream, int, prng, randomPage, splitAt, writeParts } from './helpers/qemu-gen.js';
+import { canon, decodeChunks, decoder, flatten, genStream, int, randomPage, splitAt, writeParts } from './helpers/qemu-gen.js';
+import { prng } from './helpers/prng.js';
 
 function expectError(bytes: Buffer, code: string, match?: RegExp): StreamError {
   const d = decoder();

@@ -13,13 +13,13 @@ import * as path from 'node:path';
 import type { BlockInfo, StreamEvent } from '../format/events.js';
 import { QemuDecoder } from '../format/qemu.js';
 import { RamPartWriter, encodeRamStart, type RamSectionInfo } from '../format/qemu-encode.js';
-import { QmpLite } from './helpers/qmp-lite.js';
+import { QmpClient } from '../capture/qmp.js';
 
 const QEMU = 'qemu-system-x86_64';
 const MACHINE = ['-machine', 'pc-i440fx-7.2', '-m', '64', '-display', 'none', '-nodefaults', '-serial', 'none'];
 const SMALL_BLOCK = 16 * 1024 * 1024; // below this, zero pages are sent as ZERO records
 
-interface Vm { proc: ChildProcess; qmp: QmpLite; log: () => string; exited: Promise<void> }
+interface Vm { proc: ChildProcess; qmp: QmpClient; log: () => string; exited: Promise<void> }
 
 function requireQemu(): void {
   const r = spawnSync(QEMU, ['--version'], { encoding: 'utf8' });
@@ -37,7 +37,9 @@ async function startVm(dir: string, name: string, extra: string[]): Promise<Vm> 
   proc.stderr!.on('data', (d: Buffer) => (log += d.toString()));
   const exited = new Promise<void>((ok) => proc.once('exit', () => ok()));
   try {
-    const qmp = await QmpLite.connect(sock);
+    // QEMU creates the socket while starting up.
+    for (let i = 0; i < 200 && !fs.existsSync(sock) && proc.exitCode === null; i++) await new Promise((r) => setTimeout(r, 50));
+    const qmp = await QmpClient.connect(sock);
     return { proc, qmp, log: () => log, exited };
   } catch (e) {
     proc.kill('SIGKILL');
@@ -65,11 +67,11 @@ async function poll<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs
 // Migrates to a file; the shell's `touch` marks that cat has written everything.
 async function migrateToFile(vm: Vm, file: string, background: boolean): Promise<any> {
   if (background) {
-    await vm.qmp.cmd('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] });
+    await vm.qmp.execute<any>('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] });
   }
-  await vm.qmp.cmd('migrate', { uri: `exec:cat > '${file}' && touch '${file}.done'` });
+  await vm.qmp.execute<any>('migrate', { uri: `exec:cat > '${file}' && touch '${file}.done'` });
   const info = await poll('migration to complete', async () => {
-    const m = await vm.qmp.cmd('query-migrate');
+    const m = await vm.qmp.execute<any>('query-migrate');
     if (m.status === 'failed') throw new Error(`migration failed: ${m['error-desc']}\n${vm.log()}`);
     return m.status === 'completed' ? m : undefined;
   });
@@ -168,12 +170,12 @@ function assertSameRam(a: Ram, b: Ram, what: string, missingIsZero = false): voi
 // Waits for the incoming migration to finish and returns the run state after it.
 async function restoredStatus(vm: Vm): Promise<string> {
   await poll('incoming migration', async () => {
-    const m = await vm.qmp.cmd('query-migrate');
+    const m = await vm.qmp.execute<any>('query-migrate');
     if (m.status === 'failed') throw new Error(`restore failed: ${m['error-desc'] ?? ''}\n${vm.log()}`);
     return m.status === 'completed' ? m : undefined;
   });
   const st = await poll('run state after load', async () => {
-    const s = await vm.qmp.cmd('query-status');
+    const s = await vm.qmp.execute<any>('query-status');
     return s.status === 'inmigrate' ? undefined : s;
   });
   assert.not.match(vm.log(), /error|fail/i, vm.log());

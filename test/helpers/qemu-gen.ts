@@ -1,22 +1,12 @@
-// Test helpers for the QEMU codec: a seeded PRNG, a generator of random but valid
+// Test helpers for the QEMU codec: a generator of random but valid
 // QEMU 7.2 streams (built with the real encoder), and a canonical form of decoder
 // events so two decodes can be compared exactly.
 
 import { createHash } from 'node:crypto';
+import { prng } from './prng.js';
 import type { StreamEvent } from '../../format/events.js';
 import { QemuDecoder } from '../../format/qemu.js';
 import { RamPartWriter, encodePreamble, encodeRamStart, type RamBlockSpec } from '../../format/qemu-encode.js';
-
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 export const int = (r: () => number, n: number) => Math.floor(r() * n);
 
