@@ -11,7 +11,7 @@ import { RemoteSink } from '../receiver/net-sink';
 import type { NetFlags } from '../capture/net-output';
 import { ImageWriter } from '../receiver/image';
 import { receive } from '../receiver/receive';
-import { main, parseIntArg, writeStats } from './common';
+import { main, parseIntArg, stdinStream, writeStats } from './common';
 
 const prog = new Command('bgsnap-receive')
   .description('receive a snapshot stream (bgsnap or QEMU migration) from stdin into a fixed-size image')
@@ -42,7 +42,7 @@ main('bgsnap-receive', async () => {
   }
   if (!opts.output === !opts.to) throw new Error('give -o IMAGE or --to tcp://HOST:PORT (stdin modes), or --listen HOST:PORT --dir ROOT');
   const sink = opts.to ? await RemoteSink.connect(opts) : await ImageWriter.create(opts.output!, { force: opts.force });
-  const summary = await receive(process.stdin, sink);
+  const summary = await receive(stdinStream(), sink);
   writeStats(opts.stats, summary);
   if (summary.status !== 'complete') {
     process.stderr.write(`bgsnap-receive: image ${opts.output ?? `${summary.image} at ${opts.to}`} is INCOMPLETE: ${summary.reason}\n`);
