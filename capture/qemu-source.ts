@@ -8,6 +8,12 @@
 //
 // We only change what the snapshot needs (the background-snapshot capability, and
 // max-bandwidth when asked) and put it back afterwards, whatever happens.
+//
+// Two QEMU 7.2 behaviours shape this file (both seen with the TCG test guest):
+// a reader that stalls stalls the guest (vCPUs wait for their pages to be saved)
+// and can stall QMP too; and a snapshot that stops early leaves a vCPU blocked
+// for good. So an abort keeps reading and discarding until QEMU is done.
+// Callers must consume `stream` and await `done` concurrently.
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -254,7 +260,12 @@ class Session {
   }
 
   private problemWith(info: MigrationInfo, acceptBy: number): Error | null {
-    if (info.status === 'failed') return new Error(`QEMU snapshot failed: ${info['error-desc'] ?? 'no reason given'}`);
+    if (info.status === 'failed') {
+      // Seen on 7.2: after such a failure a guest vCPU can stay blocked although
+      // query-status says 'running'; say so rather than let it pass unnoticed.
+      const desc = info['error-desc'] ?? 'no reason given';
+      return new Error(`QEMU snapshot failed: ${desc} (QEMU 7.2 may leave the guest stalled after this; check it)`);
+    }
     if (info.status === 'cancelled') return new Error('QEMU snapshot was cancelled (migrate_cancel from elsewhere?)');
     if (!this.conn && Date.now() > acceptBy) return new Error(`QEMU did not connect to the snapshot socket (status '${info.status}')`);
     return null;

@@ -55,12 +55,16 @@ export interface Vm {
 }
 
 const TICK_RE = /^tick (\d+) gen (\d+) check=(ok|FAIL)\b/;
-const live = new Set<ChildProcess>();
+const live = new Map<ChildProcess, string>(); // QEMU -> its temp dir
 
 // Last resort for crashes and early exits: 'exit' handlers must be synchronous,
-// and SIGKILL is. setpriv's parent-death signal covers a killed test runner.
+// and SIGKILL and rmSync are. setpriv's parent-death signal covers a killed
+// test runner (its temp dir then stays behind).
 export function killAllVms(): void {
-  for (const child of live) child.kill('SIGKILL');
+  for (const [child, dir] of live) {
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 }
 process.on('exit', killAllVms);
 
@@ -86,13 +90,13 @@ export function buildArgs(opts: VmOptions, dir: string): string[] {
   return args.concat(opts.extraArgs ?? []);
 }
 
-function spawnQemu(args: string[]): ChildProcess {
+function spawnQemu(args: string[], dir: string): ChildProcess {
   // The parent-death signal stops QEMU even if the test runner is SIGKILLed.
   const usePdeath = fs.existsSync('/usr/bin/setpriv');
   const cmd = usePdeath ? '/usr/bin/setpriv' : 'qemu-system-x86_64';
   const argv = usePdeath ? ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args] : args;
   const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'] });
-  live.add(child);
+  live.set(child, dir);
   child.once('exit', () => live.delete(child));
   return child;
 }
@@ -122,7 +126,7 @@ class SerialReader {
 export async function startVm(opts: VmOptions = {}): Promise<Vm> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-vm-'));
   const args = buildArgs(opts, dir);
-  const child = spawnQemu(args);
+  const child = spawnQemu(args, dir);
   const serial = new SerialReader(path.join(dir, 'serial.log'));
   let stderr = '';
   let exitInfo: string | null = null;
