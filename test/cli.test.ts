@@ -1,0 +1,82 @@
+// The CLIs as a user meets them: exit codes and messages for bad input, refusal
+// to overwrite, incomplete images refused by convert, --stats output.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BIN, run } from './helpers/cli';
+import { generate } from './helpers/streams';
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cli-'));
+const img = (name: string) => path.join(dir, name);
+
+test('receive: a complete stream exits 0 and writes --stats', async () => {
+  const g = generate(41);
+  const r = await run(BIN.receive, ['-o', img('ok'), '--stats', img('ok.json')], 30_000, g.stream);
+  assert.is(r.code, 0, r.stderr);
+  assert.match(r.stderr, /complete: \d+ pages/);
+  const s = JSON.parse(fs.readFileSync(img('ok.json'), 'utf8'));
+  assert.is(s.status, 'complete');
+  assert.is(s.streamBytes, g.stream.length);
+});
+
+test('receive: an existing image is refused without --force, replaced with it', async () => {
+  const g = generate(41);
+  const r = await run(BIN.receive, ['-o', img('ok')], 30_000, g.stream);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /bgsnap-receive: image .* already exists \(use --force to replace it\)/);
+  const f = await run(BIN.receive, ['-o', img('ok'), '--force'], 30_000, g.stream);
+  assert.is(f.code, 0, f.stderr);
+});
+
+test('receive: truncated, garbage and empty input exit 2 with the reason, image marked incomplete', async () => {
+  const g = generate(42);
+  const cases: [string, Buffer, RegExp][] = [
+    ['cut', g.stream.subarray(0, g.stream.length - 10), /INCOMPLETE: bgsnap stream: input ended before/],
+    ['garbage', Buffer.from('hello, this is not a snapshot stream'), /INCOMPLETE: input stream: neither a bgsnap nor a QEMU migration stream/],
+    ['empty', Buffer.alloc(0), /INCOMPLETE: input stream: input is empty/],
+  ];
+  for (const [name, input, re] of cases) {
+    const r = await run(BIN.receive, ['-o', img(name)], 30_000, input);
+    assert.is(r.code, 2, `${name}: ${r.stderr}`);
+    assert.match(r.stderr, re);
+    const i = await run(BIN.inspect, [img(name), '--json']);
+    if (i.code === 0) assert.is(JSON.parse(i.stdout).status, 'incomplete');
+  }
+});
+
+test('convert refuses an incomplete image unless --allow-incomplete', async () => {
+  const r = await run(BIN.convert, [img('cut'), '--to', 'raw', '-o', img('cut.raw')]);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /is incomplete \(.*\); pass --allow-incomplete/);
+  const a = await run(BIN.convert, [img('cut'), '--to', 'raw', '-o', img('cut.raw'), '--allow-incomplete']);
+  assert.is(a.code, 0, a.stderr);
+  assert.ok(fs.existsSync(img('cut.raw')));
+});
+
+test('convert: a process-less image cannot become a QEMU stream; a missing image is named', async () => {
+  const r = await run(BIN.convert, [img('ok'), '--to', 'qemu', '-o', img('x.qemu')]);
+  assert.is(r.code, 1);
+  assert.match(r.stderr, /has no qemu\.preamble state/);
+  const m = await run(BIN.convert, [img('nope'), '--to', 'raw', '-o', img('x.raw')]);
+  assert.is(m.code, 1);
+  assert.match(m.stderr, /nope is not a bgsnap image/);
+});
+
+test('capture: no source, both sources, a missing QMP socket and a bad PID give clear errors', async () => {
+  const none = await run(BIN.capture, ['-o', img('c1')]);
+  assert.is(none.code, 1);
+  assert.match(none.stderr, /say what to capture: --qmp SOCKET or --pid PID/);
+  const both = await run(BIN.capture, ['--qmp', '/nonexistent', '--pid', '1', '-o', img('c2')]);
+  assert.match(both.stderr, /give one of --qmp and --pid/);
+  const sock = await run(BIN.capture, ['--qmp', path.join(dir, 'no.sock'), '-o', img('c3')]);
+  assert.is(sock.code, 1);
+  assert.match(sock.stderr, /no\.sock/);
+  const pid = await run(BIN.capture, ['--pid', 'abc', '-o', img('c4')]);
+  assert.ok(pid.code !== 0);
+  assert.match(pid.stderr, /--pid must be a non-negative number, got "abc"/);
+});
+
+test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+test.run();
