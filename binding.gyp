@@ -5,7 +5,7 @@
       "sources": [
         "capture/native/addon.cc", "capture/native/fileops.cc",
         "capture/native/ptrace_freeze.cc", "capture/native/inject.cc", "capture/native/procfs.cc",
-        "capture/native/buffers.cc", "capture/native/uffd_capture.cc", "capture/native/session.cc",
+        "capture/native/buffers.cc", "capture/native/uffd_capture.cc", "capture/native/protect.cc", "capture/native/session.cc",
         "capture/native/saver.cc", "capture/native/capture_js.cc", "capture/native/capture_info.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -24,7 +24,7 @@ export interface CaptureOptions {
   bufferMb?: number; // total size of the page buffers (default 64)
   rateLimitMBps?: number; // pace the linear scan (faults are never paced)
   stallTimeoutMs?: number; // watchdog: drop protection if the saver stalls (30000)
-  testHoldAt?: 'inject' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
+  testHoldAt?: 'inject' | 'preprotect' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
   testHoldMs?: number;
 }
 
@@ -57,8 +57,18 @@ export interface NativeBlock {
   thp: boolean;
 }
 
+// The target stops twice: armMs (plant the userfaultfd) and snapshotMs (the
+// snapshot point); totalMs is their sum. preProtectMs: write-protecting while it
+// runs in between; the snapshot freeze re-protects reprotectPages written since.
 export interface FreezeStats {
   totalMs: number;
+  armMs: number;
+  snapshotMs: number;
+  preProtectMs: number;
+  preFaults: number;
+  preRounds: number;
+  reprotectRanges: number;
+  reprotectPages: number;
   seizeMs: number;
   injectMs: number;
   registerMs: number;

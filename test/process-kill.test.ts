@@ -1,5 +1,6 @@
 // Killing the capturing process with SIGKILL at any moment must leave the target
-// running normally: right after the injection (threads still stopped), while
+// running normally: right after the injection (threads still stopped), once its
+// memory is write-protected ahead of the freeze (the target running), while
 // frozen with every page write-protected, while its writers wait on a fault the
 // saver is not serving, and in the middle of a paced copy. Afterwards no page is
 // write-protected, no thread is stuck, memory is intact, and a second snapshot
@@ -56,6 +57,7 @@ async function assertRecovered(t: Target, label: string) {
 
 const cases: [string, string, RegExp, number, number][] = [
   ['right after injection (threads stopped, uffd not yet armed)', 'inject', /bgsnap-hold inject/, 50, 0],
+  ['while protected ahead of the freeze, writers waiting on unserved faults', 'preprotect', /bgsnap-hold preprotect/, 300, 0],
   ['during the freeze, every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0],
   ['mid-copy while writers wait on unserved faults', 'copy', /bgsnap-hold copy/, 300, 0],
   ['mid-copy of a paced scan', '-', /started/, 700, 60],

@@ -112,13 +112,19 @@ struct Options {
   uint32_t bufferMb = 64;
   double rateLimitMBps = 0;   // 0: unpaced
   uint32_t stallMs = 30000;   // watchdog: drop protection if the saver stalls
-  std::string holdAt;         // tests: "inject", "frozen" or "copy"
+  std::string holdAt;         // tests: "inject", "preprotect", "frozen" or "copy"
   uint32_t holdMs = 0;
 };
 
+// The target stops twice: armMs to plant the userfaultfd, snapshotMs for the
+// snapshot itself; totalMs is their sum. In between (preProtectMs) it runs while
+// we write-protect its memory, and the snapshot freeze re-protects only what it
+// wrote meanwhile (reprotectPages in reprotectRanges ioctls).
 struct FreezeStats {
-  double totalMs = 0, seizeMs = 0, injectMs = 0, registerMs = 0, protectMs = 0;
+  double totalMs = 0, armMs = 0, snapshotMs = 0, preProtectMs = 0;
+  double seizeMs = 0, injectMs = 0, registerMs = 0, protectMs = 0;
   double pagemapMs = 0, copyMs = 0, detachMs = 0;
+  uint64_t preFaults = 0, preRounds = 0, reprotectRanges = 0, reprotectPages = 0;
   int threads = 0, rounds = 0;
   bool sysctlToggled = false;  // vm.unprivileged_userfaultfd set to 1 around injection
   double snapshotTime = 0;     // wall-clock ms at the snapshot point

@@ -13,6 +13,13 @@ static Napi::Buffer<uint8_t> Bytes(Napi::Env env, const void* p, size_t n) {
 static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("totalMs", fz.totalMs);
+  o.Set("armMs", fz.armMs);
+  o.Set("snapshotMs", fz.snapshotMs);
+  o.Set("preProtectMs", fz.preProtectMs);
+  o.Set("preFaults", static_cast<double>(fz.preFaults));
+  o.Set("preRounds", static_cast<double>(fz.preRounds));
+  o.Set("reprotectRanges", static_cast<double>(fz.reprotectRanges));
+  o.Set("reprotectPages", static_cast<double>(fz.reprotectPages));
   o.Set("seizeMs", fz.seizeMs);
   o.Set("injectMs", fz.injectMs);
   o.Set("registerMs", fz.registerMs);

@@ -22,7 +22,6 @@ struct PmScanArg {
   uint64_t categoryInverted, categoryMask, categoryAnyofMask, returnMask;
 };
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
-constexpr uint64_t kPageIsPresent = 1 << 3, kPageIsSwapped = 1 << 4, kPageIsHuge = 1 << 6;
 
 bool ReadWhole(const std::string& path, std::string* out) {
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -69,9 +68,9 @@ bool ParseMaps(const std::string& text, std::vector<MapEntry>* out) {
   return !out->empty();
 }
 
-// Calls fn(start, end, huge) for every run of pages that are present or swapped.
-bool ScanTouched(int pagemapFd, uint64_t start, uint64_t end,
-                 const std::function<void(uint64_t, uint64_t, bool)>& fn, Failure* f) {
+static bool Scan(int pagemapFd, uint64_t start, uint64_t end, uint64_t mask, uint64_t anyof,
+                 uint64_t ret, const std::function<void(uint64_t, uint64_t, uint64_t)>& fn,
+                 Failure* f) {
   std::vector<PageRegion> vec(4096);
   PmScanArg a{};
   a.size = sizeof a;
@@ -79,19 +78,47 @@ bool ScanTouched(int pagemapFd, uint64_t start, uint64_t end,
   a.end = end;
   a.vec = reinterpret_cast<uint64_t>(vec.data());
   a.vecLen = vec.size();
-  a.categoryAnyofMask = kPageIsPresent | kPageIsSwapped;
-  a.returnMask = kPageIsPresent | kPageIsSwapped | kPageIsHuge;
+  a.categoryMask = mask;
+  a.categoryAnyofMask = anyof;
+  a.returnMask = ret;
   while (a.start < end) {
     int n = ioctl(pagemapFd, kPagemapScan, &a);
     if (n < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
       return f->Set(errno, "PAGEMAP_SCAN ioctl (needs Linux 6.7+)");
     }
-    for (int i = 0; i < n; i++) fn(vec[i].start, vec[i].end, vec[i].categories & kPageIsHuge);
+    for (int i = 0; i < n; i++) fn(vec[i].start, vec[i].end, vec[i].categories);
     if (a.walkEnd <= a.start) break;
     a.start = a.walkEnd;
   }
   return true;
+}
+
+bool ScanPagemap(int pagemapFd, uint64_t start, uint64_t end, uint64_t mask, uint64_t ret,
+                 const std::function<void(uint64_t, uint64_t, uint64_t)>& fn, Failure* f) {
+  return Scan(pagemapFd, start, end, mask, 0, ret, fn, f);
+}
+
+// Calls fn(start, end, huge) for every run of pages that are present or swapped.
+bool ScanTouched(int pagemapFd, uint64_t start, uint64_t end,
+                 const std::function<void(uint64_t, uint64_t, bool)>& fn, Failure* f) {
+  return Scan(pagemapFd, start, end, 0, kPageIsPresent | kPageIsSwapped,
+              kPageIsPresent | kPageIsSwapped | kPageIsHuge,
+              [&fn](uint64_t s, uint64_t e, uint64_t c) { fn(s, e, c & kPageIsHuge); }, f);
+}
+
+int HugeAt(int pagemapFd, uint64_t addr) {
+  PageRegion r{};
+  PmScanArg a{};
+  a.size = sizeof a;
+  a.start = addr & ~(kPage - 1);
+  a.end = a.start + kPage;
+  a.vec = reinterpret_cast<uint64_t>(&r);
+  a.vecLen = 1;
+  a.returnMask = kPageIsHuge | kPageIsPresent;
+  int n = ioctl(pagemapFd, kPagemapScan, &a);
+  if (n < 0) return -1;
+  return n == 1 && (r.categories & kPageIsHuge) ? 1 : 0;
 }
 
 }  // namespace bgsnap

@@ -54,6 +54,7 @@ int Freezer::WaitStatus(pid_t tid, int* status, double timeoutMs) {
     int r = waitpid(tid, status, __WALL | WNOHANG);
     if (r != 0) return r < 0 ? -errno : r;
     if (NowMs() > deadline) return 0;
+    if (idle_ && *idle_) (*idle_)();
     timespec ts{0, sleepNs};
     nanosleep(&ts, nullptr);
     sleepNs = std::min(sleepNs * 2, 200000L);
@@ -117,7 +118,8 @@ bool Freezer::WaitStop(size_t i, Failure* f) {
   return true;
 }
 
-bool Freezer::Freeze(Failure* f) {
+bool Freezer::Freeze(Failure* f, const std::function<void()>& idle) {
+  idle_ = &idle;
   for (rounds_ = 1; rounds_ <= 100; rounds_++) {
     bool added = false;
     if (!SeizeNew(&added, f)) break;
@@ -127,6 +129,7 @@ bool Freezer::Freeze(Failure* f) {
     if (f->failed()) break;
     if (!added) break;
   }
+  idle_ = nullptr;
   if (!f->failed() && rounds_ > 100) f->Set(EAGAIN, "thread list never became stable");
   threads_.erase(std::remove_if(threads_.begin(), threads_.end(),
                                 [](const ThreadState& t) { return t.exited; }),

@@ -3,6 +3,8 @@
 #pragma once
 #include <sys/ptrace.h>
 
+#include <functional>
+
 #include "capture.h"
 
 namespace bgsnap {
@@ -24,7 +26,10 @@ class Freezer {
 
   // Seize + interrupt every thread until the thread list is stable, then record
   // each one's registers. On failure everything seized so far is detached.
-  bool Freeze(Failure* f);
+  // `idle` runs while we wait for threads to stop: a thread blocked on our
+  // userfaultfd (a fault, or a madvise waiting for its event to be read) stops
+  // only once that is served.
+  bool Freeze(Failure* f, const std::function<void()>& idle = nullptr);
   // Resume every thread, re-delivering held signals.
   void Detach();
 
@@ -51,6 +56,7 @@ class Freezer {
   uint64_t syscallInsn_ = 0;
   int rounds_ = 0;
   int injectee_ = -1;
+  const std::function<void()>* idle_ = nullptr;
 };
 
 }  // namespace bgsnap

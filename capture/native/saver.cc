@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 
+#include "procfs.h"
 #include "session.h"
 
 namespace bgsnap {
@@ -168,8 +169,9 @@ bool Session::HandleFaults(Failure* f) {
   return !f->failed();
 }
 
-// Save the unchanged 64 KiB around the fault (2 MiB in THP areas, so the huge
-// page is un-protected whole and not split), then un-protect, which wakes it.
+// Save the unchanged 64 KiB around the fault (2 MiB when a huge page maps it,
+// asked of the kernel per fault, so the huge page is un-protected whole and not
+// split), then un-protect, which wakes it.
 bool Session::HandleFault(const Fault& ft, Failure* f) {
   uint64_t e0 = epoch_;
   const Segment* s = FindSeg(ft.addr);
@@ -179,7 +181,8 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
     return true;
   }
   int b = s->block;
-  uint64_t g = blocks[b].thp ? kHuge : kFaultGranule;
+  int huge = HugeAt(pagemapFd_, ft.addr);
+  uint64_t g = huge == 1 || (huge < 0 && blocks[b].thp) ? kHuge : kFaultGranule;
   uint64_t lo = std::max(s->start, ft.addr & ~(g - 1));
   uint64_t hi = std::min(s->end, (ft.addr & ~(g - 1)) + g);
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
@@ -365,9 +368,9 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
   }
   uint32_t p0 = *cp, p1 = std::min(blk.pages, p0 + 1024);
   const Segment* s = blk.kind == BlockKind::kProtected ? SegForPage(static_cast<int>(*cb), p0) : nullptr;
-  if (s) {  // 2-4 MiB, ending on a 2 MiB boundary of the current address
+  if (s) {  // up to the next 2 MiB boundary: queued faults wait for one chunk at most
     uint64_t addr = s->start + uint64_t(p0 - s->firstPage) * kPage;
-    uint64_t chunkEnd = std::min(s->end, (addr & ~(kHuge - 1)) + 2 * kHuge);
+    uint64_t chunkEnd = std::min(s->end, (addr & ~(kHuge - 1)) + kHuge);
     p1 = p0 + static_cast<uint32_t>((chunkEnd - addr) / kPage);
   } else if (blk.kind == BlockKind::kProtected) {
     p1 = NextSegPage(static_cast<int>(*cb), p0);  // unmapped stretch

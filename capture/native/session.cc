@@ -2,6 +2,7 @@
 // and the teardown that always drops the protection.
 #include "session.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
@@ -86,46 +87,78 @@ bool Session::Setup(Failure* f) {
   if (pid_ <= 0 || pid_ == getpid()) return f->Set(EINVAL, "cannot capture PID " + std::to_string(pid_));
   if (!ProbeKernel(f)) return false;
   if (!pool.Init(opts_.bufferMb, f)) return false;  // pre-faulted before the pause
+  if (!ArmFreeze(f)) return false;
+  watchdog_ = std::thread(&Session::Watchdog, this);  // from now on writers may wait on us
+  std::string path = "/proc/" + std::to_string(pid_) + "/pagemap";
+  pagemapFd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (pagemapFd_ < 0) f->Set(errno, "opening " + path);
+  bool ok = !f->failed() && PreProtect(f) && SnapshotFreeze(f);
+  if (!ok) CloseUffd();
+  return ok;
+}
+
+// First stop: plant the userfaultfd. It lasts about a millisecond whatever the
+// target's size; the write-protection follows while the target runs.
+bool Session::ArmFreeze(Failure* f) {
   RealTime(true);
   Freezer fz(pid_);
   double t0 = NowMs();
-  if (!fz.Freeze(f)) {
-    RealTime(false);
-    return false;
-  }
+  bool ok = fz.Freeze(f);
+  double ta = NowMs();
+  ok = ok && ReadProcState(f) && InjectUffd(fz, f);
+  double t1 = NowMs();
+  freeze.injectMs = t1 - ta;
+  if (ok) Hold("inject");
+  double t2 = NowMs();
+  if (!ok) CloseUffd();
+  fz.Detach();
+  freeze.armMs = (t1 - t0) + (NowMs() - t2);
+  RealTime(false);
+  return ok;
+}
+
+// The snapshot point: every thread stopped, then whatever the target wrote or
+// mapped since PreProtect is protected too, so every page is either protected,
+// never touched (zero), or copied now.
+bool Session::SnapshotFreeze(Failure* f) {
+  RealTime(true);
+  Freezer fz(pid_);
+  double t0 = NowMs();
+  std::function<void()> serve = [this] { Failure ignored; ServePre(&ignored); };
+  bool ok = fz.Freeze(f, serve);
   double t1 = NowMs();
   timeval tv;
   gettimeofday(&tv, nullptr);
   freeze.snapshotTime = tv.tv_sec * 1e3 + tv.tv_usec / 1e3;
   freeze.seizeMs = t1 - t0;
   freeze.rounds = fz.rounds();
-  bool ok = ReadProcState(f) && InjectUffd(fz, f);
+  // Release pre-phase faults read before every thread stopped; any left now are
+  // dropped: their threads fault again after the freeze and are served then.
+  ok = ok && ServePre(f);
+  preFaults_.clear();
+  maps.clear();
+  ok = ok && ReadProcState(f);
   double t2 = NowMs();
-  freeze.injectMs = t2 - t1;
-  if (ok) Hold("inject");
-  double t3 = NowMs();
   ok = ok && PlanAndRegister(f);
+  double t3 = NowMs();
+  ok = ok && ProtectUnprotected(f) && ScanUntouched(f);
   double t4 = NowMs();
-  ok = ok && ProtectAll(f);
-  double t5 = NowMs();
-  ok = ok && ScanUntouched(f);
-  double t6 = NowMs();
   ok = ok && CopyFrozen(f);
-  double t7 = NowMs();
+  double t5 = NowMs();
   if (ok) Hold("frozen");
   threads = fz.threads();
   freeze.threads = static_cast<int>(threads.size());
   if (!ok) CloseUffd();  // drop any protection before the threads run again
-  double t8 = NowMs();
+  double t6 = NowMs();
   fz.Detach();
-  double t9 = NowMs();
+  double t7 = NowMs();
   RealTime(false);
-  freeze.registerMs = t4 - t3;
-  freeze.protectMs = t5 - t4;
-  freeze.pagemapMs = t6 - t5;
-  freeze.copyMs = t7 - t6;
-  freeze.detachMs = t9 - t8;
-  freeze.totalMs = (t9 - t0) - (t3 - t2) - (t8 - t7);  // minus test holds
+  freeze.registerMs = t3 - t2;
+  freeze.protectMs = t4 - t3 - freeze.pagemapMs;
+  freeze.copyMs = t5 - t4;
+  freeze.detachMs = t7 - t6;
+  freeze.snapshotMs = (t7 - t0) - (t6 - t5);  // minus the test hold
+  freeze.totalMs = freeze.armMs + freeze.snapshotMs;
   return ok;
 }
 
@@ -134,6 +167,7 @@ void Session::Run() {
   double t0 = NowMs();
   heartbeat_ = t0;
   if (Setup(&f)) {
+    heartbeat_ = NowMs();
     for (size_t i = 0; i < blocks.size(); i++) {
       const Block& b = blocks[i];
       if (b.kind == BlockKind::kProtected) {
@@ -145,7 +179,6 @@ void Session::Run() {
     frozen_ = true;
     state_ = kRunning;
     notify_();
-    watchdog_ = std::thread(&Session::Watchdog, this);
     SaverLoop(&f);
   }
   seconds = (NowMs() - t0) / 1000;
@@ -157,6 +190,8 @@ void Session::Run() {
 void Session::Finish(const Failure& f) {
   if (!f.failed()) PublishAll();
   CloseUffd();
+  if (pagemapFd_ >= 0) close(pagemapFd_);
+  pagemapFd_ = -1;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!failure_.failed()) failure_ = f;  // the watchdog's reason wins

@@ -48,16 +48,30 @@ class Session {
   void Finish(const Failure& f);
   void Hold(const char* at);
   void CloseUffd();
-  // Freeze phase (uffd_capture.cc).
+  // The two stops (session.cc): a short one that plants the userfaultfd, and
+  // the snapshot freeze after the memory was write-protected while running.
   bool Setup(Failure* f);
+  bool ArmFreeze(Failure* f);
+  bool SnapshotFreeze(Failure* f);
+  // Freeze phase (uffd_capture.cc).
   bool ProbeKernel(Failure* f);
   bool ReadProcState(Failure* f);
   bool InjectUffd(Freezer& fz, Failure* f);
   bool RemoteUffd(Freezer& fz, long* fd, Failure* f);
   bool PlanAndRegister(Failure* f);
-  bool ProtectAll(Failure* f);
   bool ScanUntouched(Failure* f);
   bool CopyFrozen(Failure* f);
+  // Write-protect ahead of the freeze, and complete it while frozen (protect.cc).
+  using Range = std::pair<uint64_t, uint64_t>;
+  bool PreProtect(Failure* f);
+  std::vector<Range> RegisterAll();
+  bool Unprotected(const std::vector<Range>& in, std::vector<Range>* out, uint64_t* pages,
+                   Failure* f);
+  bool ProtectRanges(const std::vector<Range>& ranges, bool serve, Failure* f);
+  bool ProtectPiece(const Range& r, bool strict, Failure* f);
+  bool ServePre(Failure* f);
+  void PreFault(uint64_t addr);
+  bool ProtectUnprotected(Failure* f);
   // Saver (saver.cc).
   bool SaverLoop(Failure* f);
   bool Drain(Failure* f);
@@ -105,6 +119,8 @@ class Session {
   double paceStart_ = 0;
   uint64_t scannedBytes_ = 0;
   int sysctlOld_ = -1;
+  int pagemapFd_ = -1;              // the target's /proc/PID/pagemap, for PAGEMAP_SCAN
+  std::vector<uint64_t> preFaults_;  // pre-phase faults still to release (EAGAIN)
 };
 
 }  // namespace bgsnap

@@ -151,7 +151,7 @@ bool Session::PlanAndRegister(Failure* f) {
     uffdio_register reg{{m.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
     if (ioctl(fd, UFFDIO_REGISTER, &reg) == 0) {
       b.kind = BlockKind::kProtected;
-      b.anonPrivate = m.perms[3] == 'p';
+      b.anonPrivate = m.perms[3] == 'p' && (m.path.empty() || m.path[0] == '[');
       m.how = "protected";
     } else if (errno == EINVAL || errno == EBUSY) {
       b.kind = BlockKind::kCopied;
@@ -166,60 +166,47 @@ bool Session::PlanAndRegister(Failure* f) {
   return true;
 }
 
-// Split the protect ioctls across two threads: write-protecting 4 KiB pages is
-// the bulk of the pause (33-51 ms of 35-58 ms per 2 GiB in the prototype) and the
-// ioctl holds the mmap lock only for reading, so halves run in parallel.
-bool Session::ProtectAll(Failure* f) {
-  std::vector<std::pair<uint64_t, uint64_t>> parts[2];
-  uint64_t total = 0, acc = 0;
-  for (const Block& b : blocks) if (b.kind == BlockKind::kProtected) total += b.length;
-  uint64_t half = total > (64ull << 20) ? total / 2 : total;
-  for (const Block& b : blocks) {
-    if (b.kind != BlockKind::kProtected) continue;
-    uint64_t s = b.start, e = b.start + b.length;
-    if (acc < half && acc + b.length > half) {
-      uint64_t cut = (s + (half - acc) + kHuge - 1) & ~(kHuge - 1);
-      if (cut < e) { parts[0].push_back({s, cut}); s = cut; }
-    }
-    parts[acc < half ? 0 : 1].push_back({s, e});
-    acc += b.length;
-  }
-  Failure other;
-  std::thread helper([&] {
-    for (auto& r : parts[1]) {
-      if (int e = WpIoctl(r.first, r.second - r.first, true)) { other.Set(e, "UFFDIO_WRITEPROTECT"); break; }
-    }
-  });
-  for (auto& r : parts[0]) {
-    if (int e = WpIoctl(r.first, r.second - r.first, true)) { f->Set(e, "UFFDIO_WRITEPROTECT"); break; }
-  }
-  helper.join();
-  if (other.failed()) f->Set(other.err, other.what);
-  return !f->failed();
-}
-
-// Untouched anonymous pages are not trapped (no WP_UNPOPULATED: it made a sparse
-// 16 GiB freeze 10x longer), so they must be recorded as zero now and never read.
+// Never-touched pages of anonymous mappings we copy instead of protecting
+// (ranges the target registered itself) are recorded as zero and not read.
+// Protected mappings learn theirs in ProtectUnprotected's scan.
 bool Session::ScanUntouched(Failure* f) {
-  std::string path = "/proc/" + std::to_string(pid_) + "/pagemap";
-  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return f->Set(errno, "opening " + path);
+  double t0 = NowMs();
   for (Block& b : blocks) {
-    if (!b.anonPrivate) continue;
+    if (!b.anonPrivate || b.kind != BlockKind::kCopied) continue;
     b.zeroPending.SetRange(0, b.pages);
-    bool ok = ScanTouched(fd, b.start, b.start + b.length, [&b](uint64_t s, uint64_t e, bool huge) {
+    bool ok = ScanTouched(pagemapFd_, b.start, b.start + b.length, [&b](uint64_t s, uint64_t e, bool) {
       b.zeroPending.ClearRange((s - b.start) / kPage, (e - b.start) / kPage);
-      if (huge) b.thp = true;
     }, f);
     if (!ok) break;
   }
-  close(fd);
+  freeze.pagemapMs += NowMs() - t0;
   return !f->failed();
 }
 
 // Copy the mappings we could not protect. Unreadable pages (device mappings)
 // are recorded as discarded: they are not part of the snapshot.
+//
+// They are held in memory until saved, and copying them lengthens the pause, so
+// their total is capped: beyond it the target is not a fit (e.g. it registered
+// a large range with its own userfaultfd) and we say so rather than stall it.
+static constexpr uint64_t kFrozenCopyCap = 64ull << 20;
+
 bool Session::CopyFrozen(Failure* f) {
+  uint64_t total = 0;
+  for (const Block& b : blocks) {
+    if (b.kind != BlockKind::kCopied) continue;
+    for (uint32_t p = b.zeroPending.NextClear(0, b.pages); p < b.pages;) {
+      uint32_t q = b.zeroPending.NextSet(p, b.pages);
+      total += uint64_t(q - p) * kPage;
+      p = b.zeroPending.NextClear(q, b.pages);
+    }
+  }
+  if (total > kFrozenCopyCap) {
+    return f->Set(EFBIG, "the target has " + std::to_string(total >> 20) + " MiB of writable "
+                         "memory that cannot be write-protected (private file mappings, or "
+                         "ranges registered with its own userfaultfd); copying more than " +
+                         std::to_string(kFrozenCopyCap >> 20) + " MiB while frozen is refused");
+  }
   for (size_t bi = 0; bi < blocks.size(); bi++) {
     Block& b = blocks[bi];
     if (b.kind != BlockKind::kCopied) continue;
