@@ -63,7 +63,17 @@ main('bgsnap-capture', async () => {
   const source = await openSource();
   const stop = (sig: string) => void source.abort(`received ${sig}`);
   process.once('SIGINT', stop).once('SIGTERM', stop);
-  const totals = await emitStream(source.events, out, new BgsnapEncoder({ compressLevel: level }), progress(), source.release);
+  let totals;
+  try {
+    totals = await emitStream(source.events, out, new BgsnapEncoder({ compressLevel: level }), progress(), source.release);
+  } catch (err) {
+    // Whatever broke (the reader went away, the network, a signal), release the
+    // target before exiting: a process is un-protected and detached; a QEMU
+    // snapshot is drained to its end, since QEMU 7.2 can leave a vCPU blocked
+    // for good when its stream is cut.
+    await source.abort((err as Error).message).catch(() => undefined);
+    throw err;
+  }
   const acked = await out.close(); // with --to: the receiver's summary of the durable image
   const seconds = (Date.now() - started) / 1000;
   if (process.stderr.isTTY) process.stderr.write('\n');

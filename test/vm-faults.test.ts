@@ -1,0 +1,57 @@
+// A QEMU capture whose reader goes away or that is told to stop must leave the
+// VM as it found it: running, its memory check intact, background-snapshot off
+// again, and ready for the next snapshot.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ensureGuest } from './helpers/guest';
+import { sleep, startVm, type Vm } from './helpers/vm';
+import { BIN, sh } from './helpers/cli';
+
+type Caps = { capability: string; state: boolean }[];
+const ctx: { vm?: Vm; dir?: string } = {};
+
+test.before(async () => {
+  const g = await ensureGuest();
+  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-vmfault-'));
+  ctx.vm = await startVm({ kernel: g.kernel, initrd: g.initrd, memMb: 256, guestMb: 48 });
+  await ctx.vm.waitForTicks(2, 90_000);
+});
+
+test.after(async () => {
+  await ctx.vm?.kill();
+  if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true });
+});
+
+async function assertVmFine(vm: Vm): Promise<void> {
+  const ticks = await vm.waitForTicks(3, 30_000, vm.lines().length);
+  assert.ok(ticks.every((t) => t.ok), 'the guest runs on with its memory check intact');
+  assert.is((await vm.qmp.execute<{ status: string }>('query-status')).status, 'running');
+  const caps = await vm.qmp.execute<Caps>('query-migrate-capabilities');
+  assert.is(caps.find((c) => c.capability === 'background-snapshot')?.state, false, 'background-snapshot is off again');
+}
+
+test('the reader goes away mid-stream: capture exits non-zero, the VM runs on', async () => {
+  const rc = path.join(ctx.dir!, 'rc');
+  const r = await sh(`(${BIN.capture} --qmp '${ctx.vm!.qmpPath}'; echo $? > '${rc}') | head -c 20000000 > /dev/null`, 120_000);
+  assert.is(r.code, 0);
+  assert.is.not(fs.readFileSync(rc, 'utf8').trim(), '0', 'capture must not claim success');
+  assert.match(r.stderr, /bgsnap-capture: .*EPIPE/);
+  await assertVmFine(ctx.vm!);
+});
+
+test('SIGTERM mid-stream: capture stops, the VM runs on, a new snapshot completes', async () => {
+  const image = path.join(ctx.dir!, 'img');
+  const cmd = `${BIN.capture} --qmp '${ctx.vm!.qmpPath}' --max-bandwidth 20 -o '${path.join(ctx.dir!, 'stream')}' & p=$!; sleep 1.5; kill -TERM $p; wait $p`;
+  const r = await sh(cmd, 120_000);
+  assert.ok(r.code !== 0, 'a stopped capture exits non-zero');
+  assert.match(r.stderr, /received SIGTERM/);
+  await assertVmFine(ctx.vm!);
+  const again = await sh(`${BIN.capture} --qmp '${ctx.vm!.qmpPath}' | ${BIN.receive} -q -o '${image}'`, 120_000);
+  assert.is(again.code, 0, again.stderr);
+  await sleep(100);
+});
+
+test.run();
