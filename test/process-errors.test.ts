@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import { once } from 'node:events';
 import { captureProcess } from '../capture/process-source';
 import { allThreadsProgress, buildTarget, startTarget, writeProtectedPages } from './process-target';
+import { BIN, run } from './helpers/cli';
 
 async function failure(pid: number): Promise<Error & { code?: string }> {
   const cap = captureProcess(pid);
@@ -37,6 +38,42 @@ test('not a process id, and ourselves', async () => {
   assert.is(self.code, 'EINVAL');
   assert.match(self.message, /cannot capture/);
 });
+
+// A real kernel answer, not a simulation: under a seccomp filter the userfaultfd
+// syscall returns ENOSYS, as on a kernel built without it.
+test('no userfaultfd for the capture (as on a kernel without it): clear error, target untouched', async () => {
+  const t = await startTarget('anon', 32, 2);
+  try {
+    const r = await run(`'${buildTarget('no-uffd')}' ${BIN.capture}`, ['--pid', String(t.pid), '-o', '/dev/null']);
+    assert.is(r.code, 1, r.stderr);
+    assert.match(r.stderr, /this kernel offers no userfaultfd to us/);
+    assert.match(r.stderr, /\[ENOSYS\]/);
+    assert.is(tracerOf(t.pid), 0, 'never attached');
+    assert.match(await t.command('check'), /^check ok/);
+    assert.ok((await allThreadsProgress(t)).ok, 'threads progress');
+  } finally {
+    t.kill();
+  }
+});
+
+test('a target that may not create a userfaultfd (seccomp): clear error, target runs on unprotected', async () => {
+  const t = await startTarget('anon', 32, 2, undefined, [buildTarget('no-uffd')]);
+  try {
+    const e = await failure(t.pid);
+    assert.is(e.code, 'ENOSYS');
+    assert.match(e.message, /the target could not create a userfaultfd \(seccomp/);
+    assert.is(writeProtectedPages(t.pid, t.base, t.size), 0);
+    assert.is(tracerOf(t.pid), 0, 'detached');
+    assert.match(await t.command('check'), /^check ok/);
+    assert.ok((await allThreadsProgress(t)).ok, 'threads progress');
+  } finally {
+    t.kill();
+  }
+});
+
+function tracerOf(pid: number): number {
+  return Number(/TracerPid:\s*(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+}
 
 test('a kernel thread cannot be captured', async () => {
   const e = await failure(2); // kthreadd
