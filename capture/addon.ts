@@ -24,6 +24,7 @@ export interface CaptureOptions {
   bufferMb?: number; // total size of the page buffers (default 64)
   rateLimitMBps?: number; // pace the linear scan (faults are never paced)
   stallTimeoutMs?: number; // watchdog: drop protection if the saver stalls (30000)
+  preProtect?: boolean; // default true; false protects everything inside the freeze (for comparisons)
   testHoldAt?: 'inject' | 'preprotect' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
   testHoldMs?: number;
 }

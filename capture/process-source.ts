@@ -30,6 +30,7 @@ export interface ProcessCaptureOptions {
   rateLimitMBps?: number; // pace the linear scan
   stallTimeoutMs?: number; // drop protection if the saver makes no progress this long
   zeroCopy?: boolean; // see above
+  preProtect?: CaptureOptions['preProtect'];
   testHoldAt?: CaptureOptions['testHoldAt'];
   testHoldMs?: number;
 }

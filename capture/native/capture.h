@@ -112,6 +112,7 @@ struct Options {
   uint32_t bufferMb = 64;
   double rateLimitMBps = 0;   // 0: unpaced
   uint32_t stallMs = 30000;   // watchdog: drop protection if the saver stalls
+  bool preProtect = true;      // false: protect everything inside the freeze (benchmarks' "before")
   std::string holdAt;         // tests: "inject", "preprotect", "frozen" or "copy"
   uint32_t holdMs = 0;
 };

@@ -95,6 +95,8 @@ Options ParseOptions(const Napi::Value& v) {
   o.rateLimitMBps = num("rateLimitMBps", 0);
   o.stallMs = static_cast<uint32_t>(num("stallTimeoutMs", 30000));
   o.holdMs = static_cast<uint32_t>(num("testHoldMs", 0));
+  Napi::Value pre = obj.Get("preProtect");
+  if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
   Napi::Value at = obj.Get("testHoldAt");
   if (at.IsString()) o.holdAt = at.As<Napi::String>().Utf8Value();
   return o;

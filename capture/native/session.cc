@@ -92,7 +92,7 @@ bool Session::Setup(Failure* f) {
   std::string path = "/proc/" + std::to_string(pid_) + "/pagemap";
   pagemapFd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (pagemapFd_ < 0) f->Set(errno, "opening " + path);
-  bool ok = !f->failed() && PreProtect(f) && SnapshotFreeze(f);
+  bool ok = !f->failed() && (!opts_.preProtect || PreProtect(f)) && SnapshotFreeze(f);
   if (!ok) CloseUffd();
   return ok;
 }
@@ -141,7 +141,7 @@ bool Session::SnapshotFreeze(Failure* f) {
   double t2 = NowMs();
   ok = ok && PlanAndRegister(f);
   double t3 = NowMs();
-  ok = ok && ProtectUnprotected(f) && ScanUntouched(f);
+  ok = ok && ProtectUnprotected(f) && ScanUntouched(f) && ShmemHoles(f);
   double t4 = NowMs();
   ok = ok && CopyFrozen(f);
   double t5 = NowMs();

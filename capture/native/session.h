@@ -60,6 +60,7 @@ class Session {
   bool RemoteUffd(Freezer& fz, long* fd, Failure* f);
   bool PlanAndRegister(Failure* f);
   bool ScanUntouched(Failure* f);
+  bool ShmemHoles(Failure* f);
   bool CopyFrozen(Failure* f);
   // Write-protect ahead of the freeze, and complete it while frozen (protect.cc).
   using Range = std::pair<uint64_t, uint64_t>;

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/uio.h>
@@ -181,6 +182,41 @@ bool Session::ScanUntouched(Failure* f) {
   }
   freeze.pagemapMs += NowMs() - t0;
   return !f->failed();
+}
+
+// Holes of shared memory (memfd, shmem, MAP_SHARED anonymous) read as zero, but
+// reading them through the mapping allocates them in the target's shmem. Find
+// them with SEEK_DATA/SEEK_HOLE on the mapping's file (/proc/PID/map_files, as
+// root) and record them as zero, never read. A write through the target's
+// mapping still traps (the protect put a marker there). Private mappings of a
+// file are left alone: a copied-on-write page may hide a hole.
+bool Session::ShmemHoles(Failure*) {
+  double t0 = NowMs();
+  for (Block& b : blocks) {
+    const MapEntry& m = maps[b.map];
+    if (b.kind != BlockKind::kProtected || m.perms[3] != 's') continue;
+    char path[96];
+    snprintf(path, sizeof path, "/proc/%d/map_files/%llx-%llx", pid_, (unsigned long long)m.start,
+             (unsigned long long)m.end);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) continue;  // then holes are read, which is correct, only costlier
+    struct stat st;
+    off_t pos = static_cast<off_t>(m.offset), end = pos + static_cast<off_t>(b.length);
+    if (fstat(fd, &st) == 0) end = std::min(end, st.st_size);  // past EOF is not zero: leave it
+    for (int extents = 0; pos < end && extents < 65536; extents++) {
+      off_t data = lseek(fd, pos, SEEK_DATA);
+      if (data < 0 && errno != ENXIO) break;
+      off_t holeEnd = data < 0 ? end : std::min(data, end);
+      b.zeroPending.SetRange(static_cast<uint32_t>((pos - m.offset) / kPage),
+                             static_cast<uint32_t>((holeEnd - m.offset) / kPage));
+      if (holeEnd >= end) break;
+      pos = lseek(fd, holeEnd, SEEK_HOLE);
+      if (pos < 0) break;
+    }
+    close(fd);
+  }
+  freeze.pagemapMs += NowMs() - t0;
+  return true;
 }
 
 // Copy the mappings we could not protect. Unreadable pages (device mappings)

@@ -201,7 +201,7 @@ int main(int argc, char **argv) {
   const char *mode = argv[1];
   size_t size = (size_t)atol(argv[2]) << 20;
   int writers = atoi(argv[3]);
-  if (writers < 1 || writers + 2 > MAXT) return 2;
+  if (writers < 0 || writers + 2 > MAXT) return 2;  // 0: only the sleeper and reader (a nearly idle target)
   pid_t child = fork();
   if (child < 0) die("fork");
   if (child > 0) _exit(0);
