@@ -27,23 +27,16 @@
 //   freeze: the pause and its parts (ms), as measured.
 // The first thread is the one with tid == pid when it exists.
 
+import type { NativeMap } from './addon';
+
 export const STATE_KIND = 'process.state';
 const MAGIC = Buffer.from('BGPSTATE', 'latin1');
 const VERSION = 1;
 
 export type Range = [offset: number, length: number];
 
-export interface ProcessMap {
-  start: number;
-  end: number;
-  perms: string;
-  offset: number;
-  dev: string;
-  inode: number;
-  path: string;
-  block: number;
-  how: string;
-}
+// A mapping as the engine reported it (start, end, perms, file, which block).
+export type ProcessMap = NativeMap;
 
 export interface ProcessThreadJson {
   tid: number;
