@@ -43,6 +43,9 @@ async function processTarget(mib: number, writers: number, runs: number, dir: st
       const l = line(rows, 'bgsnap-capture --pid | bgsnap-receive');
       l.mbps.push((run.stats.capturedBytes ?? 0) / 1e6 / run.seconds);
       l.extra.push(`pause ${run.stats.pauseMs?.toFixed(2)} ms, capture ${run.stats.seconds?.toFixed(2)} s, invariant ${inv.ok ? 'ok' : `BROKEN ${inv.detail}`}`);
+      // The capture side alone, to tell the engine's rate from the receiver's.
+      const n = pipeCapture(['--pid', String(t.pid), '--buffer-mb', '64'], dir, true);
+      line(rows, 'bgsnap-capture --pid > /dev/null (capture side alone)').mbps.push((n.stats.capturedBytes ?? 0) / 1e6 / n.seconds);
     }
   } finally {
     t.kill();

@@ -59,10 +59,12 @@ export interface NativeBlock {
 }
 
 // The target stops twice: armMs (plant the userfaultfd) and snapshotMs (the
-// snapshot point); totalMs is their sum. preProtectMs: write-protecting while it
+// snapshot point), or once (stops 1, armMs 0) when little of its memory is
+// mapped by 4 KiB pages; totalMs is their sum. preProtectMs: write-protecting while it
 // runs in between; the snapshot freeze re-protects reprotectPages written since.
 export interface FreezeStats {
   totalMs: number;
+  stops: number; // 1 or 2
   armMs: number;
   snapshotMs: number;
   preProtectMs: number;

@@ -41,7 +41,7 @@ export interface ProcessCaptureStats {
   state: string;
   pauseMs: number; // the target's time stopped: both freezes (arm + snapshot)
   pause: {
-    armMs: number; snapshotMs: number; // the two stops
+    stops: number; armMs: number; snapshotMs: number; // the two stops (one: armMs 0)
     seizeMs: number; injectMs: number; registerMs: number; protectMs: number; pagemapMs: number; copyMs: number; detachMs: number;
     preProtectMs: number; preFaults: number; reprotectPages: number; reprotectRanges: number; // between them, target running
   };
@@ -97,7 +97,7 @@ export function statsOf(info: CaptureInfo | undefined, pid: number): ProcessCapt
   return {
     source: 'process', pid, state: info?.state ?? 'not started', pauseMs: f?.totalMs ?? 0,
     pause: {
-      armMs: f?.armMs ?? 0, snapshotMs: f?.snapshotMs ?? 0,
+      stops: f?.stops ?? 0, armMs: f?.armMs ?? 0, snapshotMs: f?.snapshotMs ?? 0,
       preProtectMs: f?.preProtectMs ?? 0, preFaults: f?.preFaults ?? 0, reprotectPages: f?.reprotectPages ?? 0, reprotectRanges: f?.reprotectRanges ?? 0,
       seizeMs: f?.seizeMs ?? 0, injectMs: f?.injectMs ?? 0, registerMs: f?.registerMs ?? 0, protectMs: f?.protectMs ?? 0,
       pagemapMs: f?.pagemapMs ?? 0, copyMs: f?.copyMs ?? 0, detachMs: f?.detachMs ?? 0,

@@ -55,17 +55,20 @@ async function assertRecovered(t: Target, label: string) {
   assert.is(c.duplicates, 0);
 }
 
-const cases: [string, string, RegExp, number, number][] = [
-  ['right after injection (threads stopped, uffd not yet armed)', 'inject', /bgsnap-hold inject/, 50, 0],
-  ['while protected ahead of the freeze, writers waiting on unserved faults', 'preprotect', /bgsnap-hold preprotect/, 300, 0],
-  ['during the freeze, every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0],
-  ['mid-copy while writers wait on unserved faults', 'copy', /bgsnap-hold copy/, 300, 0],
-  ['mid-copy of a paced scan', '-', /started/, 700, 60],
+// [label, hold point, marker, delay ms, rate MB/s, target MiB]: 128 MiB targets
+// are write-protected ahead of the snapshot freeze; a 16 MiB one in one stop.
+const cases: [string, string, RegExp, number, number, number][] = [
+  ['right after injection (threads stopped, uffd not yet armed)', 'inject', /bgsnap-hold inject/, 50, 0, 128],
+  ['while protected ahead of the freeze, writers waiting on unserved faults', 'preprotect', /bgsnap-hold preprotect/, 300, 0, 128],
+  ['during the freeze, every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0, 128],
+  ['during a one-stop freeze (small target), every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0, 16],
+  ['mid-copy while writers wait on unserved faults', 'copy', /bgsnap-hold copy/, 300, 0, 128],
+  ['mid-copy of a paced scan', '-', /started/, 700, 60, 128],
 ];
 
-for (const [label, at, marker, delay, rate] of cases) {
+for (const [label, at, marker, delay, rate, mib] of cases) {
   test(`SIGKILL of the capture ${label}: the target keeps running`, async () => {
-    const t = await startTarget('anon', 128, 3);
+    const t = await startTarget('anon', mib, 3);
     try {
       await killCaptureAt(t.pid, at, marker, delay, rate);
       await assertRecovered(t, label);

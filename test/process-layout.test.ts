@@ -1,10 +1,15 @@
 // Targets that change their memory layout while being captured (madvise
-// DONTNEED, munmap + mmap, mremap), and a target running as an unprivileged user.
+// DONTNEED, munmap + mmap, mremap), a target running as an unprivileged user,
+// and shared memory with holes.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { captureProcess } from '../capture/process-source';
-import { allThreadsProgress, checkInvariant, collect, startTarget, writeProtectedPages, type Collected } from './process-target';
+import {
+  allThreadsProgress, buildTarget, checkInvariant, collect, startTarget, writeProtectedPages, type Collected,
+} from './process-target';
 
 const PAGE = 4096;
 const SCRATCH_MAGIC = 0x6863726174637362n;
@@ -81,6 +86,44 @@ test('a target running as nobody (vm.unprivileged_userfaultfd=0)', async () => {
     assert.ok((await allThreadsProgress(t)).ok);
   } finally {
     t.kill();
+  }
+});
+
+// Resident kB of the mapping starting at addr (/proc/PID/smaps).
+function rssKb(pid: number, addr: number): number {
+  const text = fs.readFileSync(`/proc/${pid}/smaps`, 'utf8');
+  const at = text.indexOf(`${addr.toString(16)}-`);
+  return Number(/\nRss:\s+(\d+)/.exec(text.slice(at))?.[1] ?? -1);
+}
+
+test('shared memory with holes: the holes are recorded as zero, never read (so never allocated)', async () => {
+  const child = spawn(buildTarget('sparse'), ['64'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const [line] = (await once(child.stdout!, 'data')) as [Buffer];
+  const m = /ready pid=(\d+) memfd=0x([0-9a-f]+) shared=0x([0-9a-f]+) size=(\d+) fd=(\d+)/.exec(line.toString());
+  assert.ok(m, line.toString());
+  const pid = Number(m![1]), size = Number(m![4]);
+  const maps = [parseInt(m![2], 16), parseInt(m![3], 16)];
+  try {
+    const blocks = () => fs.statSync(`/proc/${pid}/fd/${m![5]}`).blocks;
+    const before = { rss: maps.map((a) => rssKb(pid, a)), blocks: blocks() };
+    const cap = captureProcess(pid);
+    const c = await collect(cap.events, maps[0], size, true);
+    assert.ok(c.end);
+    assert.is(c.missing, 0);
+    for (const addr of maps) {
+      const bi = c.blocks.findIndex((b) => b.address === addr);
+      const img = c.blockImages.get(bi)!;
+      let bad = 0;
+      for (let p = 0; p < size / PAGE; p++) {
+        const written = p % 2048 < 256;
+        if (img.readBigUInt64LE(p * PAGE) !== (written ? BigInt(p + 1) : 0n) || img[p * PAGE + 100] !== (written ? 0x5a : 0)) bad++;
+      }
+      assert.is(bad, 0, `mapping ${addr.toString(16)}: pages with wrong content`);
+    }
+    assert.equal({ rss: maps.map((a) => rssKb(pid, a)), blocks: blocks() }, before, 'nothing allocated in the target');
+    assert.ok(cap.stats().untouchedPages >= (2 * size / PAGE) * 7 / 8, `holes as zero records: ${cap.stats().untouchedPages}`);
+  } finally {
+    process.kill(pid, 'SIGKILL');
   }
 });
 

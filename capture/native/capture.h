@@ -118,7 +118,7 @@ struct Options {
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the
-// snapshot itself; totalMs is their sum. In between (preProtectMs) it runs while
+// snapshot itself (or once, with armMs 0, when that is cheaper); totalMs is their sum. In between (preProtectMs) it runs while
 // we write-protect its memory, and the snapshot freeze re-protects only what it
 // wrote meanwhile (reprotectPages in reprotectRanges ioctls).
 struct FreezeStats {
@@ -126,6 +126,7 @@ struct FreezeStats {
   double seizeMs = 0, injectMs = 0, registerMs = 0, protectMs = 0;
   double pagemapMs = 0, copyMs = 0, detachMs = 0;
   uint64_t preFaults = 0, preRounds = 0, reprotectRanges = 0, reprotectPages = 0;
+  int stops = 2;  // 1 when little memory is mapped by 4 KiB pages (Session::SmallFootprint)
   int threads = 0, rounds = 0;
   bool sysctlToggled = false;  // vm.unprivileged_userfaultfd set to 1 around injection
   double snapshotTime = 0;     // wall-clock ms at the snapshot point

@@ -13,6 +13,7 @@ static Napi::Buffer<uint8_t> Bytes(Napi::Env env, const void* p, size_t n) {
 static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("totalMs", fz.totalMs);
+  o.Set("stops", fz.stops);
   o.Set("armMs", fz.armMs);
   o.Set("snapshotMs", fz.snapshotMs);
   o.Set("preProtectMs", fz.preProtectMs);

@@ -46,13 +46,16 @@ class Session {
   void Run();
   void Watchdog();
   void Finish(const Failure& f);
-  void Hold(const char* at);
+  double Hold(const char* at, bool ok = true);
   void CloseUffd();
   // The two stops (session.cc): a short one that plants the userfaultfd, and
   // the snapshot freeze after the memory was write-protected while running.
   bool Setup(Failure* f);
+  bool SmallFootprint();
+  bool OpenPagemap(Failure* f);
   bool ArmFreeze(Failure* f);
-  bool SnapshotFreeze(Failure* f);
+  bool SnapshotFreeze(bool arm, Failure* f);
+  bool FrozenWork(Failure* f);
   // Freeze phase (uffd_capture.cc).
   bool ProbeKernel(Failure* f);
   bool ReadProcState(Failure* f);
@@ -73,6 +76,9 @@ class Session {
   bool ServePre(Failure* f);
   void PreFault(uint64_t addr);
   bool ProtectUnprotected(Failure* f);
+  struct ScanPart;
+  std::vector<ScanPart> SplitScan(unsigned n);
+  void ScanShare(ScanPart* part);
   // Saver (saver.cc).
   bool SaverLoop(Failure* f);
   bool Drain(Failure* f);
