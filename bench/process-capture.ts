@@ -2,7 +2,7 @@
 // 2 GiB / 4 GiB targets of 4 KiB pages and a 2 GiB THP target, each with three
 // busy writer threads (plus one in nanosleep, one in read), next to two
 // baselines on the same target in the same invocation:
-//   - "before": the same engine protecting everything inside the freeze
+//   - "before": the same engine protecting everything inside one freeze
 //     (preProtect: false), as it did until write-protection moved ahead of it;
 //   - gcore's wall time (the target is stopped for all of it).
 // Every capture is checked page by page against the target's invariant (a torn
