@@ -117,8 +117,8 @@ bool Session::SmallFootprint() {
     size_t at = text.find(key);
     return at == std::string::npos ? 0ull : strtoull(text.c_str() + at + strlen(key), nullptr, 10);
   };
-  uint64_t small = kb("\nRss:") - kb("\nAnonHugePages:") - kb("\nShmemPmdMapped:") - kb("\nFilePmdMapped:");
-  return small < (32u << 10);
+  uint64_t huge = kb("\nAnonHugePages:") + kb("\nShmemPmdMapped:") + kb("\nFilePmdMapped:");
+  return kb("\nRss:") < huge + (32u << 10);  // kB
 }
 
 bool Session::OpenPagemap(Failure* f) {
