@@ -10,6 +10,7 @@
 // pipe's wall time. Every --pid image of the test target is checked against
 // its invariant.
 //   node dist/bench/process-throughput.js [--mib 2048] [--runs 3] [--no-qemu] [--guest-mb 1536]
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -37,6 +38,8 @@ async function processTarget(mib: number, writers: number, runs: number, dir: st
     await new Promise((r) => setTimeout(r, 500));
     for (let i = 0; i < runs; i++) {
       line(rows, 'plain copy (process_vm_readv > /dev/null)').mbps.push(t.size / 1e6 / plainCopy(t.pid, t.base, t.size));
+      // The receiver stores the image durably; this is what the disk under it allows.
+      line(rows, 'dd of the same size to a file, fsync (disk baseline)').mbps.push(t.size / 1e6 / ddToFile(t.size, dir));
       const run = pipeCapture(['--pid', String(t.pid), '--buffer-mb', '64'], dir);
       const inv = await imageInvariant(run.image, t.base, t.size);
       fs.rmSync(run.image, { recursive: true, force: true });
@@ -51,6 +54,15 @@ async function processTarget(mib: number, writers: number, runs: number, dir: st
     t.kill();
   }
   return rows;
+}
+
+function ddToFile(bytes: number, dir: string): number {
+  const out = path.join(dir, 'dd.out');
+  const start = process.hrtime.bigint();
+  execFileSync('dd', ['if=/dev/zero', `of=${out}`, 'bs=4M', `count=${Math.ceil(bytes / (4 << 20))}`, 'conv=fsync', 'status=none']);
+  const s = Number(process.hrtime.bigint() - start) / 1e9;
+  fs.rmSync(out);
+  return s;
 }
 
 async function qemuGuest(mib: number, guestMb: number, busy: boolean, runs: number, dir: string): Promise<Line[]> {

@@ -6,6 +6,7 @@ export interface Addon {
   punchHole(fd: number, offset: number, length: number): void;
   seekData(fd: number, offset: number): number;
   seekHole(fd: number, offset: number): number;
+  setPipeSize(fd: number, bytes: number): number;
   // Process capture (capture/native/capture_js.cc). startCapture resolves at the
   // snapshot point: the target was frozen, protected and let go again.
   startCapture(pid: number, options?: CaptureOptions): Promise<number>;

@@ -48,7 +48,24 @@ static Napi::Value SeekHole(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(r));
 }
 
+// setPipeSize(fd, bytes): grow a pipe's buffer (F_SETPIPE_SZ); returns the size
+// the kernel granted, or 0 when fd is not a pipe. A 64 KiB pipe makes a capture
+// and its receiver take turns; a larger one lets both run at once.
+static Napi::Value SetPipeSize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int want = info[1].As<Napi::Number>().Int32Value();
+  int got = fcntl(fd, F_SETPIPE_SZ, want);
+  if (got < 0 && errno == EPERM) got = fcntl(fd, F_GETPIPE_SZ);  // over pipe-max-size
+  if (got < 0 && errno != EBADF && errno != EINVAL) {
+    ErrnoError(env, errno, "fcntl(F_SETPIPE_SZ)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, got < 0 ? 0 : got);
+}
+
 void InitFileOps(Napi::Env env, Napi::Object exports) {
+  exports.Set("setPipeSize", Napi::Function::New(env, SetPipeSize, "setPipeSize"));
   exports.Set("punchHole", Napi::Function::New(env, PunchHole, "punchHole"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
