@@ -14,6 +14,7 @@
 // and can stall QMP too; and a snapshot that stops early leaves a vCPU blocked
 // for good. So an abort keeps reading and discarding until QEMU is done.
 // Callers must consume `stream` and await `done` concurrently.
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -196,6 +197,7 @@ class Session {
   private completed: MigrationInfo | null = null;
   private settled = false;
   private finishing: Promise<void> | null = null;
+  private guard: ChildProcess | null = null;
 
   constructor(
     private readonly qmp: QmpClient,
@@ -230,6 +232,7 @@ class Session {
     this.conn = conn;
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
     this.server.close(); // nobody else may connect
+    this.guard = spawnGuard(conn, this.qmp.path, this.changes);
     conn.pipe(this.out, { end: false });
     conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
     conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
@@ -323,6 +326,7 @@ class Session {
   }
 
   private cleanup(): void {
+    this.guard?.stdin?.end('done\n'); // QEMU is finished with the socket: the guard may go
     this.settled = true;
     this.server.close();
     this.conn?.unref(); // a draining socket closes when QEMU is done with it
@@ -342,6 +346,19 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
   conn.on('data', () => undefined);
   conn.on('error', () => undefined);
   conn.resume();
+}
+
+// Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
+// capture killed with SIGKILL never cuts QEMU's stream (see that file).
+function spawnGuard(conn: net.Socket, qmpPath: string, changes: Changes): ChildProcess {
+  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth };
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore)], {
+    stdio: ['pipe', 'ignore', 'inherit', conn],
+  });
+  guard.stdin!.on('error', () => undefined);
+  guard.unref();
+  (guard.stdin as net.Socket & { unref?: () => void }).unref?.();
+  return guard;
 }
 
 function resultOf(info: MigrationInfo, runStateAfter: string): QemuSnapshotResult {

@@ -1,0 +1,67 @@
+// The watchman of a QEMU background snapshot, run as a child of bgsnap-capture
+// holding a copy of the migration socket (fd 3). QEMU 7.2 leaves a vCPU blocked
+// for good when a background snapshot's stream is cut while that vCPU waits for
+// a page, and a capture killed with SIGKILL cannot drain the stream itself. So:
+// while the capture lives, the guard only waits on its stdin (a pipe from the
+// capture) and never touches the socket; if that pipe closes without the word
+// "done", the capture died: the guard reads QEMU's stream to its end and
+// throws it away, then puts back the migration settings the capture changed.
+//   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}'
+import * as net from 'node:net';
+import { QmpClient } from './qmp';
+
+interface Restore {
+  capabilities: [string, boolean][];
+  maxBandwidth: number | null;
+}
+
+const ACTIVE = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling']);
+
+function drainSocket(): Promise<void> {
+  return new Promise((resolve) => {
+    const s = new net.Socket({ fd: 3, readable: true, writable: false });
+    s.on('data', () => undefined);
+    s.on('error', () => resolve());
+    s.on('close', () => resolve());
+    s.resume();
+  });
+}
+
+async function restore(qmpPath: string, r: Restore): Promise<void> {
+  const qmp = await QmpClient.connect(qmpPath, { timeoutMs: 10_000 });
+  try {
+    for (let i = 0; i < 600; i++) {
+      const { status } = await qmp.execute<{ status?: string }>('query-migrate');
+      if (!ACTIVE.has(status ?? '')) break;
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    const capabilities = r.capabilities.map(([capability, state]) => ({ capability, state }));
+    if (capabilities.length) await qmp.execute('migrate-set-capabilities', { capabilities });
+    if (r.maxBandwidth !== null) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': r.maxBandwidth });
+  } finally {
+    qmp.close();
+  }
+}
+
+async function main(): Promise<void> {
+  const [qmpPath, json] = process.argv.slice(2);
+  // A signal meant for the capture's process group must not end the guard: the
+  // capture handles it by draining, and then says "done".
+  process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
+  let said = '';
+  process.stdin.on('data', (c: Buffer) => (said += c.toString()));
+  await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
+  if (said.includes('done')) return;
+  process.stderr.write('bgsnap-capture died mid-snapshot: draining QEMU\'s stream so the guest is not left blocked\n');
+  await drainSocket();
+  await restore(qmpPath, JSON.parse(json) as Restore);
+  process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');
+}
+
+main().then(
+  () => process.exit(0),
+  (e: Error) => {
+    process.stderr.write(`bgsnap-capture guard: ${e.message}\n`);
+    process.exit(1);
+  },
+);
