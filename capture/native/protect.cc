@@ -146,19 +146,10 @@ bool Session::ProtectRanges(const std::vector<Range>& ranges, bool serve, Failur
 // Layout events need nothing (reading them released the thread; the freeze
 // reads the layout afresh).
 bool Session::ServePre(Failure* f) {
-  int fd = uffd_.load();
-  if (fd < 0) return f->Set(EBADF, "userfaultfd closed by the watchdog");
-  uffd_msg msgs[64];
-  for (;;) {
-    ssize_t n = read(fd, msgs, sizeof msgs);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno == EAGAIN) break;
-    if (n < 0) return f->Set(errno, "reading userfaultfd events");
-    for (size_t i = 0; i < n / sizeof(uffd_msg); i++) {
-      if (msgs[i].event == UFFD_EVENT_PAGEFAULT) preFaults_.push_back(msgs[i].arg.pagefault.address);
-    }
-    if (static_cast<size_t>(n) < sizeof msgs) break;
-  }
+  bool ok = ReadEvents(f, [this](const uffd_msg& m) {
+    if (m.event == UFFD_EVENT_PAGEFAULT) preFaults_.push_back(m.arg.pagefault.address);
+  });
+  if (!ok) return false;
   std::vector<uint64_t> todo;
   todo.swap(preFaults_);
   for (uint64_t a : todo) PreFault(a);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <functional>
 #include <cerrno>
 
 #include "procfs.h"
@@ -38,36 +39,42 @@ bool Session::SaverLoop(Failure* f) {
   return !f->failed();
 }
 
-// Read every queued event. Layout events are applied at once (bookkeeping
-// only); faults are queued for HandleFaults.
-bool Session::Drain(Failure* f) {
+// Reads every queued userfaultfd event (the fd is non-blocking) and hands each
+// to `on`. Shared by the saver and by the writers' release before the snapshot.
+bool Session::ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>& on) {
   int fd = uffd_.load();
   if (fd < 0) return f->Set(EBADF, "userfaultfd closed by the watchdog");
-  double look = NowMs();
   uffd_msg msgs[64];
   for (;;) {
     ssize_t n = read(fd, msgs, sizeof msgs);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EAGAIN) break;
     if (n < 0) return f->Set(errno, "reading userfaultfd events");
-    for (size_t i = 0; i < n / sizeof(uffd_msg); i++) {
-      const uffd_msg& m = msgs[i];
-      if (m.event == UFFD_EVENT_PAGEFAULT) {
-        faults_.push_back({m.arg.pagefault.address, lastLook_});
-        counters.faults++;
-      } else if (m.event == UFFD_EVENT_REMOVE || m.event == UFFD_EVENT_UNMAP) {
-        bool unmap = m.event == UFFD_EVENT_UNMAP;
-        (unmap ? counters.unmapEvents : counters.removeEvents)++;
-        OnRemove(m.arg.remove.start, m.arg.remove.end, unmap);
-      } else if (m.event == UFFD_EVENT_REMAP) {
-        counters.remapEvents++;
-        OnRemap(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
-      }
-    }
+    for (size_t i = 0; i < n / sizeof(uffd_msg); i++) on(msgs[i]);
     if (static_cast<size_t>(n) < sizeof msgs) break;
   }
-  lastLook_ = look;
   return true;
+}
+
+// Layout events are applied at once (bookkeeping only); faults are queued for
+// HandleFaults.
+bool Session::Drain(Failure* f) {
+  double look = NowMs();
+  bool ok = ReadEvents(f, [this](const uffd_msg& m) {
+    if (m.event == UFFD_EVENT_PAGEFAULT) {
+      faults_.push_back({m.arg.pagefault.address, lastLook_});
+      counters.faults++;
+    } else if (m.event == UFFD_EVENT_REMOVE || m.event == UFFD_EVENT_UNMAP) {
+      bool unmap = m.event == UFFD_EVENT_UNMAP;
+      (unmap ? counters.unmapEvents : counters.removeEvents)++;
+      OnRemove(m.arg.remove.start, m.arg.remove.end, unmap);
+    } else if (m.event == UFFD_EVENT_REMAP) {
+      counters.remapEvents++;
+      OnRemap(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
+    }
+  });
+  if (ok) lastLook_ = look;
+  return ok;
 }
 
 void Session::CutSegments(uint64_t start, uint64_t end, std::vector<Segment>* cut) {

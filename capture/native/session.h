@@ -1,6 +1,8 @@
 // One capture of one process: freeze, protect, detach, then save every page
 // exactly once on a dedicated thread while the target runs.
 #pragma once
+#include <linux/userfaultfd.h>
+
 #include <functional>
 #include <thread>
 
@@ -81,6 +83,7 @@ class Session {
   void ScanShare(ScanPart* part);
   // Saver (saver.cc).
   bool SaverLoop(Failure* f);
+  bool ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>& on);
   bool Drain(Failure* f);
   void OnRemove(uint64_t start, uint64_t end, bool unmapped);
   void OnRemap(uint64_t from, uint64_t to, uint64_t len);
