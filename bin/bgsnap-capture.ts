@@ -51,7 +51,9 @@ function progress(): ((p: EmitProgress) => void) | undefined {
   return (p) => {
     if (Date.now() - last < 500) return;
     last = Date.now();
-    process.stderr.write(`\rbgsnap-capture: ${p.pages} pages, ${(p.bytesOut / 1048576).toFixed(0)} MiB out `);
+    // Page records can exceed the block table's pages (QEMU precopy resends), so cap the percentage.
+    const pct = p.totalPages ? ` (${Math.min(100, (100 * p.pages) / p.totalPages).toFixed(0)}%)` : '';
+    process.stderr.write(`\rbgsnap-capture: ${p.pages} of ${p.totalPages} pages${pct}, ${(p.bytesOut / 1048576).toFixed(0)} MiB out `);
   };
 }
 

@@ -7,7 +7,8 @@ import type { Output } from '../receiver/output';
 
 export interface EmitProgress {
   bytesOut: number;
-  pages: number;
+  pages: number; // page records written
+  totalPages: number; // pages in the block table (0 until it was written)
 }
 
 function framesOf(enc: BgsnapEncoder, ev: StreamEvent): Buffer[] {
@@ -30,7 +31,9 @@ export async function emitStream(
   release?: (b: PageBatch) => void,
 ): Promise<StreamTotals> {
   await out.write(enc.magic());
+  let totalPages = 0;
   for await (const ev of events) {
+    if (ev.type === 'blocks') totalPages = ev.blocks.reduce((n, b) => n + b.length, 0) / (enc.pageSize || 1);
     const parts = framesOf(enc, ev);
     if (ev.type === 'pages' && release) {
       // Writes complete in order: once the last part is taken, all of them are.
@@ -38,7 +41,7 @@ export async function emitStream(
       await out.writeSettled(parts[parts.length - 1]);
       release(ev.batch);
     } else for (const part of parts) await out.write(part);
-    onProgress?.({ bytesOut: out.bytes, pages: enc.totals.pages });
+    onProgress?.({ bytesOut: out.bytes, pages: enc.totals.pages, totalPages });
     if (ev.type === 'end') return { ...enc.totals };
   }
   throw new Error('the capture source ended without an end of stream');

@@ -61,10 +61,15 @@ export interface EncoderOptions {
 export class BgsnapEncoder {
   readonly totals = emptyTotals();
   private readonly level: number | undefined;
-  private pageSize = 0;
+  private pageSizeBytes = 0;
 
   constructor(opts: EncoderOptions = {}) {
     this.level = opts.compressLevel;
+  }
+
+  // The page size of the stream, once its header was encoded (0 before).
+  get pageSize(): number {
+    return this.pageSizeBytes;
   }
 
   magic(): Buffer {
@@ -76,7 +81,7 @@ export class BgsnapEncoder {
 
   header(h: StreamHeader): Buffer[] {
     if (!/^[0-9a-f]{32}$/.test(h.snapshotId)) throw new Error(`snapshot id must be 32 hex digits: ${h.snapshotId}`);
-    this.pageSize = h.pageSize;
+    this.pageSizeBytes = h.pageSize;
     const label = Buffer.from(h.label, 'utf8').subarray(0, 0xffff);
     const p = Buffer.alloc(34 + label.length);
     Buffer.from(h.snapshotId, 'hex').copy(p, 0);
@@ -110,7 +115,7 @@ export class BgsnapEncoder {
     Buffer.from(batch.zero.buffer, batch.zero.byteOffset, n).copy(meta, 8 + n * 4);
     let zeros = 0;
     for (let i = 0; i < n; i++) zeros += batch.zero[i] ? 1 : 0;
-    if (batch.data.length !== (n - zeros) * this.pageSize) {
+    if (batch.data.length !== (n - zeros) * this.pageSizeBytes) {
       throw new Error(`page batch carries ${batch.data.length} bytes for ${n - zeros} data pages`);
     }
     this.totals.pages += n;
