@@ -7,9 +7,11 @@
 //
 //   header   source 'process', pageSize 4096, created = the freeze, label = argv
 //   blocks   one per captured mapping: name "START-END PERMS [PATH]" (hex), length,
-//            address = its virtual start at the snapshot point
+//            address = its virtual start at the snapshot point; then the read-only
+//            mappings of capture/readonly-maps.ts (RELRO, vdso), copied after the freeze
 //   state    kind 'process.state' (layout in capture/process-state.ts)
-//   pages    batches in any order (faulted pages first, then the linear scan);
+//   pages    batches in any order (the read-only copies first, then faulted pages,
+//            then the linear scan);
 //            never-touched pages are zero records
 //   discard  pages the target destroyed (munmap, MADV_DONTNEED) before we saved
 //            them: not part of the snapshot
@@ -21,6 +23,7 @@
 // target's writers wait while all buffers are held (the throttle).
 import * as crypto from 'node:crypto';
 import { addon, type CaptureInfo, type CaptureOptions, type NativeBatch } from './addon';
+import { copyReadOnly, READ_ONLY_HOW, type ReadOnlyCopy } from './readonly-maps';
 import { encodeProcessState, STATE_KIND, type ProcessState } from './process-state';
 import type { CaptureSource } from './source';
 import type { BlockInfo, PageBatch, StreamEvent, StreamTotals } from '../format/events';
@@ -64,6 +67,9 @@ export interface ProcessCaptureStats {
   layoutEvents: { remove: number; unmap: number; remap: number; eagain: number };
   bufferWaits: number;
   sysctlToggled: boolean; // vm.unprivileged_userfaultfd was opened around the injection
+  // Read-only mappings copied after the freeze (RELRO, vdso), included in blocks,
+  // capturedBytes and bytes above; skipped: left out by the size cap.
+  readOnly: { blocks: number; bytes: number; skipped: string[] };
 }
 
 export interface ProcessCapture extends CaptureSource<ProcessCaptureStats> {
@@ -89,11 +95,12 @@ function copyBatch(b: NativeBatch): PageBatch {
   return { block: b.block, index: Uint32Array.from(b.index), zero: Uint8Array.from(b.zero), data: Buffer.from(b.data) };
 }
 
-export function statsOf(info: CaptureInfo | undefined, pid: number): ProcessCaptureStats {
+export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnlyCopy): ProcessCaptureStats {
   const c = info?.counters;
   const f = info?.freeze;
   const seconds = info?.seconds ?? 0;
-  const bytes = c?.bytes ?? 0;
+  const bytes = (c?.bytes ?? 0) + (ro?.bytes ?? 0);
+  const captured = [...(info?.blocks ?? []), ...(ro?.blocks ?? [])].reduce((a, b) => a + b.length, 0);
   return {
     source: 'process', pid, state: info?.state ?? 'not started', pauseMs: f?.totalMs ?? 0,
     pause: {
@@ -102,15 +109,16 @@ export function statsOf(info: CaptureInfo | undefined, pid: number): ProcessCapt
       seizeMs: f?.seizeMs ?? 0, injectMs: f?.injectMs ?? 0, registerMs: f?.registerMs ?? 0, protectMs: f?.protectMs ?? 0,
       pagemapMs: f?.pagemapMs ?? 0, copyMs: f?.copyMs ?? 0, detachMs: f?.detachMs ?? 0,
     },
-    threads: f?.threads ?? 0, blocks: info?.blocks?.length ?? 0,
-    capturedBytes: (info?.blocks ?? []).reduce((a, b) => a + b.length, 0),
+    threads: f?.threads ?? 0, blocks: (info?.blocks?.length ?? 0) + (ro?.blocks.length ?? 0),
+    capturedBytes: captured,
     pagesByScan: c?.scanPages ?? 0, pagesByFault: c?.faultPages ?? 0, pagesCopiedFrozen: c?.copiedPages ?? 0,
     zeroPages: c?.zeroPages ?? 0, untouchedPages: c?.untouchedPages ?? 0, discardedPages: c?.discarded ?? 0,
-    bytes, seconds, throughputMBps: seconds > 0 ? (info?.blocks ?? []).reduce((a, b) => a + b.length, 0) / 1e6 / seconds : 0,
+    bytes, seconds, throughputMBps: seconds > 0 ? captured / 1e6 / seconds : 0,
     faults: c?.faults ?? 0, faultWaitMaxMs: c?.faultWaitMaxMs ?? 0, faultWaitP50Ms: c?.faultWaitP50Ms ?? 0,
     faultWaitP99Ms: c?.faultWaitP99Ms ?? 0,
     layoutEvents: { remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0 },
     bufferWaits: c?.bufferWaits ?? 0, sysctlToggled: f?.sysctlToggled ?? false,
+    readOnly: { blocks: ro?.blocks.length ?? 0, bytes: ro?.bytes ?? 0, skipped: ro?.skipped ?? [] },
   };
 }
 
@@ -118,6 +126,7 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
   let handle: number | undefined;
   let last: CaptureInfo | undefined;
   let aborted: string | undefined;
+  let ro: ReadOnlyCopy | undefined;
   const held = new Map<PageBatch, number>();
   const totals: StreamTotals = { pages: 0, zeroPages: 0, discarded: 0, batches: 0, states: 0 };
 
@@ -142,20 +151,39 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
     }
   }
 
+  // The read-only copies' pages, their blocks numbered after the engine's.
+  function* readOnlyEvents(r: ReadOnlyCopy, base: number): Generator<StreamEvent> {
+    for (const b of r.batches) {
+      totals.pages += b.index.length;
+      for (let i = 0; i < b.zero.length; i++) totals.zeroPages += b.zero[i];
+      totals.batches++;
+      yield { type: 'pages', batch: { ...b, block: base + b.block } };
+    }
+    for (const d of r.unreadable) {
+      totals.discarded += d.index.length;
+      yield { type: 'discard', batch: { block: base + d.block, index: d.index } };
+    }
+    r.batches = []; // sent: only the counts stay, for stats()
+  }
+
   async function* events(): AsyncGenerator<StreamEvent> {
     if (!Number.isInteger(pid) || pid <= 0) throw Object.assign(new Error(`not a process id: ${pid}`), { code: 'EINVAL' });
     try {
       handle = await addon.startCapture(pid, opts);
       if (aborted) addon.abortCapture(handle);
       last = addon.captureInfo(handle);
+      const base = last.blocks?.length ?? 0;
+      if (!aborted) ro = copyReadOnly(pid, last.maps ?? []);
+      ro?.maps.forEach((m, i) => Object.assign(last!.maps![m], { block: base + i, how: READ_ONLY_HOW }));
       const state = stateOf(last);
       const label = state.argv.join(' ') || state.exe;
       const header = { snapshotId: crypto.randomBytes(16).toString('hex'), source: 'process' as const, pageSize: 4096, created: state.snapshotTime, label };
       yield { type: 'header', header };
       const blocks: BlockInfo[] = (last.blocks ?? []).map((b) => ({ name: b.name, length: b.length, address: b.address }));
-      yield { type: 'blocks', blocks };
+      yield { type: 'blocks', blocks: [...blocks, ...(ro?.blocks ?? [])] };
       totals.states++;
       yield { type: 'state', state: { kind: STATE_KIND, data: encodeProcessState(state) } };
+      if (ro) yield* readOnlyEvents(ro, base);
       for (let b = await addon.nextBuffer(handle); b; b = await addon.nextBuffer(handle)) {
         yield pagesEvent(b);
         yield* discards();
@@ -177,7 +205,7 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
       aborted = reason;
       if (handle !== undefined) addon.abortCapture(handle);
     },
-    stats: () => statsOf(handle !== undefined && last?.state !== 'done' && last?.state !== 'failed' ? safeInfo(handle) ?? last : last, pid),
+    stats: () => statsOf(handle !== undefined && last?.state !== 'done' && last?.state !== 'failed' ? safeInfo(handle) ?? last : last, pid, ro),
     release(batch: PageBatch) {
       const id = held.get(batch);
       if (id === undefined || handle === undefined) return;

@@ -14,12 +14,14 @@
 //   aligned                        page-aligned offset; zero pages are holes
 //
 // Every mapping of the snapshot's maps gets a PT_LOAD, like the kernel's own core
-// dumps: captured ones with p_filesz = their length, the others (read-only file
-// text, guard pages, vdso) with p_filesz = 0, so gdb knows the address space and
-// reads those bytes from the files NT_FILE names.
+// dumps: captured ones with p_filesz = their length (the capture also copies
+// RELRO and the vdso), the others (unmodified file text, guard pages, vvar) with
+// p_filesz = 0, so gdb knows the address space and reads those bytes from the
+// files NT_FILE names.
 //
-// One page may carry bytes the capture did not record: the executable's page
-// holding DT_DEBUG (see restoreDebugPointer), rebuilt from the file on disk.
+// In images from captures that did not copy RELRO, one page may carry bytes the
+// capture did not record: the executable's page holding DT_DEBUG (see
+// restoreDebugPointer), rebuilt from the file on disk.
 //
 // Pages the target discarded (munmap, MADV_DONTNEED) after the snapshot point,
 // before they were saved, are not in the image: they read as zero in the core,
@@ -231,7 +233,8 @@ function phdr(type: number, flags: number, offset: number, vaddr: number, filesz
 // gdb finds the shared libraries through the dynamic linker's r_debug, reached
 // from the DT_DEBUG entry of the executable's .dynamic, which ld.so fills in at
 // start-up. .dynamic lies in the RELRO part of the executable: read-only
-// afterwards, so the capture does not save it, and the file on disk holds 0
+// afterwards, so captures that saved only writable memory lack it (current ones
+// copy it: then this does nothing), and the file on disk holds 0
 // there: gdb would see no libraries and no backtrace through libc. So that one
 // page is rebuilt from the executable's file with DT_DEBUG = AT_BASE + the
 // st_value of ld.so's exported _r_debug, and used only when the captured memory
