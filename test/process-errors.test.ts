@@ -71,6 +71,30 @@ test('a target that may not create a userfaultfd (seccomp): clear error, target 
   }
 });
 
+// Writable private file mappings cannot be write-protected and are copied while
+// the target is frozen; past 64 MiB that would stretch the pause, so it is refused.
+test('over 64 MiB that cannot be write-protected: refused while frozen, target released', async () => {
+  const script = [
+    'import mmap, sys, tempfile, time',
+    'f = tempfile.TemporaryFile(); f.truncate(80 << 20)',
+    'm = mmap.mmap(f.fileno(), 80 << 20, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)',
+    'for i in range(0, 80 << 20, 4096): m[i] = 1',
+    'print("ready", flush=True)',
+    'while True: m[0] = (m[0] + 1) % 256; time.sleep(0.005)',
+  ].join('\n');
+  const py = spawn('python3', ['-c', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  try {
+    await once(py.stdout!, 'data');
+    const r = await run(BIN.capture, ['--pid', String(py.pid), '-o', '/dev/null']);
+    assert.is(r.code, 1, r.stderr);
+    assert.match(r.stderr, /the target has 8\d MiB of writable memory that cannot be write-protected .* refused: File too large \[EFBIG\]/);
+    assert.is(tracerOf(py.pid!), 0, 'detached');
+    assert.ok(/State:\s*[RS]/.test(fs.readFileSync(`/proc/${py.pid}/status`, 'utf8')), 'running or sleeping, not stopped');
+  } finally {
+    py.kill('SIGKILL');
+  }
+});
+
 function tracerOf(pid: number): number {
   return Number(/TracerPid:\s*(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
 }

@@ -28,8 +28,16 @@ static const char* ErrnoName(int err) {
     case ENOTTY: return "ENOTTY";
     case EDQUOT: return "EDQUOT";
     case ECHILD: return "ECHILD";
-    case ECANCELED: return "ECANCELED";
+    case EFBIG: return "EFBIG";
     case ETIMEDOUT: return "ETIMEDOUT";
+    case ECANCELED: return "ECANCELED";
+    case ENXIO: return "ENXIO";
+    case EROFS: return "EROFS";
+    case ESPIPE: return "ESPIPE";
+    case EXDEV: return "EXDEV";
+    case EMFILE: return "EMFILE";
+    case ENFILE: return "ENFILE";
+    case E2BIG: return "E2BIG";
     case ENOEXEC: return "ENOEXEC";
     default: return "EUNKNOWN";
   }
