@@ -41,7 +41,9 @@ export function anonymousKb(smaps: string): Map<string, number> {
   return out;
 }
 
-const hex = (m: NativeMap) => `${m.start.toString(16)}-${m.end.toString(16)}`;
+// As /proc prints them: at least 8 hex digits (a non-PIE binary sits at 0x00400000).
+const hex8 = (v: number) => v.toString(16).padStart(8, '0');
+const smapsRange = (m: NativeMap) => `${hex8(m.start)}-${hex8(m.end)}`;
 const isFile = (m: NativeMap) => m.inode !== 0 && m.path !== '' && !m.path.startsWith('[');
 
 // Uncaptured mappings to copy: read-only private file mappings holding modified
@@ -51,14 +53,14 @@ export function pickReadOnly(maps: NativeMap[], smaps: string): number[] {
   const picked: number[] = [];
   maps.forEach((m, i) => {
     if (m.block >= 0 || m.end > USER_TOP) return;
-    const modified = (m.perms === 'r--p' || m.perms === 'r-xp') && isFile(m) && (anon.get(hex(m)) ?? 0) > 0;
+    const modified = (m.perms === 'r--p' || m.perms === 'r-xp') && isFile(m) && (anon.get(smapsRange(m)) ?? 0) > 0;
     if (modified || m.path === '[vdso]') picked.push(i);
   });
   return picked;
 }
 
 // Same style as the engine's block names: "START-END PERMS [PATH]".
-const blockName = (m: NativeMap) => `${hex(m)} ${m.perms}${m.path ? ` ${m.path}` : ''}`;
+const blockName = (m: NativeMap) => `${m.start.toString(16)}-${m.end.toString(16)} ${m.perms}${m.path ? ` ${m.path}` : ''}`;
 
 const ZERO_PAGE = Buffer.alloc(PAGE);
 const isZero = (buf: Buffer, at: number) => buf.subarray(at, at + PAGE).equals(ZERO_PAGE);
