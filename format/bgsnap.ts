@@ -22,11 +22,11 @@
 //
 // Pages carry no per-page header beyond 5 bytes of index and flag, so a batch of
 // 256 pages is one frame of ~1 MiB with one checksum. See SPEC.md for the rules.
-import * as zlib from 'node:zlib';
 import * as zstd from 'zstd-napi';
 import * as zstdBinding from 'zstd-napi/binding';
 import { StreamError } from './errors';
 import { ChunkQueue } from './chunks';
+import { crc32, crc32Combine } from './crc32';
 import type {
   BlockInfo, DiscardBatch, PageBatch, SourceKind, StateBlob, StreamDecoder, StreamEvent,
   StreamHeader, StreamTotals,
@@ -163,13 +163,6 @@ function pad4(n: number): number {
   return (4 - (n % 4)) % 4;
 }
 
-// zlib's crc32 treats a zero-length buffer without memory (new ArrayBuffer(0),
-// an empty native buffer) as a request for the initial value and returns 0
-// instead of the running checksum, so empty parts must not be fed to it.
-function crc32(data: Buffer, crc: number): number {
-  return data.length === 0 ? crc : zlib.crc32(data, crc);
-}
-
 function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
   const length = parts.reduce((s, p) => s + p.length, 0);
   if (length > MAX_PAYLOAD) throw new Error(`bgsnap frame of ${length} bytes exceeds ${MAX_PAYLOAD}`);
@@ -178,7 +171,7 @@ function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number):
   h.writeUInt8(flags, 1);
   h.writeUInt32LE(length, 4);
   h.writeUInt32LE(rawLength ?? length, 8);
-  let crc = zlib.crc32(h.subarray(0, 12));
+  let crc = crc32(h.subarray(0, 12));
   for (const p of parts) crc = crc32(p, crc);
   h.writeUInt32LE(crc, 12);
   return [h, ...parts];
@@ -264,15 +257,35 @@ export class BgsnapDecoder implements StreamDecoder {
     if (this.q.length < FRAME_HEADER + length) return undefined;
     this.q.skip(FRAME_HEADER);
     const wire = this.q.take(length);
-    let crc = zlib.crc32(h.subarray(0, 12));
-    crc = crc32(wire, crc);
+    const plainPages = type === FrameType.PAGES && !(flags & FLAG_ZSTD);
+    const pageCrcs = plainPages ? this.pageCrcs(h, wire) : undefined;
+    const crc = pageCrcs ? pageCrcs.frame : crc32(wire, crc32(h.subarray(0, 12)));
     if (crc !== h.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in ${FrameType[type]} frame ${this.frameNo}`);
     const payload = flags & FLAG_ZSTD ? this.inflate(wire, rawLength, type) : wire;
     if (!(flags & FLAG_ZSTD) && rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);
     const ev = this.decodePayload(type, payload);
+    if (ev.type === 'pages' && pageCrcs) ev.batch.crcs = pageCrcs.pages;
     this.offset += FRAME_HEADER + length;
     this.frameNo++;
     return ev;
+  }
+
+  // The frame's checksum from the checksums of its data pages, which the image
+  // keeps: each page is read once for both. Undefined when the payload's layout
+  // does not add up (the plain checksum and the payload checks then report it).
+  private pageCrcs(head: Buffer, wire: Buffer): { frame: number; pages: Uint32Array } | undefined {
+    const ps = this.header?.pageSize;
+    if (!ps || wire.length < 8) return undefined;
+    const n = wire.readUInt32LE(4);
+    const metaEnd = 8 + n * 5 + pad4(n);
+    if (metaEnd > wire.length || (wire.length - metaEnd) % ps !== 0) return undefined;
+    let frame = crc32(wire.subarray(0, metaEnd), crc32(head.subarray(0, 12)));
+    const pages = new Uint32Array((wire.length - metaEnd) / ps);
+    for (let i = 0, o = metaEnd; i < pages.length; i++, o += ps) {
+      pages[i] = crc32(wire.subarray(o, o + ps));
+      frame = crc32Combine(frame, pages[i], ps);
+    }
+    return { frame, pages };
   }
 
   // Decompresses into a buffer of the size the checksummed header states, so a

@@ -29,6 +29,7 @@ export interface PageBatch {
   index: Uint32Array;
   zero: Uint8Array;
   data: Buffer;
+  crcs?: Uint32Array; // CRC-32 of each data page, in data order, when the decoder already computed them
 }
 
 // Pages whose snapshot content was destroyed by the target before it was saved

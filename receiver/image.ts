@@ -5,11 +5,11 @@
 // after the END frame arrived, its totals matched and every page is accounted for.
 // Every data page's CRC32 goes to the index (crc/B/C) so --verify can re-check it.
 import * as fs from 'node:fs';
-import * as zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import * as path from 'node:path';
 import { addon } from '../capture/addon';
 import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
+import { crc32 } from '../format/crc32';
 import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
 import type { ReceiveSummary, SnapshotSink } from './sink';
@@ -136,7 +136,7 @@ export class ImageWriter implements SnapshotSink {
     for (let i = 0; i <= index.length; i++) {
       const page = i < index.length && !zero[i] ? data.subarray(d, d + ps) : undefined;
       const isData = page !== undefined && !page.equals(this.zeroPage);
-      if (isData) crc.set(index[i], zlib.crc32(page));
+      if (isData) crc.set(index[i], batch.crcs ? batch.crcs[d / ps] : crc32(page));
       const extends_ = isData && runStart >= 0 && index[i] === index[i - 1] + 1;
       if (runStart >= 0 && !extends_) this.writeRun(blk, index[runStart], data, runData, d - runData);
       if (isData && !extends_) {

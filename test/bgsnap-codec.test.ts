@@ -4,6 +4,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { BgsnapDecoder, BgsnapEncoder } from '../format/bgsnap';
 import { StreamError } from '../format/errors';
+import { crc32, crc32Combine } from '../format/crc32';
 import type { StreamEvent } from '../format/events';
 import { generate, makeHeader, pageBytes } from './helpers/streams';
 import { prng, randInt } from './helpers/prng';
@@ -107,6 +108,38 @@ test('unknown frame type, bad checksum, oversized length', () => {
   const huge = Buffer.from(g.stream);
   huge.writeUInt32LE(0x7fffffff, at + 4);
   expectError(huge, 'TOO_LARGE');
+});
+
+test('a flipped bit anywhere in a PAGES frame (meta or page data) fails its checksum', () => {
+  const enc = new BgsnapEncoder();
+  const head = [enc.magic(), ...enc.header(makeHeader()), ...enc.blocks([{ name: 'a', length: 4 * 4096, address: 0 }])];
+  const data = Buffer.concat([pageBytes(1, 4096), pageBytes(2, 4096), pageBytes(3, 4096)]);
+  const pages = Buffer.concat(enc.pages({ block: 0, index: Uint32Array.from([0, 1, 2, 3]), zero: Uint8Array.from([0, 0, 1, 0]), data }));
+  const at = Buffer.concat(head).length;
+  for (const off of [16 + 9, 16 + 28, pages.length - 1, pages.length - 4096, pages.length - 5000]) {
+    const bad = Buffer.concat([...head, pages, ...enc.end()]);
+    bad[at + off] ^= 0x10;
+    expectError(bad, 'BAD_CHECKSUM', /bad checksum in PAGES frame 2/);
+  }
+});
+
+test('combined page checksums equal the checksum of the whole', () => {
+  const rnd = prng(3);
+  for (let i = 0; i < 50; i++) {
+    const a = Buffer.from(Array.from({ length: randInt(rnd, 0, 300) }, () => randInt(rnd, 0, 255)));
+    const b = Buffer.from(Array.from({ length: randInt(rnd, 1, 9000) }, () => randInt(rnd, 0, 255)));
+    assert.is(crc32Combine(crc32(a), crc32(b), b.length), crc32(Buffer.concat([a, b])));
+  }
+});
+
+test('the decoder hands the sink the checksum of each data page', () => {
+  const g = generate(77);
+  for (const ev of decodeChunked(g.stream, [])) {
+    if (ev.type !== 'pages') continue;
+    const { data, crcs } = ev.batch;
+    assert.ok(crcs, 'uncompressed PAGES frames carry page checksums');
+    for (let i = 0; i < crcs!.length; i++) assert.is(crcs![i], crc32(data.subarray(i * 4096, (i + 1) * 4096)));
+  }
 });
 
 test('page index past its block, unknown block, second block table', () => {
