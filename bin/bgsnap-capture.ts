@@ -79,5 +79,10 @@ main('bgsnap-capture', async () => {
   const acked = await out.close(); // with --to: the receiver's summary of the durable image
   const seconds = (Date.now() - started) / 1000;
   if (process.stderr.isTTY) process.stderr.write('\n');
-  writeStats(opts.stats, { status: 'complete', ...totals, bytesOut: out.bytes, seconds, throughputMBps: out.bytes / 1e6 / seconds, ...source.stats(), ...(acked ? { receiver: acked } : {}) });
+  // maxRssKiB: the capture's own peak memory, which --buffer-mb bounds whatever the target's size.
+  const maxRssKiB = process.resourceUsage().maxRSS;
+  writeStats(opts.stats, {
+    status: 'complete', ...totals, bytesOut: out.bytes, seconds, throughputMBps: out.bytes / 1e6 / seconds, maxRssKiB,
+    ...source.stats(), ...(acked ? { receiver: acked } : {}),
+  });
 });
