@@ -42,7 +42,12 @@ main('bgsnap-receive', async () => {
   }
   if (!opts.output === !opts.to) throw new Error('give -o IMAGE or --to tcp://HOST:PORT (stdin modes), or --listen HOST:PORT --dir ROOT');
   const sink = opts.to ? await RemoteSink.connect(opts) : await ImageWriter.create(opts.output!, { force: opts.force });
-  const summary = await receive(stdinStream(), sink);
+  // Stopped by a signal, the image is closed as incomplete with what arrived (its
+  // bitmaps written), not left half-described.
+  const input = stdinStream();
+  const stop = (sig: string) => input.destroy(new Error(`stopped by ${sig}`));
+  process.once('SIGINT', stop).once('SIGTERM', stop);
+  const summary = await receive(input, sink);
   writeStats(opts.stats, summary);
   if (summary.status !== 'complete') {
     process.stderr.write(`bgsnap-receive: image ${opts.output ?? `${summary.image} at ${opts.to}`} is INCOMPLETE: ${summary.reason}\n`);

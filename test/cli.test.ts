@@ -5,9 +5,12 @@ import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { BIN, run } from './helpers/cli';
 import { generate } from './helpers/streams';
 
+const RECEIVE_JS = path.resolve(__dirname, '..', 'bin', 'bgsnap-receive.js');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cli-'));
 const img = (name: string) => path.join(dir, name);
 
@@ -44,6 +47,26 @@ test('receive: truncated, garbage and empty input exit 2 with the reason, image 
     const i = await run(BIN.inspect, [img(name), '--json']);
     if (i.code === 0) assert.is(JSON.parse(i.stdout).status, 'incomplete');
   }
+});
+
+test('receive: SIGTERM mid-stream closes the image as incomplete with what arrived', async () => {
+  const g = generate(43);
+  const cut = g.frames.slice(0, 4).reduce((n, f) => n + f.length, 0); // magic, header, blocks, first pages
+  const rx = spawn(process.execPath, [RECEIVE_JS, '-o', img('term')], { stdio: ['pipe', 'ignore', 'pipe'] });
+  let stderr = '';
+  rx.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+  rx.stdin.write(g.stream.subarray(0, cut)); // and the stream stays open
+  await new Promise((r) => setTimeout(r, 1500));
+  rx.kill('SIGTERM');
+  const [code] = (await once(rx, 'exit')) as [number];
+  assert.is(code, 2, stderr);
+  assert.match(stderr, /INCOMPLETE: stopped by SIGTERM/);
+  const i = await run(BIN.inspect, [img('term'), '--json']);
+  assert.is(i.code, 0, i.stderr);
+  const d = JSON.parse(i.stdout);
+  assert.is(d.status, 'incomplete');
+  assert.is(d.reason, 'stopped by SIGTERM');
+  assert.ok(d.blocks.some((b: { present: number }) => b.present > 0), 'the pages that arrived are described');
 });
 
 test('convert refuses an incomplete image unless --allow-incomplete', async () => {
