@@ -7,7 +7,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { BIN, run } from './helpers/cli';
+import { BIN, run, sh } from './helpers/cli';
+import { startTarget } from './process-target';
 import { generate } from './helpers/streams';
 
 const RECEIVE_JS = path.resolve(__dirname, '..', 'bin', 'bgsnap-receive.js');
@@ -99,6 +100,21 @@ test('capture: no source, both sources, a missing QMP socket and a bad PID give 
   const pid = await run(BIN.capture, ['--pid', 'abc', '-o', img('c4')]);
   assert.ok(pid.code !== 0);
   assert.match(pid.stderr, /--pid must be a non-negative number, got "abc"/);
+});
+
+test('capture: progress on stderr when it is a terminal, none when it is not', async () => {
+  const t = await startTarget('anon', 64, 1);
+  try {
+    // script(1) gives the capture a pseudo-terminal, as an interactive user has.
+    const tty = await sh(`script -qec "${BIN.capture.replace(/'/g, '')} --pid ${t.pid} --rate-limit 100 -o ${img('tty.bgsnap')}" /dev/null`, 60_000);
+    assert.is(tty.code, 0, tty.stdout + tty.stderr);
+    assert.match(tty.stdout, /bgsnap-capture: \d+ of \d+ pages \(\d+%\), \d+ MiB out/);
+    const plain = await run(BIN.capture, ['--pid', String(t.pid), '-o', img('plain.bgsnap')], 60_000);
+    assert.is(plain.code, 0, plain.stderr);
+    assert.is(plain.stderr, '', 'nothing on a non-terminal stderr');
+  } finally {
+    t.kill();
+  }
 });
 
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
