@@ -9,13 +9,12 @@
 //   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}'
 import * as net from 'node:net';
 import { QmpClient } from './qmp';
+import { ACTIVE_STATES, restore } from './qemu-source';
 
 interface Restore {
   capabilities: [string, boolean][];
   maxBandwidth: number | null;
 }
-
-const ACTIVE = new Set(['setup', 'active', 'pre-switchover', 'device', 'cancelling']);
 
 function drainSocket(): Promise<void> {
   return new Promise((resolve) => {
@@ -27,17 +26,16 @@ function drainSocket(): Promise<void> {
   });
 }
 
-async function restore(qmpPath: string, r: Restore): Promise<void> {
+// QEMU refuses capability changes until the migration has fully stopped.
+async function putBack(qmpPath: string, r: Restore): Promise<void> {
   const qmp = await QmpClient.connect(qmpPath, { timeoutMs: 10_000 });
   try {
     for (let i = 0; i < 600; i++) {
       const { status } = await qmp.execute<{ status?: string }>('query-migrate');
-      if (!ACTIVE.has(status ?? '')) break;
+      if (!ACTIVE_STATES.has(status ?? '')) break;
       await new Promise((res) => setTimeout(res, 100));
     }
-    const capabilities = r.capabilities.map(([capability, state]) => ({ capability, state }));
-    if (capabilities.length) await qmp.execute('migrate-set-capabilities', { capabilities });
-    if (r.maxBandwidth !== null) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': r.maxBandwidth });
+    await restore(qmp, { capabilities: new Map(r.capabilities), maxBandwidth: r.maxBandwidth });
   } finally {
     qmp.close();
   }
@@ -54,7 +52,7 @@ async function main(): Promise<void> {
   if (said.includes('done')) return;
   process.stderr.write('bgsnap-capture died mid-snapshot: draining QEMU\'s stream so the guest is not left blocked\n');
   await drainSocket();
-  await restore(qmpPath, JSON.parse(json) as Restore);
+  await putBack(qmpPath, JSON.parse(json) as Restore);
   process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');
 }
 

@@ -31,7 +31,7 @@ export const INCOMPATIBLE_CAPABILITIES: readonly string[] = [
 ];
 
 // Migration states in which QEMU would refuse (or confuse) a new migration.
-const ACTIVE_STATES = new Set([
+export const ACTIVE_STATES: ReadonlySet<string> = new Set([
   'setup', 'active', 'pre-switchover', 'device', 'cancelling', 'colo', 'wait-unplug',
   'postcopy-active', 'postcopy-paused', 'postcopy-recover',
 ]);
@@ -78,7 +78,7 @@ export interface QemuSnapshot {
   abort(reason?: string): Promise<void>;
 }
 
-interface Changes {
+export interface Changes {
   capabilities: Map<string, boolean>; // capability -> value to restore
   maxBandwidth: number | null; // value to restore
 }
@@ -166,7 +166,8 @@ async function applySettings(qmp: QmpClient, caps: Map<string, boolean>, opts: Q
   }
 }
 
-async function restore(qmp: QmpClient, changes: Changes): Promise<void> {
+// Puts back what applySettings changed (also used by capture/qemu-guard.ts).
+export async function restore(qmp: QmpClient, changes: Changes): Promise<void> {
   const capabilities = [...changes.capabilities].map(([capability, state]) => ({ capability, state }));
   if (capabilities.length) await qmp.execute('migrate-set-capabilities', { capabilities });
   changes.capabilities.clear();
