@@ -25,7 +25,7 @@ export async function convertToQemu(img: ImageReader, out: Output): Promise<void
   await out.write(encodeRamStart(blocks, ram));
   const part = new RamPartWriter(blocks, ram.sectionId);
   await out.write(part.begin());
-  const main = img.blocks.reduce((m, b, i) => (b.length > img.blocks[m].length ? i : m), 0);
+  const main = img.mainBlock;
   for (let b = 0; b < img.blocks.length; b++) await writeBlock(img, out, part, b, b !== main);
   await out.write(part.end());
   await out.write(devices);

@@ -19,8 +19,7 @@ export function rawLayout(img: ImageReader, blockName?: string): { block: number
     return [{ block: i, offset: 0 }];
   }
   if (img.header.source === 'qemu') {
-    const main = img.blocks.reduce((m, b, i) => (b.length > img.blocks[m].length ? i : m), 0);
-    return [{ block: main, offset: 0 }];
+    return [{ block: img.mainBlock, offset: 0 }];
   }
   let off = 0;
   return img.blocks.map((b, i) => ({ block: i, offset: (off += b.length) - b.length }));

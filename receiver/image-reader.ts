@@ -62,6 +62,11 @@ export class ImageReader {
     }
   }
 
+  // The largest block: guest RAM (pc.ram) in a QEMU image.
+  get mainBlock(): number {
+    return this.blocks.reduce((m, b, i) => (b.length > this.blocks[m].length ? i : m), 0);
+  }
+
   get complete(): boolean {
     return this.status.status === 'complete';
   }
