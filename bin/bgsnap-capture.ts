@@ -7,10 +7,10 @@ import { BgsnapEncoder } from '../format/bgsnap';
 import { emitStream, type EmitProgress } from '../capture/emit';
 import { captureQemu } from '../capture/qemu-events';
 import { captureProcess } from '../capture/process-source';
-import { addNetOptions, NetOutput, type NetFlags } from '../capture/net-output';
+import { addNetOptions, NetOutput, type NetFlags } from '../net/client';
 import type { CaptureSource } from '../capture/source';
 import type { PageBatch } from '../format/events';
-import { Output } from '../receiver/output';
+import { Output } from '../io/output';
 import { main, parseIntArg, writeStats } from './common';
 
 const prog = new Command('bgsnap-capture')

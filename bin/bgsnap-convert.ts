@@ -8,7 +8,7 @@ import { ImageReader } from '../receiver/image-reader';
 import { convertToQemu } from '../receiver/convert-qemu';
 import { convertToRaw } from '../receiver/convert-raw';
 import { convertToElfCore } from '../receiver/convert-elf';
-import { Output } from '../receiver/output';
+import { Output } from '../io/output';
 import { main } from './common';
 import * as fs from 'node:fs';
 

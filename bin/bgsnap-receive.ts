@@ -7,8 +7,8 @@
 // QEMU) to such a receiver; exits 0 only once it acknowledged a complete image.
 import { Command } from 'commander';
 import { listen, type ListenFlags } from '../receiver/net-listen';
-import { RemoteSink } from '../receiver/net-sink';
-import type { NetFlags } from '../capture/net-output';
+import { RemoteSink } from '../net/remote-sink';
+import type { NetFlags } from '../net/client';
 import { ImageWriter } from '../receiver/image';
 import { receive } from '../receiver/receive';
 import { main, parseIntArg, stdinStream, writeStats } from './common';

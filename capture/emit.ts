@@ -3,7 +3,7 @@
 // slow reader slows the capture instead of growing memory.
 import { BgsnapEncoder } from '../format/bgsnap';
 import type { PageBatch, StreamEvent, StreamTotals } from '../format/events';
-import type { Output } from '../receiver/output';
+import type { Output } from '../io/output';
 
 export interface EmitProgress {
   bytesOut: number;

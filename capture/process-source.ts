@@ -24,7 +24,7 @@
 import * as crypto from 'node:crypto';
 import { addon, type CaptureInfo, type CaptureOptions, type NativeBatch } from './addon';
 import { copyReadOnly, READ_ONLY_HOW, type ReadOnlyCopy } from './readonly-maps';
-import { encodeProcessState, STATE_KIND, type ProcessState } from './process-state';
+import { encodeProcessState, STATE_KIND, type ProcessState } from '../format/process-state';
 import type { CaptureSource } from './source';
 import type { BlockInfo, PageBatch, StreamEvent, StreamTotals } from '../format/events';
 

@@ -28,7 +28,7 @@
 // which is also what the target itself would have read after the discard.
 import * as fs from 'node:fs';
 import type { ImageReader } from './image-reader';
-import { decodeProcessState, STATE_KIND, type ProcessMap, type ProcessState, type ProcessThread } from '../capture/process-state';
+import { decodeProcessState, STATE_KIND, type ProcessMap, type ProcessState, type ProcessThread } from '../format/process-state';
 
 const EHDR_SIZE = 64;
 const PHDR_SIZE = 56;

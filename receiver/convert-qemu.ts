@@ -6,7 +6,7 @@
 // ZERO records because the destination fills them itself when it builds the machine.
 import { RamPartWriter, encodeRamStart, type RamSectionInfo } from '../format/qemu-encode';
 import type { ImageReader } from './image-reader';
-import type { Output } from './output';
+import type { Output } from '../io/output';
 
 const RUN = 256;
 

@@ -7,7 +7,7 @@ import type { StreamHeader, StreamTotals } from '../format/events';
 import { IndexStore, INDEX_VERSION, PageCrcs, type ImageStatus } from './index-store';
 import type { ImageBlock } from './image';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
-import type { ReceiveSummary } from './sink';
+import type { ReceiveSummary } from '../io/sink';
 
 export interface ImageFormat {
   version: number;

@@ -12,7 +12,7 @@ import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, Str
 import { crc32 } from '../format/crc32';
 import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
-import type { ReceiveSummary, SnapshotSink } from './sink';
+import type { ReceiveSummary, SnapshotSink } from '../io/sink';
 
 export const BLOCK_ALIGN = 2 * 1024 * 1024;
 

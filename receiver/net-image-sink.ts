@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import type { StreamEvent } from '../format/events';
 import { fsyncDir, ImageWriter } from './image';
 import { IndexStore } from './index-store';
-import type { ReceiveSummary, SnapshotSink } from './sink';
+import type { ReceiveSummary, SnapshotSink } from '../io/sink';
 
 export interface NamedSinkOptions {
   root: string;

@@ -1,7 +1,7 @@
 // `bgsnap-receive --listen HOST:PORT --dir ROOT`: runs the network receiver
 // until SIGTERM or SIGINT, then stops accepting, marks what is in flight
 // incomplete (durably) and returns.
-import { loadAuth, type AuthFlags } from './auth';
+import { loadAuth, type AuthFlags } from '../net/auth';
 import { Receiver } from './server';
 
 export interface ListenFlags extends AuthFlags {

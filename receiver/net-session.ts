@@ -5,14 +5,14 @@
 import * as crypto from 'node:crypto';
 import type * as net from 'node:net';
 import { PassThrough } from 'node:stream';
-import { channelBinding, macMatches } from './auth';
+import { channelBinding, macMatches } from '../net/auth';
 import { NamedImageSink } from './net-image-sink';
 import {
   encodeChallenge, encodeReply, helloMac, helloRest, HELLO_FIXED, NAME_RE, readExact, Refusal, ReplyKind,
   RESULT_COMPLETE, RESULT_INCOMPLETE,
-} from './net-protocol';
+} from '../format/net-protocol';
 import { receive } from './receive';
-import type { ReceiveSummary } from './sink';
+import type { ReceiveSummary } from '../io/sink';
 
 export interface SessionConfig {
   root: string;

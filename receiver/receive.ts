@@ -9,7 +9,7 @@ import { BgsnapDecoder, isBgsnapStream } from '../format/bgsnap';
 import { QemuDecoder, isQemuStream } from '../format/qemu';
 import { StreamError } from '../format/errors';
 import type { StreamDecoder, StreamEvent } from '../format/events';
-import type { ReceiveSummary, SnapshotSink } from './sink';
+import type { ReceiveSummary, SnapshotSink } from '../io/sink';
 
 // Chooses the decoder from the first bytes; undefined until 4 bytes have arrived.
 export function detectDecoder(first: Buffer): StreamDecoder | undefined {

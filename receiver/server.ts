@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
-import { checkServerAuth, type Auth } from './auth';
+import { checkServerAuth, type Auth } from '../net/auth';
 import { Session } from './net-session';
 
 export interface ReceiverOptions {

@@ -7,7 +7,7 @@ import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BgsnapEncoder } from '../format/bgsnap';
-import { NetOutput } from '../capture/net-output';
+import { NetOutput } from '../net/client';
 import { ImageReader } from '../receiver/image-reader';
 import { BIN, run } from './helpers/cli';
 import { generate, makeHeader } from './helpers/streams';

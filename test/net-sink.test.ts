@@ -5,8 +5,8 @@
 import * as crypto from 'node:crypto';
 import * as path from 'node:path';
 import { Receiver } from '../receiver/server';
-import { RemoteSink } from '../receiver/net-sink';
-import type { ReceiveSummary } from '../receiver/sink';
+import { RemoteSink } from '../net/remote-sink';
+import type { ReceiveSummary } from '../io/sink';
 import { sinkSuite } from './helpers/sink-suite';
 
 const token = crypto.randomBytes(24).toString('hex');

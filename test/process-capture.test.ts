@@ -5,7 +5,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { captureProcess } from '../capture/process-source';
-import { decodeProcessState } from '../capture/process-state';
+import { decodeProcessState } from '../format/process-state';
 import {
   allThreadsProgress, anonHugeKb, checkInvariant, collect, startTarget, tornCopy, writeProtectedPages, type Mode, type Target,
 } from './process-target';

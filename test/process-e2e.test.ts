@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { ImageReader } from '../receiver/image-reader';
-import { decodeProcessState, STATE_KIND } from '../capture/process-state';
+import { decodeProcessState, STATE_KIND } from '../format/process-state';
 import { BIN, sh } from './helpers/cli';
 import { checkInvariant, startTarget } from './process-target';
 

@@ -10,7 +10,7 @@ import * as assert from 'uvu/assert';
 import { addon } from '../../capture/addon';
 import { ImageReader } from '../../receiver/image-reader';
 import { receive } from '../../receiver/receive';
-import type { SnapshotSink } from '../../receiver/sink';
+import type { SnapshotSink } from '../../io/sink';
 import { generate, type Generated } from './streams';
 
 export type SinkFactory = (imageDir: string) => Promise<SnapshotSink & { streamBytes?: number }>;

@@ -5,8 +5,8 @@
 // image: finish() resolves complete only after the remote image is durable.
 import { BgsnapEncoder } from '../format/bgsnap';
 import type { StreamEvent } from '../format/events';
-import { NetOutput, type NetFlags } from '../capture/net-output';
-import type { ReceiveSummary, SnapshotSink } from './sink';
+import { NetOutput, type NetFlags } from './client';
+import type { ReceiveSummary, SnapshotSink } from '../io/sink';
 
 export class RemoteSink implements SnapshotSink {
   streamBytes = 0; // bytes of the input stream consumed, as for a local image

@@ -27,7 +27,7 @@
 //   freeze: the pause and its parts (ms), as measured.
 // The first thread is the one with tid == pid when it exists.
 
-import type { NativeMap } from './addon';
+import type { NativeMap } from '../capture/addon';
 
 export const STATE_KIND = 'process.state';
 const MAGIC = Buffer.from('BGPSTATE', 'latin1');

@@ -7,12 +7,12 @@ import { once } from 'node:events';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
 import type { Command } from 'commander';
-import { channelBinding, checkClientAuth, loadAuth, TOKEN_ENV, type Auth, type AuthFlags } from '../receiver/auth';
+import { channelBinding, checkClientAuth, loadAuth, TOKEN_ENV, type Auth, type AuthFlags } from './auth';
 import {
   CHALLENGE_LEN, decodeChallenge, decodeReply, encodeHello, helloMac, NET_VERSION, Refusal, ReplyKind, readExact,
   RESULT_COMPLETE, type Reply,
-} from '../receiver/net-protocol';
-import type { ReceiveSummary } from '../receiver/sink';
+} from '../format/net-protocol';
+import type { ReceiveSummary } from '../io/sink';
 
 export interface NetFlags extends AuthFlags {
   to?: string;
