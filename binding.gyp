@@ -1,18 +1,24 @@
 {
+  "target_defaults": {
+    "include_dirs": ["io/native", "<!(node -p \"require('node-addon-api').include_dir\")"],
+    "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
+    "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-fno-exceptions"],
+    "cflags_cc!": ["-fno-rtti"]
+  },
   "targets": [
     {
       "target_name": "bgsnap",
       "sources": [
-        "capture/native/addon.cc", "io/native/fileops.cc",
+        "capture/native/addon.cc", "io/native/errno_error.cc",
         "capture/native/ptrace_freeze.cc", "capture/native/inject.cc", "capture/native/procfs.cc",
         "capture/native/buffers.cc", "capture/native/uffd_capture.cc", "capture/native/protect.cc", "capture/native/session.cc",
         "capture/native/saver.cc", "capture/native/capture_js.cc", "capture/native/capture_info.cc"
       ],
-      "include_dirs": ["capture/native", "<!(node -p \"require('node-addon-api').include_dir\")"],
-      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
-      "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-fno-exceptions"],
-      "cflags_cc!": ["-fno-rtti"],
       "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "bgsnap_fileops",
+      "sources": ["io/native/fileops.cc", "io/native/errno_error.cc"]
     }
   ]
 }

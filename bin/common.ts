@@ -2,7 +2,7 @@
 // errno code when there is one) and to exit non-zero, and --stats output.
 import * as fs from 'node:fs';
 import type { Readable } from 'node:stream';
-import { addon } from '../capture/addon';
+import { fileops } from '../io/fileops';
 
 export function fatal(prog: string, err: unknown): never {
   const e = err as Error & { code?: string };
@@ -37,6 +37,6 @@ export function parseIntArg(name: string) {
 // while we work instead of the two taking turns over 64 KiB.
 export function stdinStream(): Readable {
   if (fs.fstatSync(0).isFile()) return fs.createReadStream('', { fd: 0, highWaterMark: 4 << 20, autoClose: false });
-  addon.setPipeSize(0, 1 << 20);
+  fileops.setPipeSize(0, 1 << 20);
   return process.stdin;
 }

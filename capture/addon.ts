@@ -1,12 +1,10 @@
-// Loads the native addon built from capture/native by the set-up command
-// (node-gyp). Compiled to dist/capture/addon.js, so the build dir is two up.
+// Loads the capture addon (ptrace, userfaultfd) built from capture/native by the
+// set-up command (node-gyp). Compiled to dist/capture/addon.js, so the build dir
+// is two up. The file operations are a separate addon (io/fileops.ts).
 import * as path from 'node:path';
+import type { ProcessMap } from '../format/process-state';
 
 export interface Addon {
-  punchHole(fd: number, offset: number, length: number): void;
-  seekData(fd: number, offset: number): number;
-  seekHole(fd: number, offset: number): number;
-  setPipeSize(fd: number, bytes: number): number;
   // Process capture (capture/native/capture_js.cc). startCapture resolves at the
   // snapshot point: the target was frozen, protected and let go again.
   startCapture(pid: number, options?: CaptureOptions): Promise<number>;
@@ -38,17 +36,8 @@ export interface NativeBatch {
   data: Buffer;
 }
 
-export interface NativeMap {
-  start: number;
-  end: number;
-  perms: string;
-  offset: number;
-  dev: string;
-  inode: number;
-  path: string;
-  block: number; // -1 when not captured
-  how: string; // 'protected' | 'copied: ...' | 'skipped: ...'
-}
+// The engine reports mappings in the process-state codec's shape.
+export type NativeMap = ProcessMap;
 
 export interface NativeBlock {
   name: string;

@@ -1,10 +1,9 @@
 // The network transport's own messages (format/SPEC.md, "Network transport"):
 // the server's CHALLENGE, the client's HELLO, the server's REPLY (READY or
 // RESULT). The snapshot itself travels between them as a plain bgsnap stream.
-// All integers little-endian, like the bgsnap stream.
+// All integers little-endian, like the bgsnap stream. Pure encode/decode: the
+// socket side is in net/.
 import * as crypto from 'node:crypto';
-import { once } from 'node:events';
-import type { Duplex } from 'node:stream';
 
 export const NET_MAGIC = Buffer.from('BGSNET', 'latin1');
 export const REPLY_MAGIC = Buffer.from('BGSR', 'latin1');
@@ -96,16 +95,4 @@ export function decodeReply(buf: Buffer): { reply: Reply; used: number } | undef
   if (buf.length < REPLY_FIXED + len) return undefined;
   const body = JSON.parse(buf.subarray(REPLY_FIXED, REPLY_FIXED + len).toString('utf8')) as Record<string, unknown>;
   return { reply: { kind: buf.readUInt8(4), code: buf.readUInt8(5), body }, used: REPLY_FIXED + len };
-}
-
-// Reads exactly n bytes from a paused stream, or throws if it ends first.
-export async function readExact(s: Duplex, n: number): Promise<Buffer> {
-  if (n === 0) return Buffer.alloc(0);
-  for (;;) {
-    const b = s.read(n) as Buffer | null;
-    if (b && b.length === n) return b;
-    if (b) s.unshift(b);
-    if (s.readableEnded || s.destroyed) throw new Error('the connection closed during the handshake');
-    await Promise.race([once(s, 'readable'), once(s, 'end'), once(s, 'close')]);
-  }
 }

@@ -27,8 +27,6 @@
 //   freeze: the pause and its parts (ms), as measured.
 // The first thread is the one with tid == pid when it exists.
 
-import type { NativeMap } from '../capture/addon';
-
 export const STATE_KIND = 'process.state';
 const MAGIC = Buffer.from('BGPSTATE', 'latin1');
 const VERSION = 1;
@@ -36,7 +34,18 @@ const VERSION = 1;
 export type Range = [offset: number, length: number];
 
 // A mapping as the engine reported it (start, end, perms, file, which block).
-export type ProcessMap = NativeMap;
+// Defined here, not by the engine: the codec is shared by capture and receiver.
+export interface ProcessMap {
+  start: number;
+  end: number;
+  perms: string;
+  offset: number;
+  dev: string;
+  inode: number;
+  path: string;
+  block: number; // -1 when not captured
+  how: string; // 'protected' | 'copied: ...' | 'skipped: ...'
+}
 
 export interface ProcessThreadJson {
   tid: number;

@@ -3,7 +3,7 @@
 import * as fs from 'node:fs';
 import { once } from 'node:events';
 import type { Writable } from 'node:stream';
-import { addon } from '../capture/addon';
+import { fileops } from './fileops';
 
 export class Output {
   bytes = 0;
@@ -14,7 +14,7 @@ export class Output {
 
   static open(name: string): Output {
     // Grow a stdout pipe so the reader can lag behind by 1 MiB instead of 64 KiB.
-    if (name === '-') addon.setPipeSize(1, 1 << 20);
+    if (name === '-') fileops.setPipeSize(1, 1 << 20);
     const stream = name === '-' ? process.stdout : fs.createWriteStream(name);
     return new Output(stream, name === '-' ? 'stdout' : name);
   }

@@ -9,9 +9,9 @@ import * as tls from 'node:tls';
 import type { Command } from 'commander';
 import { channelBinding, checkClientAuth, loadAuth, TOKEN_ENV, type Auth, type AuthFlags } from './auth';
 import {
-  CHALLENGE_LEN, decodeChallenge, decodeReply, encodeHello, helloMac, NET_VERSION, Refusal, ReplyKind, readExact,
-  RESULT_COMPLETE, type Reply,
+  CHALLENGE_LEN, decodeChallenge, decodeReply, encodeHello, helloMac, NET_VERSION, Refusal, ReplyKind, RESULT_COMPLETE, type Reply,
 } from '../format/net-protocol';
+import { readExact } from './read-exact';
 import type { ReceiveSummary } from '../io/sink';
 
 export interface NetFlags extends AuthFlags {

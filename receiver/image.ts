@@ -7,7 +7,7 @@
 import * as fs from 'node:fs';
 import { promisify } from 'node:util';
 import * as path from 'node:path';
-import { addon } from '../capture/addon';
+import { fileops } from '../io/fileops';
 import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
 import { crc32 } from '../format/crc32';
 import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
@@ -159,7 +159,7 @@ export class ImageWriter implements SnapshotSink {
     if (!map.data.get(page)) return;
     map.data.clear(page);
     const ps = this.header!.pageSize;
-    addon.punchHole(this.fd, blk.base + page * ps, ps);
+    fileops.punchHole(this.fd, blk.base + page * ps, ps);
   }
 
   private writeRun(blk: ImageBlock, page: number, data: Buffer, from: number, len: number): void {

@@ -8,9 +8,10 @@ import { PassThrough } from 'node:stream';
 import { channelBinding, macMatches } from '../net/auth';
 import { NamedImageSink } from './net-image-sink';
 import {
-  encodeChallenge, encodeReply, helloMac, helloRest, HELLO_FIXED, NAME_RE, readExact, Refusal, ReplyKind,
+  encodeChallenge, encodeReply, helloMac, helloRest, HELLO_FIXED, NAME_RE, Refusal, ReplyKind,
   RESULT_COMPLETE, RESULT_INCOMPLETE,
 } from '../format/net-protocol';
+import { readExact } from '../net/read-exact';
 import { receive } from './receive';
 import type { ReceiveSummary } from '../io/sink';
 

@@ -1,12 +1,16 @@
 // File operations Node's fs lacks and the image needs: punching a hole where a
 // page became zero (so zero pages never occupy disk) and asking which ranges of a
 // sparse file hold data (so converters skip holes without reading them).
+// Its own small addon (bgsnap_fileops.node): the receiver, convert and inspect
+// load this one only, never the ptrace/userfaultfd capture engine.
 #include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
 
-#include "addon.h"
+#include <napi.h>
+
+#include "errno_error.h"
 
 namespace bgsnap {
 
@@ -64,11 +68,18 @@ static Napi::Value SetPipeSize(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, got < 0 ? 0 : got);
 }
 
-void InitFileOps(Napi::Env env, Napi::Object exports) {
+Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("setPipeSize", Napi::Function::New(env, SetPipeSize, "setPipeSize"));
   exports.Set("punchHole", Napi::Function::New(env, PunchHole, "punchHole"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
+  return exports;
 }
 
 }  // namespace bgsnap
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  return bgsnap::InitFileOps(env, exports);
+}
+
+NODE_API_MODULE(bgsnap_fileops, Init)

@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
-import { addon } from '../../capture/addon';
+import { fileops } from '../../io/fileops';
 import { ImageReader } from '../../receiver/image-reader';
 import { receive } from '../../receiver/receive';
 import type { SnapshotSink } from '../../io/sink';
@@ -38,7 +38,7 @@ async function assertImageMatches(dir: string, g: Generated): Promise<void> {
       else {
         assert.ok(got.equals(Buffer.alloc(g.pageSize)), `page ${key} should read as zero`);
         const off = img.blocks[b].base + p * g.pageSize;
-        const next = addon.seekData(data, off);
+        const next = fileops.seekData(data, off);
         assert.ok(next === -1 || next >= off + g.pageSize, `zero page ${key} must be a hole`);
       }
     }
