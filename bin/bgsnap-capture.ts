@@ -11,6 +11,7 @@ import { addNetOptions, NetOutput, type NetFlags } from '../net/client';
 import type { CaptureSource } from '../capture/source';
 import type { PageBatch } from '../format/events';
 import { Output } from '../io/output';
+import { StreamSink } from '../io/stream-sink';
 import { main, parseIntArg, writeStats } from './common';
 
 const prog = new Command('bgsnap-capture')
@@ -62,12 +63,13 @@ main('bgsnap-capture', async () => {
   const started = Date.now();
   // Connected and authenticated before the target is touched: a refused capture never freezes it.
   const out = opts.to !== undefined ? await NetOutput.connect(opts) : Output.open(opts.output);
+  const sink = new StreamSink(out, new BgsnapEncoder({ compressLevel: level }), opts.to ?? opts.output);
   const source = await openSource();
   const stop = (sig: string) => void source.abort(`received ${sig}`);
   process.once('SIGINT', stop).once('SIGTERM', stop);
   let totals;
   try {
-    totals = await emitStream(source.events, out, new BgsnapEncoder({ compressLevel: level }), progress(), source.release);
+    totals = await emitStream(source.events, sink, progress(), source.release);
   } catch (err) {
     // Whatever broke (the reader went away, the network, a signal), release the
     // target before exiting: a process is un-protected and detached; a QEMU
@@ -76,7 +78,10 @@ main('bgsnap-capture', async () => {
     await source.abort((err as Error).message).catch(() => undefined);
     throw err;
   }
-  const acked = await out.close(); // with --to: the receiver's summary of the durable image
+  // With --to, complete only once the receiver acknowledged a durable image.
+  const summary = await sink.finish();
+  if (summary.status !== 'complete') throw new Error(summary.reason);
+  const acked = opts.to !== undefined ? summary : undefined; // the receiver's summary
   const seconds = (Date.now() - started) / 1000;
   if (process.stderr.isTTY) process.stderr.write('\n');
   // maxRssKiB: the capture's own peak memory, which --buffer-mb bounds whatever the target's size.

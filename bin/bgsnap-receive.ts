@@ -7,8 +7,8 @@
 // QEMU) to such a receiver; exits 0 only once it acknowledged a complete image.
 import { Command } from 'commander';
 import { listen, type ListenFlags } from '../receiver/net-listen';
-import { RemoteSink } from '../net/remote-sink';
-import type { NetFlags } from '../net/client';
+import { NetOutput, type NetFlags } from '../net/client';
+import { StreamSink } from '../io/stream-sink';
 import { ImageWriter } from '../receiver/image';
 import { receive } from '../receiver/receive';
 import { main, parseIntArg, stdinStream, writeStats } from './common';
@@ -41,7 +41,7 @@ main('bgsnap-receive', async () => {
     return listen(opts as ListenFlags);
   }
   if (!opts.output === !opts.to) throw new Error('give -o IMAGE or --to tcp://HOST:PORT (stdin modes), or --listen HOST:PORT --dir ROOT');
-  const sink = opts.to ? await RemoteSink.connect(opts) : await ImageWriter.create(opts.output!, { force: opts.force });
+  const sink = opts.to ? new StreamSink(await NetOutput.connect(opts)) : await ImageWriter.create(opts.output!, { force: opts.force });
   // Stopped by a signal, the image is closed as incomplete with what arrived (its
   // bitmaps written), not left half-described.
   const input = stdinStream();

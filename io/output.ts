@@ -1,11 +1,13 @@
-// A sequential output (a file, or stdout when the name is "-") that waits for the
-// destination to drain, so converting a large image never buffers it in memory.
+// The file and pipe byte sink: a sequential output (a file, or stdout when the
+// name is "-") that waits for the destination to drain, so converting a large
+// image or writing a capture stream never buffers it in memory.
 import * as fs from 'node:fs';
 import { once } from 'node:events';
 import type { Writable } from 'node:stream';
 import { fileops } from './fileops';
+import type { ByteSink } from './sink';
 
-export class Output {
+export class Output implements ByteSink {
   bytes = 0;
   private failure: Error | undefined;
   private constructor(private readonly stream: Writable, private readonly name: string) {
@@ -49,5 +51,11 @@ export class Output {
     this.stream.end();
     await once(this.stream, 'close').catch(() => undefined);
     this.check();
+  }
+
+  // A file or pipe has no one to tell: what was written stays, without its END
+  // frame, so whoever reads it finds the stream incomplete.
+  async abandon(): Promise<void> {
+    await this.close().catch(() => undefined);
   }
 }

@@ -1,5 +1,8 @@
-// Where decoded snapshot events go. One interface for every destination (a local
-// image today, a network peer later), so one shared test suite covers them all.
+// Where snapshots go. SnapshotSink is the one interface every destination of
+// decoded snapshot events implements (a local image, a bgsnap stream into a
+// file, a pipe or a network receiver), so one shared test suite covers them all
+// (test/helpers/sink-suite.ts). ByteSink is the byte level beneath a stream
+// sink: a file or pipe (io/output.ts) or a network peer (net/client.ts).
 import type { StreamEvent } from '../format/events';
 
 export interface ReceiveSummary {
@@ -21,10 +24,26 @@ export interface ReceiveSummary {
 }
 
 export interface SnapshotSink {
-  // Called for each event in stream order; may apply backpressure by returning a promise.
+  // Called for each event in stream order; may apply backpressure by returning a
+  // promise. Once it returns (or its promise resolves) the sink holds no
+  // reference to the event's buffers, so a zero-copy source may reuse them.
   write(ev: StreamEvent): void | Promise<void>;
   // The stream provably ended (END frame, or QEMU's EOF): make it durable.
   finish(): Promise<ReceiveSummary>;
   // The stream broke: keep what arrived, marked incomplete with the reason.
   fail(reason: string): Promise<ReceiveSummary>;
+}
+
+export interface ByteSink {
+  readonly bytes: number; // written so far
+  // Resolves when the destination can take more (backpressure), or throws once it failed.
+  write(buf: Buffer): Promise<void>;
+  // Resolves only once the destination has taken buf, so the caller may reuse it.
+  writeSettled(buf: Buffer): Promise<void>;
+  // Everything was written: flush; a network peer also acknowledges a complete,
+  // durable image with its summary. Throws if that did not happen.
+  close(): Promise<ReceiveSummary | void>;
+  // The stream broke: stop writing, so the far end keeps it as incomplete; a
+  // network peer's summary of what it kept, when it sent one.
+  abandon(): Promise<ReceiveSummary | void>;
 }

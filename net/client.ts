@@ -1,6 +1,6 @@
-// `--to tcp://HOST:PORT`: the capture's stream goes to a bgsnap-receive
-// --listen over TLS (or plain TCP with --insecure). Same shape as Output, so
-// emitStream drives it unchanged: every write waits for the socket to drain, so
+// `--to tcp://HOST:PORT`: the network byte sink. A stream goes to a
+// bgsnap-receive --listen over TLS (or plain TCP with --insecure). A ByteSink
+// like Output, so a StreamSink drives either: every write waits for the socket to drain, so
 // a slow network slows the capture instead of growing memory. close() returns
 // only once the receiver acknowledged a complete, durable image.
 import { once } from 'node:events';
@@ -12,7 +12,7 @@ import {
   CHALLENGE_LEN, decodeChallenge, decodeReply, encodeHello, helloMac, NET_VERSION, Refusal, ReplyKind, RESULT_COMPLETE, type Reply,
 } from '../format/net-protocol';
 import { readExact } from './read-exact';
-import type { ReceiveSummary } from '../io/sink';
+import type { ByteSink, ReceiveSummary } from '../io/sink';
 
 export interface NetFlags extends AuthFlags {
   to?: string;
@@ -37,7 +37,7 @@ export function parseTcpUrl(url: string): { host: string; port: number } {
   return { host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]) };
 }
 
-export class NetOutput {
+export class NetOutput implements ByteSink {
   bytes = 0;
   private failure: Error | undefined;
   private result: Reply | undefined;
