@@ -1,29 +1,36 @@
-// One accepted connection of the network receiver: CHALLENGE, HELLO checked
-// (token MAC in constant time, name, admission), READY, then the bgsnap stream
-// into its own image, then RESULT once the image is durable. Nothing touches the
-// disk before READY. Everything that goes wrong ends this connection only.
+// One accepted connection of the network server: CHALLENGE, HELLO checked
+// (token MAC in constant time, name, admission), READY, then the stream handed
+// to the application's handler as a readable, then RESULT with the handler's
+// summary. The handler is called only after READY, so nothing touches the disk
+// before. Everything that goes wrong ends this connection only.
 import * as crypto from 'node:crypto';
 import type * as net from 'node:net';
-import { PassThrough } from 'node:stream';
-import { channelBinding, macMatches } from '../net/auth';
-import { NamedImageSink } from './net-image-sink';
+import { PassThrough, type Readable } from 'node:stream';
+import { channelBinding, macMatches } from './auth';
 import {
   encodeChallenge, encodeReply, helloMac, helloRest, HELLO_FIXED, NAME_RE, Refusal, ReplyKind,
   RESULT_COMPLETE, RESULT_INCOMPLETE,
 } from '../format/net-protocol';
-import { readExact } from '../net/read-exact';
-import { receive } from './receive';
+import { readExact } from './read-exact';
 import type { ReceiveSummary } from '../io/sink';
 
+// What the handler gets for one admitted stream.
+export interface IncomingStream {
+  name: string; // '' when the sender gave none (validated: NAME_RE)
+  peer: string;
+  input: Readable; // the stream's bytes; fails with the reason if the connection breaks
+  endInput(): void; // the stream provably ended: stop reading the connection
+  failReason(): string | undefined; // the session's own reason (timeout, shutdown) beats the decoder's
+}
+
+export type StreamHandler = (s: IncomingStream) => Promise<ReceiveSummary>;
+
 export interface SessionConfig {
-  root: string;
   token?: Buffer;
-  maxImageBytes: number;
   idleMs: number;
   admit(): string; // '' when a stream slot was taken, else why not
   leave(): void; // gives the slot back
-  claim(name: string): boolean;
-  release(name: string): void;
+  handle: StreamHandler;
   log(msg: string): void;
 }
 
@@ -33,7 +40,7 @@ class Refused extends Error {
   }
 }
 
-export class Session {
+export class ServerSession {
   readonly done: Promise<void>;
   private input: PassThrough | undefined;
   private abortReason: string | undefined;
@@ -46,7 +53,7 @@ export class Session {
     this.done = this.run();
   }
 
-  // Ends this connection; an image being received is marked incomplete with the reason.
+  // Ends this connection; a stream being received fails with the reason.
   abort(reason: string): void {
     this.abortReason ??= reason;
     if (this.input) this.input.destroy(new Error(reason));
@@ -104,22 +111,18 @@ export class Session {
     const input = (this.input = new PassThrough());
     let ended = false;
     const onData = (c: Buffer) => void (input.write(c) || this.sock.pause());
-    const sink = new NamedImageSink({
-      root: this.cfg.root, name: name || undefined, maxImageBytes: this.cfg.maxImageBytes,
-      claim: this.cfg.claim, release: this.cfg.release, failReason: () => this.abortReason,
-      onEnd: () => {
-        ended = true;
-        this.sock.setTimeout(0);
-        this.sock.off('data', onData).pause();
-        input.end();
-      },
-    });
+    const endInput = () => {
+      ended = true;
+      this.sock.setTimeout(0);
+      this.sock.off('data', onData).pause();
+      input.end();
+    };
     input.on('drain', () => this.sock.resume());
     this.sock.on('data', onData);
     this.sock.on('end', () => ended || input.end()); // the sender closed its side: the decoder decides
     this.sock.on('close', () => ended || input.writableEnded || this.abort('the connection was lost before the END frame'));
     if (this.abortReason) input.destroy(new Error(this.abortReason));
-    return receive(input, sink);
+    return this.cfg.handle({ name, peer: this.peer, input, endInput, failReason: () => this.abortReason });
   }
 
   // The last reply ends the connection from this side.
