@@ -9,7 +9,7 @@
 //   blocks   one per captured mapping: name "START-END PERMS [PATH]" (hex), length,
 //            address = its virtual start at the snapshot point; then the read-only
 //            mappings of capture/readonly-maps.ts (RELRO, vdso), copied after the freeze
-//   state    kind 'process.state' (layout in capture/process-state.ts)
+//   state    kind 'process.state' (layout in format/process-state.ts)
 //   pages    batches in any order (the read-only copies first, then faulted pages,
 //            then the linear scan);
 //            never-touched pages are zero records
