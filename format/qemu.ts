@@ -1,6 +1,8 @@
-// Decoder for QEMU 7.2 migration streams (`migrate exec:...`, plain precopy or
-// background-snapshot). Only the RAM part is understood; device state has no
-// length fields, so everything from the first device section on is kept opaque.
+// Decoder for QEMU 7.2 to 10.x migration streams (`migrate exec:...`, plain
+// precopy or background-snapshot). Only the RAM part is understood; device state
+// has no length fields, so everything from the first device section on is kept
+// opaque. What newer QEMU adds and we cannot follow is refused by name
+// (qemu-refusals.ts).
 //
 //   "QEVM" be32 3                                   file header
 //   07 be32 len machine-type [05 subsection]*       CONFIGURATION (no footer)
@@ -13,6 +15,8 @@
 //               flags 0x08 PAGE: 4096 bytes; 0x02 ZERO: 1 fill byte
 //               flag 0x20 CONTINUE: block name omitted, same block as the last
 //               record of any ram section (global, not per section)
+//   08 be16 11 be16 0                               SWITCHOVER_START (10.0+
+//                                                   precopy, before ram END)
 //   04 ... device FULL sections ... 00 EOF [06 be32 len JSON]   opaque tail
 //
 // Parsing is record by record over whatever bytes have arrived. An incomplete
@@ -25,6 +29,7 @@ import { StreamError, type StreamErrorCode } from './errors.js';
 import type { BlockInfo, StreamEvent, StreamDecoder, StreamTotals } from './events.js';
 import { readBe64 } from './bytes.js';
 import { checkTail } from './qemu-tail.js';
+import { CMD, UNSUPPORTED_FLAGS, capabilityRefusal, commandRefusal } from './qemu-refusals.js';
 
 export const QEMU_MAGIC = 0x5145564d; // "QEVM"
 export const QEMU_VERSION = 3;
@@ -47,16 +52,6 @@ const BATCH_PAGES = 256;
 const MAX_BLOCKS = 4096;
 const MAX_TAIL = 256 * 1024 * 1024;
 const EMPTY = Buffer.alloc(0);
-
-// Flags that mean a capability this decoder cannot follow; named so the error
-// tells the operator which migration capability to turn off.
-const UNSUPPORTED_FLAGS: [number, string][] = [
-  [RAM.XBZRLE, 'xbzrle'], [RAM.COMPRESS_PAGE, 'compress'], [RAM.MULTIFD_FLUSH, 'multifd'],
-  [RAM.HOOK, 'rdma'], [RAM.FULL, 'full-page (obsolete since 2009)'],
-];
-
-const COMMANDS = ['', 'OPEN_RETURN_PATH', 'PING', 'POSTCOPY_ADVISE', 'POSTCOPY_LISTEN',
-  'POSTCOPY_RUN', 'POSTCOPY_RAM_DISCARD', 'PACKAGED', 'ENABLE_COLO', 'POSTCOPY_RESUME', 'RECV_BITMAP'];
 
 export function isQemuStream(firstBytes: Buffer): boolean {
   return firstBytes.length >= 4 && firstBytes.readUInt32BE(0) === QEMU_MAGIC;
@@ -226,17 +221,35 @@ export class QemuDecoder implements StreamDecoder {
     return end;
   }
 
-  // Only target-page-bits is understood; x86 never sends it, other targets may.
+  // Subsection: 05, counted name, be32 version, fields. target-page-bits (x86
+  // never sends it) and uuid (validate-uuid; checked only by a destination that
+  // asks) pass; capabilities changes the RAM layout and is refused by name.
   private configSubsection(buf: Buffer, pos: number): number {
     const what = 'CONFIGURATION subsection';
     if (!this.need(buf, pos, 2, what)) return pos;
     const n = buf[pos + 1];
     if (!this.need(buf, pos, 2 + n + 8, what)) return pos;
     const name = buf.toString('latin1', pos + 2, pos + 2 + n);
+    const body = pos + 2 + n + 4;
+    if (name === 'configuration/capabilities') return this.configCapabilities(buf, pos, body);
+    if (name === 'configuration/uuid') return this.need(buf, body, 16, what) ? body + 16 : pos;
     if (name !== 'configuration/target-page-bits') this.fail('UNSUPPORTED', this.base + pos, `configuration subsection '${name}'`);
-    const bits = buf.readUInt32BE(pos + 2 + n + 4);
+    const bits = buf.readUInt32BE(body);
     if (bits !== 12) this.fail('UNSUPPORTED', this.base + pos, `target page bits ${bits}, only 4 KiB pages`);
-    return pos + 2 + n + 8;
+    return body + 4;
+  }
+
+  // be32 count, then counted capability names: read them all to name them.
+  private configCapabilities(buf: Buffer, pos: number, body: number): number {
+    const count = buf.readUInt32BE(body);
+    const caps: string[] = [];
+    let p = body + 4;
+    for (let i = 0; i < Math.min(count, 64); i++) {
+      if (!this.need(buf, p, 1, 'CONFIGURATION capabilities') || !this.need(buf, p, 1 + buf[p], 'CONFIGURATION capabilities')) return pos;
+      caps.push(buf.toString('latin1', p + 1, p + 1 + buf[p]));
+      p += 1 + buf[p];
+    }
+    this.fail('UNSUPPORTED', this.base + pos, capabilityRefusal(caps));
   }
 
   private sectionHeader(buf: Buffer, pos: number): number {
@@ -246,13 +259,21 @@ export class QemuDecoder implements StreamDecoder {
       case SEC.EOF: return this.enterTail(pos);
       case SEC.START: case SEC.FULL: return this.namedSection(buf, pos, type);
       case SEC.PART: case SEC.END: return this.ramPart(buf, pos);
-      case SEC.COMMAND: {
-        const cmd = buf.length - pos >= 3 ? buf.readUInt16BE(pos + 1) : -1;
-        const name = COMMANDS[cmd] ?? (cmd < 0 ? '' : `#${cmd}`);
-        this.fail('UNSUPPORTED', this.base + pos, `COMMAND section ${name} (postcopy / return path) is not supported`);
-      }
+      case SEC.COMMAND: return this.command(buf, pos);
       default: this.fail('UNKNOWN_FRAME', this.base + pos, `unknown section type 0x${hex(type)}`);
     }
+  }
+
+  // COMMAND: 08 be16 cmd be16 len data. Only SWITCHOVER_START passes: it only
+  // tells the destination's VFIO devices that iteration is over, carries no
+  // state, and a destination loads fine without it, so it is dropped.
+  private command(buf: Buffer, pos: number): number {
+    if (!this.need(buf, pos, 5, 'COMMAND section')) return pos;
+    const cmd = buf.readUInt16BE(pos + 1);
+    const len = buf.readUInt16BE(pos + 3);
+    if (cmd !== CMD.SWITCHOVER_START) this.fail('UNSUPPORTED', this.base + pos, commandRefusal(cmd));
+    if (len !== 0) this.fail('MALFORMED', this.base + pos, `SWITCHOVER_START command with ${len} bytes of data, expected 0`);
+    return pos + 5;
   }
 
   private namedSection(buf: Buffer, pos: number, type: number): number {
@@ -393,8 +414,8 @@ export class QemuDecoder implements StreamDecoder {
   }
 
   private ramControl(buf: Buffer, pos: number, flags: number): number {
-    for (const [bit, cap] of UNSUPPORTED_FLAGS) {
-      if (flags & bit) this.fail('UNSUPPORTED', this.base + pos, `RAM record flag 0x${flags.toString(16)}: capability ${cap} is not supported`);
+    for (const [bit, why] of UNSUPPORTED_FLAGS) {
+      if (flags & bit) this.fail('UNSUPPORTED', this.base + pos, `RAM record flags 0x${flags.toString(16)}, ${why}`);
     }
     if (flags === RAM.EOS) return (this.stage = 'footer'), pos + 8;
     if (flags === RAM.MEM_SIZE) return this.memSizeStart(buf, pos);

@@ -204,6 +204,46 @@ test('unknown section type, COMMAND, non-ram START, stray PART', () => {
   expectError(Buffer.concat([encodePreamble('m'), Buffer.from([0])]), 'MALFORMED', /before the ram block list/);
 });
 
+// QEMU 10 precopy (machine types >= 10.0) sends MIG_CMD_SWITCHOVER_START between
+// the last ram PART and the ram END section; it carries no state.
+test('QEMU 10: SWITCHOVER_START between ram sections is accepted at every split and dropped', () => {
+  const page = randomPage(prng(7));
+  const rec = (sec: number, flags: number, body: Buffer) => Buffer.concat([Buffer.from([sec, 0, 0, 0, 2]), word(0, flags, 'pc.ram'), body,
+    Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10, 0x7e, 0, 0, 0, 2])]);
+  const pre = Buffer.concat([encodePreamble('pc-i440fx-10.0'), encodeRamStart(blocks, ram)]);
+  const cmd = Buffer.from([0x08, 0, 11, 0, 0]);
+  const with11 = Buffer.concat([pre, rec(0x02, 0x02, Buffer.from([0])), cmd, rec(0x03, 0x08, page), tailBytes]);
+  const without = Buffer.concat([pre, rec(0x02, 0x02, Buffer.from([0])), rec(0x03, 0x08, page), tailBytes]);
+  const want = canon(decodeChunks([without]));
+  for (let cut = 1; cut < with11.length; cut += cut < pre.length ? 7 : 1) {
+    assert.equal(canon(decodeChunks(splitAt(with11, [cut]))), want, `split at ${cut}`);
+  }
+  const flat = flatten(decodeChunks([with11]));
+  assert.ok(flat[1].data!.equals(page), 'the page after the command is the END section\'s page');
+  expectError(Buffer.concat([pre, Buffer.from([0x08, 0, 11, 0, 1, 0])]), 'MALFORMED', /SWITCHOVER_START.*1 bytes/);
+});
+
+test('other COMMAND sections and configuration capabilities are refused with the setting to change', () => {
+  const pre = Buffer.concat([encodePreamble('pc-i440fx-10.0'), encodeRamStart(blocks, ram)]);
+  const cmd = (n: number) => Buffer.concat([pre, Buffer.from([0x08, 0, n, 0, 0])]);
+  expectError(cmd(3), 'UNSUPPORTED', /POSTCOPY_ADVISE.*postcopy-ram=false/);
+  expectError(cmd(8), 'UNSUPPORTED', /ENABLE_COLO.*x-colo/);
+  expectError(cmd(10), 'UNSUPPORTED', /RECV_BITMAP.*postcopy/);
+  expectError(cmd(42), 'UNSUPPORTED', /unknown COMMAND section 42/);
+  const sub = (name: string, body: Buffer) => Buffer.concat([Buffer.from([0x05, name.length]), Buffer.from(name), Buffer.from([0, 0, 0, 1]), body]);
+  const withSub = (s: Buffer) => {
+    const p = encodePreamble('pc-q35-10.0');
+    return Buffer.concat([p, s, encodeRamStart(blocks, ram), Buffer.from([0x02, 0, 0, 0, 2]), zeroRec(0, 'pc.ram'),
+      Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10, 0x7e, 0, 0, 0, 2]), tailBytes]);
+  };
+  const caps = Buffer.concat([Buffer.from([0, 0, 0, 2, 10]), Buffer.from('mapped-ram'), Buffer.from([15]), Buffer.from('x-ignore-shared')]);
+  expectError(withSub(sub('configuration/capabilities', caps)), 'UNSUPPORTED', /'mapped-ram', 'x-ignore-shared'.*mapped-ram=false/);
+  const uuid = decodeChunks(splitAt(withSub(sub('configuration/uuid', Buffer.alloc(16, 0xab))), [20]));
+  assert.is(flatten(uuid).length, 1, 'a validate-uuid stream decodes');
+  const state = uuid.find((e) => e.type === 'state') as Extract<StreamEvent, { type: 'state' }>;
+  assert.ok(state.state.data.includes(Buffer.alloc(16, 0xab)), 'the uuid stays in the kept preamble');
+});
+
 test('footer mismatch', () => {
   const s = withRecords(zeroRec(0, 'pc.ram'));
   s[s.length - 2] = 3; // last byte of the PART footer's id, before the 1-byte tail

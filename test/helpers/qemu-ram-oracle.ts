@@ -18,6 +18,9 @@ export function lastCopyRam(stream: Buffer, blockName: string, blockBytes: numbe
       p += 4 + 1 + nameLen + 8;
     } else if (type === 0x02 || type === 0x03) {
       p += 4;
+    } else if (type === 0x08) {
+      p += 4 + stream.readUInt16BE(p + 2); // COMMAND: be16 cmd, be16 len, data (QEMU 10's SWITCHOVER_START)
+      continue;
     } else return { ram, records };
     for (;;) {
       const word = Number(stream.readBigUInt64BE(p));

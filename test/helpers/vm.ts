@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import type { Readable } from 'node:stream';
 import { QmpClient } from '../../capture/qmp';
 import { openQemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult } from '../../capture/qemu-source';
+import { SYSTEM_QEMU, type QemuBinary } from './qemu10';
 
 export const MACHINE = 'pc-i440fx-7.2';
 
@@ -23,6 +24,8 @@ export interface VmOptions {
   incoming?: string; // QEMU -incoming URI, e.g. `exec:cat FILE`
   extraArgs?: string[];
   startTimeoutMs?: number; // until the QMP socket answers, default 20000
+  qemu?: QemuBinary; // default: the system QEMU 7.2 (SYSTEM_QEMU)
+  machine?: string; // default: the binary's pinned i440fx type
 }
 
 export interface SerialLine {
@@ -74,7 +77,8 @@ export function parseTick(line: SerialLine): Tick | null {
 }
 
 export function buildArgs(opts: VmOptions, dir: string): string[] {
-  const args = ['-machine', MACHINE, '-accel', 'tcg', '-display', 'none', '-nodefaults', '-no-user-config'];
+  const machine = opts.machine ?? (opts.qemu ?? SYSTEM_QEMU).machine;
+  const args = ['-machine', machine, '-accel', 'tcg', '-display', 'none', '-nodefaults', '-no-user-config'];
   args.push('-m', String(opts.memMb ?? 256), '-no-reboot');
   args.push('-chardev', 'stdio,id=serial0,signal=off', '-serial', 'chardev:serial0');
   args.push('-qmp', `unix:${path.join(dir, 'harness.qmp')},server=on,wait=off`);
@@ -90,12 +94,14 @@ export function buildArgs(opts: VmOptions, dir: string): string[] {
   return args.concat(opts.extraArgs ?? []);
 }
 
-function spawnQemu(args: string[], dir: string): ChildProcess {
+function spawnQemu(args: string[], dir: string, qemu: QemuBinary): ChildProcess {
   // The parent-death signal stops QEMU even if the test runner is SIGKILLed.
   const usePdeath = fs.existsSync('/usr/bin/setpriv');
-  const cmd = usePdeath ? '/usr/bin/setpriv' : 'qemu-system-x86_64';
-  const argv = usePdeath ? ['--pdeathsig', 'KILL', 'qemu-system-x86_64', ...args] : args;
-  const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'] });
+  const full = [...qemu.prefix, ...args];
+  const cmd = usePdeath ? '/usr/bin/setpriv' : qemu.cmd;
+  const argv = usePdeath ? ['--pdeathsig', 'KILL', qemu.cmd, ...full] : full;
+  const env = { ...process.env, ...qemu.env };
+  const child = spawn(cmd, argv, { stdio: ['pipe', 'pipe', 'pipe'], env });
   live.set(child, dir);
   child.once('exit', () => live.delete(child));
   return child;
@@ -126,7 +132,7 @@ class SerialReader {
 export async function startVm(opts: VmOptions = {}): Promise<Vm> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-vm-'));
   const args = buildArgs(opts, dir);
-  const child = spawnQemu(args, dir);
+  const child = spawnQemu(args, dir, opts.qemu ?? SYSTEM_QEMU);
   const serial = new SerialReader(path.join(dir, 'serial.log'));
   let stderr = '';
   let exitInfo: string | null = null;
