@@ -2,7 +2,8 @@
 // (whole file in memory, no batching, no validation beyond what it needs), used
 // as the oracle for "last copy of each page wins" in precopy tests. It shares no
 // code with format/qemu.ts on purpose.
-export function lastCopyRam(stream: Buffer, blockName: string, blockBytes: number): { ram: Buffer; records: number } {
+// `tail` is where the RAM sections ended: the device state's first byte.
+export function lastCopyRam(stream: Buffer, blockName: string, blockBytes: number): { ram: Buffer; records: number; tail: number } {
   const ram = Buffer.alloc(blockBytes);
   let p = 8; // magic + version
   if (stream[p] !== 0x07) throw new Error('oracle: no configuration section');
@@ -14,14 +15,14 @@ export function lastCopyRam(stream: Buffer, blockName: string, blockBytes: numbe
     if (type === 0x01 || type === 0x04) {
       const nameLen = stream[p + 4];
       const idstr = stream.toString('latin1', p + 5, p + 5 + nameLen);
-      if (idstr !== 'ram') return { ram, records };
+      if (idstr !== 'ram') return { ram, records, tail: p - 1 };
       p += 4 + 1 + nameLen + 8;
     } else if (type === 0x02 || type === 0x03) {
       p += 4;
     } else if (type === 0x08) {
       p += 4 + stream.readUInt16BE(p + 2); // COMMAND: be16 cmd, be16 len, data (QEMU 10's SWITCHOVER_START)
       continue;
-    } else return { ram, records };
+    } else return { ram, records, tail: p - 1 };
     for (;;) {
       const word = Number(stream.readBigUInt64BE(p));
       p += 8;
