@@ -29,7 +29,8 @@ import { StreamError, type StreamErrorCode } from './errors.js';
 import type { BlockInfo, StreamEvent, StreamDecoder, StreamTotals } from './events.js';
 import { readBe64 } from './bytes.js';
 import { checkTail } from './qemu-tail.js';
-import { CMD, UNSUPPORTED_FLAGS, capabilityRefusal, commandRefusal } from './qemu-refusals.js';
+import { CMD, UNSUPPORTED_FLAGS, commandRefusal } from './qemu-refusals.js';
+import { configSubsectionEnd } from './qemu-config.js';
 
 export const QEMU_MAGIC = 0x5145564d; // "QEVM"
 export const QEMU_VERSION = 3;
@@ -205,8 +206,8 @@ export class QemuDecoder implements StreamDecoder {
     for (;;) {
       if (!this.need(buf, end, 1, what)) return pos;
       if (buf[end] !== SEC.SUBSECTION) break;
-      const next = this.configSubsection(buf, end);
-      if (next === end) return pos;
+      const next = configSubsectionEnd(buf, end, this.base);
+      if (next < 0) return (this.want = 'CONFIGURATION subsection'), pos;
       end = next;
     }
     const label = buf.toString('latin1', pos + 5, pos + 5 + len);
@@ -219,37 +220,6 @@ export class QemuDecoder implements StreamDecoder {
     this.stage = 'section';
     this.want = 'a section header';
     return end;
-  }
-
-  // Subsection: 05, counted name, be32 version, fields. target-page-bits (x86
-  // never sends it) and uuid (validate-uuid; checked only by a destination that
-  // asks) pass; capabilities changes the RAM layout and is refused by name.
-  private configSubsection(buf: Buffer, pos: number): number {
-    const what = 'CONFIGURATION subsection';
-    if (!this.need(buf, pos, 2, what)) return pos;
-    const n = buf[pos + 1];
-    if (!this.need(buf, pos, 2 + n + 8, what)) return pos;
-    const name = buf.toString('latin1', pos + 2, pos + 2 + n);
-    const body = pos + 2 + n + 4;
-    if (name === 'configuration/capabilities') return this.configCapabilities(buf, pos, body);
-    if (name === 'configuration/uuid') return this.need(buf, body, 16, what) ? body + 16 : pos;
-    if (name !== 'configuration/target-page-bits') this.fail('UNSUPPORTED', this.base + pos, `configuration subsection '${name}'`);
-    const bits = buf.readUInt32BE(body);
-    if (bits !== 12) this.fail('UNSUPPORTED', this.base + pos, `target page bits ${bits}, only 4 KiB pages`);
-    return body + 4;
-  }
-
-  // be32 count, then counted capability names: read them all to name them.
-  private configCapabilities(buf: Buffer, pos: number, body: number): number {
-    const count = buf.readUInt32BE(body);
-    const caps: string[] = [];
-    let p = body + 4;
-    for (let i = 0; i < Math.min(count, 64); i++) {
-      if (!this.need(buf, p, 1, 'CONFIGURATION capabilities') || !this.need(buf, p, 1 + buf[p], 'CONFIGURATION capabilities')) return pos;
-      caps.push(buf.toString('latin1', p + 1, p + 1 + buf[p]));
-      p += 1 + buf[p];
-    }
-    this.fail('UNSUPPORTED', this.base + pos, capabilityRefusal(caps));
   }
 
   private sectionHeader(buf: Buffer, pos: number): number {

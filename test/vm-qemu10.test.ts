@@ -23,6 +23,11 @@ const MEM_MB = 128;
 const GUEST_MB = 32;
 const ctx: { guest?: Guest; qemu?: QemuBinary; vms: Vm[]; dir?: string } = { vms: [] };
 
+const t0 = Date.now();
+function mark(what: string): void {
+  if (process.env.BGSNAP_TIMING) process.stderr.write(`  [${((Date.now() - t0) / 1000).toFixed(1)} s] ${what}\n`);
+}
+
 async function vm10(extra: Partial<VmOptions> = {}): Promise<Vm> {
   const g = ctx.guest!;
   const vm = await startVm({ kernel: g.kernel, initrd: g.initrd, memMb: MEM_MB, guestMb: GUEST_MB, qemu: ctx.qemu, ...extra });
@@ -43,6 +48,7 @@ test.after(async () => {
 // capture --qmp | receive on a ticking guest; returns the image and its tick window.
 async function captureQmp(vm: Vm, name: string): Promise<{ image: string; window: TickWindow }> {
   await vm.waitForTicks(2, 90_000);
+  mark(`${name}: guest ticking`);
   const lastBefore = vm.ticks().at(-1)!.n;
   const from = vm.lines().length;
   const image = path.join(ctx.dir!, `${name}.img`);
@@ -51,6 +57,7 @@ async function captureQmp(vm: Vm, name: string): Promise<{ image: string; window
   assert.is(r.code, 0, r.stderr);
   assert.is(JSON.parse(fs.readFileSync(cap, 'utf8')).runStateAfter, 'running');
   assert.ok(vm.ticks(from).length >= 1, 'the guest printed ticks during the capture: it was not paused');
+  mark(`${name}: captured`);
   return { image, window: { lastBefore, lastEnd: vm.ticks().at(-1)!.n } };
 }
 
@@ -61,6 +68,7 @@ async function restoreChecks(image: string, window: TickWindow, machine: string)
   const vm = await vm10({ machine, incoming: `exec:${BIN.convert} '${image}' --to qemu -o -` });
   const ticks = await waitForResume(vm, window, 3, 120_000);
   assert.ok(ticks.every((t) => t.ok));
+  mark(`${machine}: restored, ${ticks.length} ticks ok`);
   await vm.kill();
 }
 
@@ -103,6 +111,7 @@ async function pidCapture(vm: Vm): Promise<void> {
   assert.not.ok(control.consistent, `control: a copy read while the guest runs passed the check: ${JSON.stringify(control)}`);
   fs.rmSync(out);
   fs.rmSync(image, { recursive: true, force: true });
+  mark('pid capture checked');
 }
 
 type Info = { status?: string };
@@ -120,12 +129,14 @@ async function migrateAndWait(vm: Vm, uri: string): Promise<string> {
 test('QEMU 10 precopy into bgsnap-receive: exactly the RAM and device state it sent, and it loads back into QEMU 10', async () => {
   const src = await vm10();
   await src.waitForTicks(2, 90_000);
+  mark('precopy: guest ticking');
   const raw = path.join(ctx.dir!, 'precopy.qemu');
   const image = path.join(ctx.dir!, 'precopy.img');
   const stats = path.join(ctx.dir!, 'precopy.json');
   await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 20_000 });
   assert.is(await migrateAndWait(src, `exec:tee '${raw}' | ${BIN.receive} -q -o '${image}' --stats '${stats}'`), 'completed');
   await src.kill();
+  mark('precopy: migrated');
   for (let i = 0; i < 100 && !fs.existsSync(stats); i++) await sleep(100);
   assert.is(JSON.parse(fs.readFileSync(stats, 'utf8')).status, 'complete');
   const stream = fs.readFileSync(raw);
@@ -147,7 +158,9 @@ test('QEMU 10 precopy into bgsnap-receive: exactly the RAM and device state it s
   fs.rmSync(conv);
   assert.ok(again.subarray(again.length - devices.length).equals(devices), 'the image gives back the device state byte for byte');
   assert.not.ok(again.includes(cmdAfterRam), 'the command is dropped, not replayed');
+  mark('precopy: checked against the stream');
   await loadBack(image, oracle.ram);
+  mark('precopy: loaded back');
 });
 
 // A fresh QEMU 10 loads the converted image (-S: it waits paused), and migrated
