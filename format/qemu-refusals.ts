@@ -4,12 +4,14 @@
 // Sources: migration/ram.h (RAM_SAVE_FLAG_*), migration/savevm.c (MIG_CMD_*,
 // the configuration section's subsections), migration/options.c.
 
-// RAM record flags. 0x100 (compress) was removed in QEMU 9.1; 0x200 comes only
-// with multifd, whose pages travel on other channels than the one we read.
+// RAM record flags. 0x100 (compress) was removed in QEMU 9.1. 0x200 alone
+// (MULTIFD_FLUSH) is handled by the decoder; combined with others it is refused.
+export const MULTIFD = 'capability multifd is on and pages travel on channels bgsnap does not read; turn multifd off';
+
 export const UNSUPPORTED_FLAGS: [number, string][] = [
   [0x40, 'XBZRLE: capability xbzrle is on; turn it off (migrate-set-capabilities xbzrle=false)'],
   [0x100, 'COMPRESS_PAGE: capability compress is on (QEMU before 9.1); turn it off'],
-  [0x200, 'MULTIFD_FLUSH: capability multifd is on and pages travel on channels bgsnap does not read; turn multifd off'],
+  [0x200, `MULTIFD_FLUSH: ${MULTIFD}`],
   [0x80, 'HOOK: the stream comes from an rdma: migration; use exec: or a socket'],
   [0x01, 'FULL: obsolete since 2009'],
 ];

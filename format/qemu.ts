@@ -1,8 +1,7 @@
 // Decoder for QEMU 7.2 to 10.x migration streams (`migrate exec:...`, plain
 // precopy or background-snapshot). Only the RAM part is understood; device state
 // has no length fields, so everything from the first device section on is kept
-// opaque. What newer QEMU adds and we cannot follow is refused by name
-// (qemu-refusals.ts).
+// opaque. What we cannot follow is refused by name (qemu-refusals.ts).
 //
 //   "QEVM" be32 3                                   file header
 //   07 be32 len machine-type [05 subsection]*       CONFIGURATION (no footer)
@@ -15,8 +14,8 @@
 //               flags 0x08 PAGE: 4096 bytes; 0x02 ZERO: 1 fill byte
 //               flag 0x20 CONTINUE: block name omitted, same block as the last
 //               record of any ram section (global, not per section)
-//   08 be16 11 be16 0                               SWITCHOVER_START (10.0+
-//                                                   precopy, before ram END)
+//               be64 0x200 MULTIFD_FLUSH, no body (8.1 without multifd)
+//   08 be16 11 be16 0                               SWITCHOVER_START (10.0 precopy)
 //   04 ... device FULL sections ... 00 EOF [06 be32 len JSON]   opaque tail
 //
 // Parsing is record by record over whatever bytes have arrived. An incomplete
@@ -29,7 +28,7 @@ import { StreamError, type StreamErrorCode } from './errors.js';
 import type { BlockInfo, StreamEvent, StreamDecoder, StreamTotals } from './events.js';
 import { readBe64 } from './bytes.js';
 import { checkTail } from './qemu-tail.js';
-import { CMD, UNSUPPORTED_FLAGS, commandRefusal } from './qemu-refusals.js';
+import { CMD, MULTIFD, UNSUPPORTED_FLAGS, commandRefusal } from './qemu-refusals.js';
 import { configSubsectionEnd } from './qemu-config.js';
 
 export const QEMU_MAGIC = 0x5145564d; // "QEVM"
@@ -80,6 +79,7 @@ export class QemuDecoder implements StreamDecoder {
   private memTotal = -1; // MEM_SIZE total; -1 until the list was seen
   private memLeft = 0;
   private lastBlock = -1;
+  private multifdFlushes = 0;
   private ramId = -1;
   private sectionId = -1;
   private tail: Buffer[] = [];
@@ -234,9 +234,8 @@ export class QemuDecoder implements StreamDecoder {
     }
   }
 
-  // COMMAND: 08 be16 cmd be16 len data. Only SWITCHOVER_START passes: it only
-  // tells the destination's VFIO devices that iteration is over, carries no
-  // state, and a destination loads fine without it, so it is dropped.
+  // COMMAND: 08 be16 cmd be16 len data. Only SWITCHOVER_START passes, dropped: it
+  // carries no state, only tells a destination's VFIO devices iteration is over.
   private command(buf: Buffer, pos: number): number {
     if (!this.need(buf, pos, 5, 'COMMAND section')) return pos;
     const cmd = buf.readUInt16BE(pos + 1);
@@ -294,9 +293,17 @@ export class QemuDecoder implements StreamDecoder {
 
   private enterTail(pos: number): number {
     if (this.memTotal < 0 || this.memLeft > 0) this.fail('MALFORMED', this.base + pos, 'device state before the ram block list');
+    this.checkMultifd(pos);
     this.flush();
     this.stage = 'tail';
     return pos;
+  }
+
+  // MULTIFD_FLUSH is a no-op without multifd (QEMU 8.1 sent it regardless). With
+  // multifd, data pages travel on other channels and none on this one.
+  private checkMultifd(pos: number): void {
+    if (this.multifdFlushes === 0 || this.totals.pages > this.totals.zeroPages) return;
+    this.fail('UNSUPPORTED', this.base + pos, `${this.multifdFlushes} MULTIFD_FLUSH records and no data page: ${MULTIFD}`);
   }
 
   private addTail(buf: Buffer, from: number): void {
@@ -384,6 +391,7 @@ export class QemuDecoder implements StreamDecoder {
   }
 
   private ramControl(buf: Buffer, pos: number, flags: number): number {
+    if (flags === RAM.MULTIFD_FLUSH) return this.multifdFlushes++, pos + 8;
     for (const [bit, why] of UNSUPPORTED_FLAGS) {
       if (flags & bit) this.fail('UNSUPPORTED', this.base + pos, `RAM record flags 0x${flags.toString(16)}, ${why}`);
     }

@@ -223,6 +223,23 @@ test('QEMU 10: SWITCHOVER_START between ram sections is accepted at every split 
   expectError(Buffer.concat([pre, Buffer.from([0x08, 0, 11, 0, 1, 0])]), 'MALFORMED', /SWITCHOVER_START.*1 bytes/);
 });
 
+// QEMU 8.1 put MULTIFD_FLUSH (a bare be64 0x200) in the main channel with
+// multifd off: after the block list, at each full round, and before the last EOS.
+test('QEMU 8.1: MULTIFD_FLUSH records without multifd change nothing; with no data page at all they mean multifd', () => {
+  const flush = word(0, 0x200);
+  const page = randomPage(prng(8));
+  const start = encodeRamStart(blocks, ram);
+  const startWithFlush = Buffer.concat([start.subarray(0, start.length - 13), flush, start.subarray(start.length - 13)]);
+  const body = (f: Buffer) => Buffer.concat([zeroRec(0, 'pc.ram'), f, word(4096, 0x08 | 0x20), page, f]);
+  const part = (f: Buffer) => Buffer.concat([Buffer.from([0x02, 0, 0, 0, 2]), body(f), Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10, 0x7e, 0, 0, 0, 2])]);
+  const with81 = Buffer.concat([encodePreamble('pc-i440fx-8.1'), startWithFlush, part(flush), tailBytes]);
+  const without = Buffer.concat([encodePreamble('pc-i440fx-8.1'), start, part(Buffer.alloc(0)), tailBytes]);
+  assert.equal(canon(decodeChunks(splitAt(with81, [start.length + 20, with81.length - 30]))), canon(decodeChunks([without])));
+  const zerosOnly = Buffer.concat([encodePreamble('pc-i440fx-8.1'), startWithFlush, Buffer.from([0x02, 0, 0, 0, 2]), zeroRec(0, 'pc.ram'), flush,
+    Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x10, 0x7e, 0, 0, 0, 2]), tailBytes]);
+  expectError(zerosOnly, 'UNSUPPORTED', /2 MULTIFD_FLUSH records and no data page.*turn multifd off/);
+});
+
 test('other COMMAND sections and configuration capabilities are refused with the setting to change', () => {
   const pre = Buffer.concat([encodePreamble('pc-i440fx-10.0'), encodeRamStart(blocks, ram)]);
   const cmd = (n: number) => Buffer.concat([pre, Buffer.from([0x08, 0, n, 0, 0])]);
@@ -263,7 +280,7 @@ test('page past the end of its block, unknown block, CONTINUE without block', ()
 });
 
 test('unsupported record flags name the capability', () => {
-  const cases: [number, RegExp][] = [[0x40, /xbzrle/], [0x100, /compress/], [0x200, /multifd/], [0x80, /rdma/], [0x60, /xbzrle/]];
+  const cases: [number, RegExp][] = [[0x40, /xbzrle/], [0x100, /compress/], [0x208, /multifd/], [0x80, /rdma/], [0x60, /xbzrle/]];
   for (const [flag, re] of cases) expectError(withRecords(word(0, flag, 'pc.ram')), 'UNSUPPORTED', re);
   expectError(withRecords(word(0, 0x400)), 'UNSUPPORTED', /unknown RAM record flags 0x400/);
   expectError(withRecords(word(0, 0x0a, 'pc.ram')), 'MALFORMED', /combination/);
