@@ -134,7 +134,9 @@ test('QEMU 10 precopy into bgsnap-receive: exactly the RAM and device state it s
   const image = path.join(ctx.dir!, 'precopy.img');
   const stats = path.join(ctx.dir!, 'precopy.json');
   await src.qmp.execute('migrate-set-parameters', { 'downtime-limit': 20_000 });
+  const lastBefore = src.ticks().at(-1)!.n;
   assert.is(await migrateAndWait(src, `exec:tee '${raw}' | ${BIN.receive} -q -o '${image}' --stats '${stats}'`), 'completed');
+  const window = { lastBefore, lastEnd: src.ticks().at(-1)!.n };
   await src.kill();
   mark('precopy: migrated');
   for (let i = 0; i < 100 && !fs.existsSync(stats); i++) await sleep(100);
@@ -159,13 +161,14 @@ test('QEMU 10 precopy into bgsnap-receive: exactly the RAM and device state it s
   assert.ok(again.subarray(again.length - devices.length).equals(devices), 'the image gives back the device state byte for byte');
   assert.not.ok(again.includes(cmdAfterRam), 'the command is dropped, not replayed');
   mark('precopy: checked against the stream');
-  await loadBack(image, oracle.ram);
+  await loadBack(image, oracle.ram, window);
   mark('precopy: loaded back');
 });
 
 // A fresh QEMU 10 loads the converted image (-S: it waits paused), and migrated
-// out again gives back exactly the image's RAM.
-async function loadBack(image: string, ram: Buffer): Promise<void> {
+// out again gives back exactly the image's RAM; continued, the guest resumes
+// where the source stopped, with its check intact.
+async function loadBack(image: string, ram: Buffer, window: TickWindow): Promise<void> {
   const vm = await vm10({ incoming: `exec:${BIN.convert} '${image}' --to qemu -o -`, extraArgs: ['-S'] });
   let status = '';
   for (let i = 0; i < 300 && status !== 'paused'; i++) {
@@ -178,6 +181,9 @@ async function loadBack(image: string, ram: Buffer): Promise<void> {
   for (let i = 0; i < 100 && !fs.existsSync(`${out}.done`); i++) await sleep(100);
   assert.ok(lastCopyRam(fs.readFileSync(out), 'pc.ram', MEM_MB << 20).ram.equals(ram), 'the restored VM holds exactly the RAM of the image');
   fs.rmSync(out);
+  await vm.qmp.execute('cont');
+  const ticks = await waitForResume(vm, window, 3, 60_000);
+  assert.ok(ticks.every((t) => t.ok));
   await vm.kill();
 }
 
