@@ -22,12 +22,14 @@ import * as path from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
 import { QmpClient } from './qmp';
 
-// Capabilities QEMU 7.x refuses to combine with background-snapshot
+// Capabilities QEMU 7.x-10.x refuses to combine with background-snapshot
 // (migrate_caps_check); checked first so the user learns every offender at once.
+// Also the two that change the RAM layout, which bgsnap-receive refuses: QEMU 10
+// takes mapped-ram only on a file: URI, x-ignore-shared leaves shared RAM out.
 export const INCOMPATIBLE_CAPABILITIES: readonly string[] = [
   'postcopy-ram', 'postcopy-blocktime', 'dirty-bitmaps', 'late-block-activate', 'return-path',
   'pause-before-switchover', 'multifd', 'zero-copy-send', 'auto-converge', 'release-ram',
-  'rdma-pin-all', 'compress', 'xbzrle', 'x-colo', 'validate-uuid',
+  'rdma-pin-all', 'compress', 'xbzrle', 'x-colo', 'validate-uuid', 'mapped-ram', 'x-ignore-shared',
 ];
 
 // Migration states in which QEMU would refuse (or confuse) a new migration.

@@ -187,6 +187,20 @@ async function loadBack(image: string, ram: Buffer, window: TickWindow): Promise
   await vm.kill();
 }
 
+test('QEMU 10: capture --qmp refuses mapped-ram and x-ignore-shared by name before touching the VM', async () => {
+  const vm = await startVm({ memMb: 64, qemu: ctx.qemu }); // SeaBIOS alone is enough
+  ctx.vms.push(vm);
+  const caps = [{ capability: 'mapped-ram', state: true }, { capability: 'x-ignore-shared', state: true }];
+  await vm.qmp.execute('migrate-set-capabilities', { capabilities: caps });
+  const before = await vm.qmp.execute('query-migrate-capabilities');
+  const r = await sh(`${BIN.capture} --qmp '${vm.qmpPath}' > /dev/null`, 30_000);
+  assert.is.not(r.code, 0);
+  assert.match(r.stderr, /'mapped-ram', 'x-ignore-shared'.*migrate_set_capability mapped-ram off/s);
+  assert.equal(await vm.qmp.execute('query-migrate-capabilities'), before, 'capabilities untouched');
+  assert.is((await vm.qmp.execute<{ status: string }>('query-status')).status, 'running');
+  await vm.kill();
+});
+
 test('QEMU 10 pc-q35-10.0: capture --qmp while it runs, restored into QEMU 10 with check=ok', async () => {
   const machine = ctx.qemu!.q35;
   const vm = await vm10({ machine });
