@@ -1,5 +1,6 @@
-// Boots throw-away QEMU VMs for tests: TCG only (KVM is not guaranteed here),
-// a fixed machine type so snapshots restore, the serial console captured line by
+// Boots throw-away QEMU VMs for tests: the system QEMU 7.2 or QEMU 10.0 from the
+// test cache (helpers/qemu10.ts), TCG only (KVM is not guaranteed here), a fixed
+// machine type so snapshots restore, the serial console captured line by
 // line, and two QMP monitors: `qmp` (connected, for the harness) and `qmpPath`
 // (left free for the code under test, since a QMP monitor serves one client at
 // a time). QEMU processes must never outlive the test run; see killAllVms().
@@ -12,7 +13,7 @@ import { QmpClient } from '../../capture/qmp';
 import { openQemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult } from '../../capture/qemu-source';
 import { SYSTEM_QEMU, type QemuBinary } from './qemu10';
 
-export const MACHINE = 'pc-i440fx-7.2';
+export const MACHINE = SYSTEM_QEMU.machine; // pc-i440fx-7.2, the default VMs' machine type
 
 export interface VmOptions {
   kernel?: string; // without a kernel the VM just runs SeaBIOS, enough for QMP tests
