@@ -6,6 +6,8 @@
 // - QEMU 10's own precopy (which adds a SWITCHOVER_START command before the ram
 //   END section) into bgsnap-receive: the image holds exactly the RAM and device
 //   state QEMU sent (independent reading of the teed stream) and loads back;
+// - a QEMU 7.2 snapshot restored into QEMU 10 (same machine type);
+// - capture refusing the capabilities QEMU 10 added that change the RAM layout;
 // - the same background snapshot round trip on pc-q35-10.0.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -186,6 +188,17 @@ async function loadBack(image: string, ram: Buffer, window: TickWindow): Promise
   assert.ok(ticks.every((t) => t.ok));
   await vm.kill();
 }
+
+// The upgrade path: a snapshot taken on the system QEMU 7.2 restores into QEMU
+// 10 running the same machine type.
+test('a QEMU 7.2 snapshot (pc-i440fx-7.2) restores into QEMU 10 with check=ok', async () => {
+  const g = ctx.guest!;
+  const vm = await startVm({ kernel: g.kernel, initrd: g.initrd, memMb: MEM_MB, guestMb: GUEST_MB });
+  ctx.vms.push(vm);
+  const { image, window } = await captureQmp(vm, 'from72');
+  await vm.kill();
+  await restoreChecks(image, window, 'pc-i440fx-7.2');
+});
 
 test('QEMU 10: capture --qmp refuses mapped-ram and x-ignore-shared by name before touching the VM', async () => {
   const vm = await startVm({ memMb: 64, qemu: ctx.qemu }); // SeaBIOS alone is enough
