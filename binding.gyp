@@ -9,7 +9,7 @@
     {
       "target_name": "bgsnap",
       "sources": [
-        "capture/native/addon.cc", "io/native/errno_error.cc",
+        "capture/native/addon.cc", "io/native/errno_error.cc", "capture/native/preflight.cc",
         "capture/native/ptrace_freeze.cc", "capture/native/inject.cc", "capture/native/procfs.cc",
         "capture/native/buffers.cc", "capture/native/uffd_capture.cc", "capture/native/protect.cc", "capture/native/session.cc",
         "capture/native/saver.cc", "capture/native/capture_js.cc", "capture/native/capture_info.cc"

@@ -20,6 +20,7 @@ const prog = new Command('bgsnap-capture')
   .option('--pid <pid>', 'any running process', parseIntArg('--pid'))
   .option('--buffer-mb <MiB>', 'process only: capture buffer memory; faulting writers wait when it is full', parseIntArg('--buffer-mb'), 64)
   .option('--rate-limit <MBps>', 'process only: pace the linear scan', parseIntArg('--rate-limit'))
+  .option('--allow-nondumpable', 'process only: capture a target that made itself non-dumpable (ssh-agent, gpg-agent: it holds keys)')
   .option('-o, --output <file>', 'write the stream to a file instead of stdout', '-')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
@@ -28,7 +29,7 @@ addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
-  bufferMb: number; rateLimit?: number;
+  bufferMb: number; rateLimit?: number; allowNondumpable?: boolean;
 } & NetFlags;
 const opts = prog.opts<Opts>();
 
@@ -42,7 +43,13 @@ function compressLevel(): number | undefined {
 async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) => void }> {
   if (opts.qmp && opts.pid !== undefined) throw new Error('give one of --qmp and --pid, not both');
   if (opts.qmp) return captureQemu(opts.qmp, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6 });
-  if (opts.pid !== undefined) return captureProcess(opts.pid, { bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true });
+  if (opts.pid !== undefined) {
+    return captureProcess(opts.pid, {
+      bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true, allowNonDumpable: opts.allowNondumpable,
+      // Tests only: take the path of a tracer that cannot suspend the target's seccomp filter.
+      testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
+    });
+  }
   throw new Error('say what to capture: --qmp SOCKET or --pid PID');
 }
 
@@ -84,10 +91,12 @@ main('bgsnap-capture', async () => {
   const acked = opts.to !== undefined ? summary : undefined; // the receiver's summary
   const seconds = (Date.now() - started) / 1000;
   if (process.stderr.isTTY) process.stderr.write('\n');
+  const stats = source.stats() as { unseenWrites?: { warnings: string[] } };
+  for (const w of stats.unseenWrites?.warnings ?? []) process.stderr.write(`bgsnap-capture: warning: ${w}\n`);
   // maxRssKiB: the capture's own peak memory, which --buffer-mb bounds whatever the target's size.
   const maxRssKiB = process.resourceUsage().maxRSS;
   writeStats(opts.stats, {
     status: 'complete', ...totals, bytesOut: out.bytes, seconds, throughputMBps: out.bytes / 1e6 / seconds, maxRssKiB,
-    ...source.stats(), ...(acked ? { receiver: acked } : {}),
+    ...stats, ...(acked ? { receiver: acked } : {}),
   });
 });

@@ -26,6 +26,8 @@ export interface CaptureOptions {
   preProtect?: boolean; // default true; false protects everything inside the freeze (for comparisons)
   testHoldAt?: 'inject' | 'preprotect' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
   testHoldMs?: number;
+  allowNonDumpable?: boolean; // capture a non-dumpable target anyway
+  testNoSuspendSeccomp?: boolean; // tests: refuse a seccomp target as a non-root tracer must
 }
 
 export interface NativeBatch {
@@ -72,6 +74,7 @@ export interface FreezeStats {
   threads: number;
   rounds: number;
   sysctlToggled: boolean;
+  seccompSuspended: boolean;
   snapshotTime: number; // ms since the epoch
 }
 

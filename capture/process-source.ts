@@ -24,6 +24,8 @@
 import * as crypto from 'node:crypto';
 import { addon, type CaptureInfo, type CaptureOptions, type NativeBatch } from './addon';
 import { copyReadOnly, READ_ONLY_HOW, type ReadOnlyCopy } from './readonly-maps';
+import { preflight } from './preflight';
+import { findUnseenWrites, type UnseenWrites } from './unseen-writes';
 import { encodeProcessState, STATE_KIND, type ProcessState } from '../format/process-state';
 import type { CaptureSource } from './source';
 import type { BlockInfo, PageBatch, StreamEvent, StreamTotals } from '../format/events';
@@ -36,6 +38,8 @@ export interface ProcessCaptureOptions {
   preProtect?: CaptureOptions['preProtect'];
   testHoldAt?: CaptureOptions['testHoldAt'];
   testHoldMs?: number;
+  allowNonDumpable?: boolean; // capture a prctl(PR_SET_DUMPABLE, 0) target (ssh-agent) anyway
+  testNoSuspendSeccomp?: boolean; // tests: take the path of a tracer that cannot suspend seccomp
 }
 
 export interface ProcessCaptureStats {
@@ -70,6 +74,9 @@ export interface ProcessCaptureStats {
   // Read-only mappings copied after the freeze (RELRO, vdso), included in blocks,
   // capturedBytes and bytes above; skipped: left out by the size cap.
   readOnly: { blocks: number; bytes: number; skipped: string[] };
+  seccompSuspended: boolean; // the injected thread's seccomp filter was suspended for our syscalls
+  // Writes write-protection cannot see (capture/unseen-writes.ts), found at the snapshot point.
+  unseenWrites: UnseenWrites;
 }
 
 export interface ProcessCapture extends CaptureSource<ProcessCaptureStats> {
@@ -95,7 +102,9 @@ function copyBatch(b: NativeBatch): PageBatch {
   return { block: b.block, index: Uint32Array.from(b.index), zero: Uint8Array.from(b.zero), data: Buffer.from(b.data) };
 }
 
-export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnlyCopy): ProcessCaptureStats {
+const NO_UNSEEN: UnseenWrites = { ioUringBuffers: 0, ioUringBufferBytes: 0, deviceFds: [], directIoFds: [], mappedFds: [], warnings: [] };
+
+export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnlyCopy, unseen = NO_UNSEEN): ProcessCaptureStats {
   const c = info?.counters;
   const f = info?.freeze;
   const seconds = info?.seconds ?? 0;
@@ -119,6 +128,7 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
     layoutEvents: { remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0 },
     bufferWaits: c?.bufferWaits ?? 0, sysctlToggled: f?.sysctlToggled ?? false,
     readOnly: { blocks: ro?.blocks.length ?? 0, bytes: ro?.bytes ?? 0, skipped: ro?.skipped ?? [] },
+    seccompSuspended: f?.seccompSuspended ?? false, unseenWrites: unseen,
   };
 }
 
@@ -127,6 +137,7 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
   let last: CaptureInfo | undefined;
   let aborted: string | undefined;
   let ro: ReadOnlyCopy | undefined;
+  let unseen: UnseenWrites | undefined;
   const held = new Map<PageBatch, number>();
   const totals: StreamTotals = { pages: 0, zeroPages: 0, discarded: 0, batches: 0, states: 0 };
 
@@ -169,9 +180,11 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
   async function* events(): AsyncGenerator<StreamEvent> {
     if (!Number.isInteger(pid) || pid <= 0) throw Object.assign(new Error(`not a process id: ${pid}`), { code: 'EINVAL' });
     try {
+      preflight(pid, opts);
       handle = await addon.startCapture(pid, opts);
       if (aborted) addon.abortCapture(handle);
       last = addon.captureInfo(handle);
+      unseen = findUnseenWrites(pid, last.maps ?? []);
       const base = last.blocks?.length ?? 0;
       if (!aborted) ro = copyReadOnly(pid, last.maps ?? []);
       ro?.maps.forEach((m, i) => Object.assign(last!.maps![m], { block: base + i, how: READ_ONLY_HOW }));
@@ -205,7 +218,7 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
       aborted = reason;
       if (handle !== undefined) addon.abortCapture(handle);
     },
-    stats: () => statsOf(handle !== undefined && last?.state !== 'done' && last?.state !== 'failed' ? safeInfo(handle) ?? last : last, pid, ro),
+    stats: () => statsOf(handle !== undefined && last?.state !== 'done' && last?.state !== 'failed' ? safeInfo(handle) ?? last : last, pid, ro, unseen),
     release(batch: PageBatch) {
       const id = held.get(batch);
       if (id === undefined || handle === undefined) return;

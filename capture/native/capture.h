@@ -23,6 +23,7 @@ namespace bgsnap {
 
 constexpr uint64_t kPage = 4096;
 constexpr uint64_t kHuge = 2ull << 20;
+constexpr uint64_t kMaxBlockPages = 1ull << 31;  // preflight.cc: CheckBlockSize
 
 // A failure: errno-style code plus a sentence for people.
 struct Failure {
@@ -115,6 +116,8 @@ struct Options {
   bool preProtect = true;      // false: protect everything inside the freeze (benchmarks' "before")
   std::string holdAt;         // tests: "inject", "preprotect", "frozen" or "copy"
   uint32_t holdMs = 0;
+  bool allowNonDumpable = false;  // capture a prctl(PR_SET_DUMPABLE, 0) target anyway
+  bool suspendSeccomp = true;     // tests: false takes the refusal a non-root tracer gets
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the
@@ -128,6 +131,7 @@ struct FreezeStats {
   uint64_t preFaults = 0, preRounds = 0, reprotectRanges = 0, reprotectPages = 0;
   int stops = 2;  // 1 when little memory is mapped by 4 KiB pages (Session::SmallFootprint)
   int threads = 0, rounds = 0;
+  bool seccompSuspended = false;  // the injectee's seccomp filter was suspended for our syscalls
   bool sysctlToggled = false;  // vm.unprivileged_userfaultfd set to 1 around injection
   double snapshotTime = 0;     // wall-clock ms at the snapshot point
 };

@@ -31,6 +31,7 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("threads", fz.threads);
   o.Set("rounds", fz.rounds);
   o.Set("sysctlToggled", fz.sysctlToggled);
+  o.Set("seccompSuspended", fz.seccompSuspended);
   o.Set("snapshotTime", fz.snapshotTime);
   return o;
 }

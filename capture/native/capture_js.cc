@@ -99,6 +99,8 @@ Options ParseOptions(const Napi::Value& v) {
   if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
   Napi::Value at = obj.Get("testHoldAt");
   if (at.IsString()) o.holdAt = at.As<Napi::String>().Utf8Value();
+  o.allowNonDumpable = obj.Get("allowNonDumpable").ToBoolean().Value();
+  o.suspendSeccomp = !obj.Get("testNoSuspendSeccomp").ToBoolean().Value();
   return o;
 }
 

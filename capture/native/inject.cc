@@ -96,6 +96,11 @@ bool Freezer::RemoteSyscall(long nr, const long args[6], long* result, Failure* 
   return !f->failed();
 }
 
+bool Freezer::SetOptions(pid_t tid, long options, Failure* f) {
+  if (Ptrace(PTRACE_SETOPTIONS, tid, options) == 0) return true;
+  return f->Set(errno, "ptrace(PTRACE_SETOPTIONS) of thread " + std::to_string(tid));
+}
+
 bool Freezer::Park(Failure* f) {
   ThreadState* t = Injectee();
   if (!t) return true;

@@ -39,6 +39,8 @@ class Freezer {
   // Clear the single-step trap flag and leave the injection thread in a clean
   // event stop, so our death at any later point cannot SIGTRAP the target.
   bool Park(Failure* f);
+  pid_t InjecteeTid() { ThreadState* t = Injectee(); return t ? t->tid : 0; }
+  bool SetOptions(pid_t tid, long options, Failure* f);
   bool FindSyscallInsn(uint64_t vdsoStart, uint64_t vdsoEnd, Failure* f);
 
   std::vector<ThreadState>& threads() { return threads_; }

@@ -91,7 +91,7 @@ static void RealTime(bool on) {
 
 bool Session::Setup(Failure* f) {
   if (pid_ <= 0 || pid_ == getpid()) return f->Set(EINVAL, "cannot capture PID " + std::to_string(pid_));
-  if (!ProbeKernel(f)) return false;
+  if (!CheckDumpable(f) || !ProbeKernel(f)) return false;
   if (!pool.Init(opts_.bufferMb, f)) return false;  // pre-faulted before the pause
   if (!opts_.preProtect || SmallFootprint()) {
     freeze.stops = 1;

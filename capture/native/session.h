@@ -11,6 +11,8 @@
 
 namespace bgsnap {
 
+bool CheckBlockSize(const MapEntry& m, Failure* f);  // preflight.cc
+
 class Session {
  public:
   enum State { kFreezing = 0, kRunning = 1, kDone = 2, kFailed = 3 };
@@ -60,6 +62,8 @@ class Session {
   bool FrozenWork(Failure* f);
   // Freeze phase (uffd_capture.cc).
   bool ProbeKernel(Failure* f);
+  bool CheckDumpable(Failure* f);                          // preflight.cc
+  bool SuspendSeccomp(Freezer& fz, bool on, Failure* f);  // preflight.cc
   bool ReadProcState(Failure* f);
   bool InjectUffd(Freezer& fz, Failure* f);
   bool RemoteUffd(Freezer& fz, long* fd, Failure* f);
@@ -67,6 +71,7 @@ class Session {
   bool ScanUntouched(Failure* f);
   bool ShmemHoles(Failure* f);
   bool CopyFrozen(Failure* f);
+  bool DeviceMapping(size_t bi);
   // Write-protect ahead of the freeze, and complete it while frozen (protect.cc).
   using Range = std::pair<uint64_t, uint64_t>;
   bool PreProtect(Failure* f);
@@ -107,6 +112,7 @@ class Session {
 
   pid_t pid_;
   Options opts_;
+  bool seccompSuspended_ = false;
   std::function<void()> notify_, release_;
   std::atomic<bool> frozen_{false};
   std::thread thread_, watchdog_;

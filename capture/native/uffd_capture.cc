@@ -51,6 +51,7 @@ bool Session::ReadProcState(Failure* f) {
   if (!ReadWhole(base + "maps", &mapsText) || !ParseMaps(mapsText, &maps)) {
     return f->Set(ESRCH, "reading " + base + "maps (kernel thread or exited?)");
   }
+  if (!CheckDumpable(f)) return false;  // again while frozen: it may have changed since Setup
   ReadWhole(base + "auxv", &auxv);
   ReadWhole(base + "cmdline", &cmdline);
   ReadWhole(base + "status", &status);
@@ -101,9 +102,11 @@ bool Session::InjectUffd(Freezer& fz, Failure* f) {
   if (!vdso) return f->Set(ENOEXEC, "the target has no vDSO to borrow a syscall instruction from");
   if (!fz.FindSyscallInsn(vdso->start, vdso->end, f)) return false;
   long remote = -1;
+  if (!SuspendSeccomp(fz, true, f)) return false;
   if (!RemoteUffd(fz, &remote, f)) {
     Failure ignored;  // clear the trap flag now: dying before detach must not SIGTRAP it
     fz.Park(&ignored);
+    SuspendSeccomp(fz, false, &ignored);
     return false;
   }
   int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
@@ -113,7 +116,7 @@ bool Session::InjectUffd(Freezer& fz, Failure* f) {
   // The target must hold no copy: our death must always release the protection.
   long args[6] = {remote, 0, 0, 0, 0, 0}, r = 0;
   bool closed = fz.RemoteSyscall(SYS_close, args, &r, f);
-  bool parked = fz.Park(f);
+  bool parked = fz.Park(f) && SuspendSeccomp(fz, false, f);
   if (local < 0) return f->Set(getErr, "pidfd_getfd of the injected userfaultfd");
   uffd_ = local;
   if (!closed || !parked) return false;
@@ -130,6 +133,12 @@ static bool Skippable(const MapEntry& m, std::string* why) {
   return true;
 }
 
+// Untouched pages of these read as zero. A private mapping of /dev/zero is
+// anonymous memory (the kernel drops its file ops) though maps names the file.
+static bool AnonPrivate(const MapEntry& m) {
+  return m.perms[3] == 'p' && (m.path.empty() || m.path[0] == '[' || m.path == "/dev/zero");
+}
+
 // Register every writable mapping for write-protect. The kernel refuses private
 // file mappings (EINVAL) and ranges the target registered itself (EBUSY): those
 // are copied while frozen instead; they are small (a library's .data).
@@ -138,6 +147,7 @@ bool Session::PlanAndRegister(Failure* f) {
   for (size_t i = 0; i < maps.size(); i++) {
     MapEntry& m = maps[i];
     if (Skippable(m, &m.how)) { m.how = "skipped: " + m.how; continue; }
+    if (!CheckBlockSize(m, f)) return false;
     Block b;
     b.start = m.start;
     b.length = m.end - m.start;
@@ -152,11 +162,11 @@ bool Session::PlanAndRegister(Failure* f) {
     uffdio_register reg{{m.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
     if (ioctl(fd, UFFDIO_REGISTER, &reg) == 0) {
       b.kind = BlockKind::kProtected;
-      b.anonPrivate = m.perms[3] == 'p' && (m.path.empty() || m.path[0] == '[');
+      b.anonPrivate = AnonPrivate(m);
       m.how = "protected";
     } else if (errno == EINVAL || errno == EBUSY) {
       b.kind = BlockKind::kCopied;
-      b.anonPrivate = m.perms[3] == 'p' && (m.path.empty() || m.path[0] == '[');
+      b.anonPrivate = AnonPrivate(m);
       m.how = errno == EINVAL ? "copied: not protectable" : "copied: registered by the target";
     } else {
       return f->Set(errno, "UFFDIO_REGISTER of " + b.name);
@@ -227,10 +237,28 @@ bool Session::ShmemHoles(Failure*) {
 // a large range with its own userfaultfd) and we say so rather than stall it.
 static constexpr uint64_t kFrozenCopyCap = 64ull << 20;
 
+// Device memory (VM_IO / VM_PFNMAP: device registers, perf rings) refuses
+// get_user_pages, so process_vm_readv reads nothing of it: it is not the
+// process's memory, costs nothing to leave out, and must not count toward the
+// cap. Such a shared mapping whose first page cannot be read is discarded whole.
+bool Session::DeviceMapping(size_t bi) {
+  Block& b = blocks[bi];
+  MapEntry& m = maps[b.map];
+  if (m.perms[3] != 's') return false;
+  char page[kPage];
+  iovec local{page, kPage}, remote{reinterpret_cast<void*>(b.start), kPage};
+  if (process_vm_readv(pid_, &local, 1, &remote, 1, 0) >= 0 || errno != EFAULT) return false;
+  m.how = "discarded: device memory (VM_IO/VM_PFNMAP), unreadable";
+  DiscardPages(static_cast<int>(bi), 0, b.pages);
+  return true;
+}
+
 bool Session::CopyFrozen(Failure* f) {
   uint64_t total = 0;
-  for (const Block& b : blocks) {
-    if (b.kind != BlockKind::kCopied) continue;
+  std::vector<bool> device(blocks.size());
+  for (size_t bi = 0; bi < blocks.size(); bi++) {
+    const Block& b = blocks[bi];
+    if (b.kind != BlockKind::kCopied || (device[bi] = DeviceMapping(bi))) continue;
     for (uint32_t p = b.zeroPending.NextClear(0, b.pages); p < b.pages;) {
       uint32_t q = b.zeroPending.NextSet(p, b.pages);
       total += uint64_t(q - p) * kPage;
@@ -245,7 +273,7 @@ bool Session::CopyFrozen(Failure* f) {
   }
   for (size_t bi = 0; bi < blocks.size(); bi++) {
     Block& b = blocks[bi];
-    if (b.kind != BlockKind::kCopied) continue;
+    if (b.kind != BlockKind::kCopied || device[bi]) continue;
     b.copy.resize(b.length);
     for (uint32_t p = 0; p < b.pages;) {
       if (b.zeroPending.Test(p)) { p++; continue; }

@@ -1,0 +1,123 @@
+// Checks that refuse a target bgsnap cannot capture safely, made before anything
+// is injected: a non-dumpable process (its owner asked to keep its memory out of
+// cores and debuggers), a seccomp filter that would act on the syscalls we inject
+// (unless the tracer can suspend it for them), and mappings too large for a block.
+#include <fcntl.h>
+#include <linux/capability.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "procfs.h"
+#include "session.h"
+
+namespace bgsnap {
+
+constexpr long kSuspendSeccomp = 1 << 21;  // PTRACE_O_SUSPEND_SECCOMP (linux/ptrace.h)
+
+// A field of /proc/.../status as up to four numbers ("Uid:", "Seccomp:").
+static int StatusField(const std::string& status, const char* key, long out[4]) {
+  size_t at = status.find(std::string("\n") + key);
+  if (at == std::string::npos) return 0;
+  const char* p = status.c_str() + at + 1 + strlen(key);
+  int n = 0;
+  for (char* end; n < 4; n++, p = end) {
+    out[n] = strtol(p, &end, 10);
+    if (end == p) break;
+  }
+  return n;
+}
+
+int SeccompMode(pid_t pid, pid_t tid) {
+  std::string status;
+  long v[4] = {0};
+  std::string path = "/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/status";
+  if (!ReadWhole(path, &status) || StatusField(status, "Seccomp:", v) < 1) return -1;
+  return static_cast<int>(v[0]);
+}
+
+// The kernel lets a caller whose ids match the target's, without CAP_SYS_PTRACE,
+// open /proc/PID/environ only if the target is dumpable (ptrace_may_access), and
+// nothing else in /proc tells. So a short-lived thread (credentials are per
+// thread) takes the target's ids as its fs ids, drops CAP_SYS_PTRACE from its
+// effective set (keeping it permitted, so the capability-subset check still
+// passes against a root target), and tries. 1 dumpable, 0 not, -1 cannot tell.
+static int ProbeDumpable(pid_t pid, uid_t uid, gid_t gid) {
+  int result = -1;
+  std::thread probe([&] {
+    syscall(SYS_setfsgid, gid);
+    syscall(SYS_setfsuid, uid);
+    if (syscall(SYS_setfsuid, -1) != static_cast<long>(uid) || syscall(SYS_setfsgid, -1) != static_cast<long>(gid)) return;
+    __user_cap_header_struct h{_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct d[2];
+    if (syscall(SYS_capget, &h, d) != 0) return;
+    d[CAP_SYS_PTRACE / 32].effective &= ~(1u << (CAP_SYS_PTRACE % 32));
+    if (syscall(SYS_capset, &h, d) != 0) return;
+    int fd = open(("/proc/" + std::to_string(pid) + "/environ").c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) close(fd);
+    result = fd >= 0 ? 1 : (errno == EACCES || errno == EPERM) ? 0 : -1;
+  });
+  probe.join();
+  return result;
+}
+
+bool Session::CheckDumpable(Failure* f) {
+  if (opts_.allowNonDumpable) return true;
+  std::string status, who = "process " + std::to_string(pid_);
+  long u[4] = {0}, g[4] = {0};
+  if (!ReadWhole("/proc/" + std::to_string(pid_) + "/status", &status)) return f->Set(ESRCH, who + " does not exist");
+  if (StatusField(status, "Uid:", u) < 3 || StatusField(status, "Gid:", g) < 3) return true;  // a kernel thread: ptrace says no
+  const char* hint = "; --allow-nondumpable (allowNonDumpable) captures it anyway";
+  if (u[0] != u[1] || u[1] != u[2] || g[0] != g[1] || g[1] != g[2]) {
+    return f->Set(EPERM, who + " may be non-dumpable: its real, effective and saved user or group ids "
+                              "differ (a set-user-ID program, or one that changed ids: the kernel makes "
+                              "those non-dumpable), so bgsnap cannot tell; refused" + hint);
+  }
+  if (ProbeDumpable(pid_, static_cast<uid_t>(u[1]), static_cast<gid_t>(g[1])) != 0) return true;
+  return f->Set(EPERM, who + " is not dumpable (prctl(PR_SET_DUMPABLE, 0), as ssh-agent and "
+                            "gpg-agent do to keep their keys out of cores and debuggers): refused" + hint);
+}
+
+// The injected syscalls (userfaultfd, close) would meet the injected thread's
+// seccomp filter, which may kill the target, send it SIGSYS, fail the call or
+// wake its supervisor. As root the filter is suspended for the injection only,
+// as CRIU does: set on the stopped injectee now, cleared again after.
+bool Session::SuspendSeccomp(Freezer& fz, bool on, Failure* f) {
+  pid_t tid = fz.InjecteeTid();
+  if (!on) return !seccompSuspended_ || fz.SetOptions(tid, PTRACE_O_TRACECLONE, f);
+  int mode = SeccompMode(pid_, tid);
+  if (mode == 0) return true;
+  std::string where = "thread " + std::to_string(tid) + " of process " + std::to_string(pid_) +
+                      " runs under seccomp (Seccomp: " + std::to_string(mode) + ")";
+  if (!opts_.suspendSeccomp) {
+    return f->Set(EPERM, where + " and suspending it is disabled: refused before anything was injected");
+  }
+  Failure why;
+  if (!fz.SetOptions(tid, PTRACE_O_TRACECLONE | kSuspendSeccomp, &why)) {
+    return f->Set(why.err, where + "; suspending it for our syscalls (PTRACE_O_SUSPEND_SECCOMP) failed (needs "
+                                   "CAP_SYS_ADMIN, a tracer not itself under seccomp, and a kernel with "
+                                   "CONFIG_CHECKPOINT_RESTORE): refused before anything was injected");
+  }
+  seccompSuspended_ = true;
+  freeze.seccompSuspended = true;
+  return true;
+}
+
+// Block page indexes are 32-bit (format/SPEC.md), and the bitmaps' arithmetic
+// stays below 2^32 only up to 2^31 pages: 8 TiB. A larger writable mapping (a
+// sanitizer's shadow) is refused by name; larger inaccessible ones are skipped.
+bool CheckBlockSize(const MapEntry& m, Failure* f) {
+  if ((m.end - m.start) / kPage <= kMaxBlockPages) return true;
+  char range[64];
+  snprintf(range, sizeof range, "%llx-%llx", (unsigned long long)m.start, (unsigned long long)m.end);
+  return f->Set(EFBIG, std::string("mapping ") + range + " " + m.perms + (m.path.empty() ? "" : " " + m.path) +
+                           " is " + std::to_string((m.end - m.start) >> 30) + " GiB: writable mappings over " +
+                           std::to_string((kMaxBlockPages * kPage) >> 40) + " TiB (e.g. a sanitizer's shadow) cannot be captured");
+}
+
+}  // namespace bgsnap
