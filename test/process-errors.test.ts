@@ -56,14 +56,17 @@ test('no userfaultfd for the capture (as on a kernel without it): clear error, t
   }
 });
 
-test('a target that may not create a userfaultfd (seccomp): clear error, target runs on unprotected', async () => {
+// The same filter on the target: a tracer that can suspend it (root) captures
+// (test/process-seccomp.test.ts); one that cannot refuses before touching it.
+test('a target whose seccomp filter blocks userfaultfd, and no way to suspend it: refused untouched', async () => {
   const t = await startTarget('anon', 32, 2, undefined, [buildTarget('no-uffd')]);
   try {
-    const e = await failure(t.pid);
-    assert.is(e.code, 'ENOSYS');
-    assert.match(e.message, /the target could not create a userfaultfd \(seccomp/);
+    const cap = captureProcess(t.pid, { testNoSuspendSeccomp: true });
+    const e = await (async () => { try { for await (const _ of cap.events) { /* drain */ } } catch (x) { return x as Error & { code?: string }; } })();
+    assert.is(e?.code, 'EPERM');
+    assert.match(e!.message, /runs under seccomp \(Seccomp: 2\)/);
     assert.is(writeProtectedPages(t.pid, t.base, t.size), 0);
-    assert.is(tracerOf(t.pid), 0, 'detached');
+    assert.is(tracerOf(t.pid), 0, 'never attached');
     assert.match(await t.command('check'), /^check ok/);
     assert.ok((await allThreadsProgress(t)).ok, 'threads progress');
   } finally {
