@@ -2,7 +2,6 @@
 // is injected: a non-dumpable process (its owner asked to keep its memory out of
 // cores and debuggers), a seccomp filter that would act on the syscalls we inject
 // (unless the tracer can suspend it for them), and mappings too large for a block.
-#include <fcntl.h>
 #include <linux/capability.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -41,26 +40,29 @@ int SeccompMode(pid_t pid, pid_t tid) {
   return static_cast<int>(v[0]);
 }
 
-// The kernel lets a caller whose ids match the target's, without CAP_SYS_PTRACE,
-// open /proc/PID/environ only if the target is dumpable (ptrace_may_access), and
-// nothing else in /proc tells. So a short-lived thread (credentials are per
-// thread) takes the target's ids as its fs ids, drops CAP_SYS_PTRACE from its
-// effective set (keeping it permitted, so the capability-subset check still
-// passes against a root target), and tries. 1 dumpable, 0 not, -1 cannot tell.
+// The kernel lets a caller whose real ids match the target's, without
+// CAP_SYS_PTRACE in effect, look at it (ptrace_may_access) only if the target is
+// dumpable, and nothing in /proc tells. So a short-lived thread (credentials
+// are per thread at the syscall level) takes the target's ids as its real ids,
+// keeping euid (so neither its capabilities nor our own dumpability change),
+// drops CAP_SYS_PTRACE from its effective set (keeping it permitted, so the
+// capability-subset check against a root target still passes), and asks for the
+// target's robust futex list, a harmless read checked with real credentials
+// (/proc files check fs credentials against effective capabilities, which a
+// root target's full set always fails). 1 dumpable, 0 not, -1 cannot tell.
 static int ProbeDumpable(pid_t pid, uid_t uid, gid_t gid) {
   int result = -1;
   std::thread probe([&] {
-    syscall(SYS_setfsgid, gid);
-    syscall(SYS_setfsuid, uid);
-    if (syscall(SYS_setfsuid, -1) != static_cast<long>(uid) || syscall(SYS_setfsgid, -1) != static_cast<long>(gid)) return;
+    if (syscall(SYS_setresgid, gid, -1, -1) != 0 || syscall(SYS_setresuid, uid, -1, -1) != 0) return;
     __user_cap_header_struct h{_LINUX_CAPABILITY_VERSION_3, 0};
     __user_cap_data_struct d[2];
     if (syscall(SYS_capget, &h, d) != 0) return;
     d[CAP_SYS_PTRACE / 32].effective &= ~(1u << (CAP_SYS_PTRACE % 32));
     if (syscall(SYS_capset, &h, d) != 0) return;
-    int fd = open(("/proc/" + std::to_string(pid) + "/environ").c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) close(fd);
-    result = fd >= 0 ? 1 : (errno == EACCES || errno == EPERM) ? 0 : -1;
+    void* head = nullptr;
+    size_t len = 0;
+    long r = syscall(SYS_get_robust_list, pid, &head, &len);
+    result = r == 0 ? 1 : errno == EPERM ? 0 : -1;
   });
   probe.join();
   return result;
