@@ -11,7 +11,7 @@
 //   shadow-rw    16 TiB writable NORESERVE, a few pages touched
 //   hugetlb1g    one 1 GiB hugetlb page
 //   devzero      a private /dev/zero mapping of 8 MiB, its first 1 MiB touched
-//   perf         an 80 MiB perf_event ring (VM_IO | VM_PFNMAP), mapped writable
+//   perf         128 MiB of perf_event rings (VM_IO | VM_PFNMAP), mapped writable
 //   zombie       the main thread calls pthread_exit while another thread runs
 //   vfork        the main thread is a parent stopped in vfork
 #define _GNU_SOURCE
@@ -77,6 +77,7 @@ static void SetupIoUring(void) {
   if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_BUFFERS, &iov, 1) != 0) die("IORING_REGISTER_BUFFERS");
 }
 
+// Two rings of 64 MiB of data each (a power of two of pages) plus a control page.
 static void SetupPerf(void) {
   struct perf_event_attr a;
   memset(&a, 0, sizeof a);
@@ -84,9 +85,11 @@ static void SetupPerf(void) {
   a.type = PERF_TYPE_SOFTWARE;
   a.config = PERF_COUNT_SW_DUMMY;
   a.disabled = 1;
-  int fd = (int)syscall(__NR_perf_event_open, &a, 0, -1, -1, 0);
-  if (fd < 0) die("perf_event_open");
-  Map((1 + 20480) * 4096ul, PROT_READ | PROT_WRITE, MAP_SHARED, fd);  // 80 MiB of ring
+  for (int i = 0; i < 2; i++) {
+    int fd = (int)syscall(__NR_perf_event_open, &a, 0, -1, -1, 0);
+    if (fd < 0) die("perf_event_open");
+    Map((1 + 16384) * 4096ul, PROT_READ | PROT_WRITE, MAP_SHARED, fd);
+  }
 }
 
 static int Setup(const char *mode) {
