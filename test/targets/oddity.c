@@ -10,7 +10,7 @@
 //   shadow       16 TiB PROT_NONE NORESERVE (an ASan-like shadow gap)
 //   shadow-rw    16 TiB writable NORESERVE, a few pages touched
 //   hugetlb1g    one 1 GiB hugetlb page
-//   devzero      a private /dev/zero mapping of 8 MiB, its first 1 MiB touched
+//   devzero      a private /dev/zero mapping of 64 MiB, its first 1 MiB touched
 //   perf         128 MiB of perf_event rings (VM_IO | VM_PFNMAP), mapped writable
 //   zombie       the main thread calls pthread_exit while another thread runs
 //   vfork        the main thread is a parent stopped in vfork
@@ -111,7 +111,7 @@ static int Setup(const char *mode) {
   } else if (!strcmp(mode, "devzero")) {
     int fd = open("/dev/zero", O_RDWR);
     if (fd < 0) die("open /dev/zero");
-    region = Map(8 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd);
+    region = Map(64 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd);
     close(fd);
   } else if (!strcmp(mode, "perf")) {
     SetupPerf();
