@@ -68,6 +68,11 @@ static int ProbeDumpable(pid_t pid, uid_t uid, gid_t gid) {
   return result;
 }
 
+static uint64_t CapPrm(const std::string& status) {
+  size_t at = status.find("\nCapPrm:");
+  return at == std::string::npos ? ~0ull : strtoull(status.c_str() + at + 8, nullptr, 16);
+}
+
 bool Session::CheckDumpable(Failure* f) {
   if (opts_.allowNonDumpable) return true;
   std::string status, who = "process " + std::to_string(pid_);
@@ -80,6 +85,11 @@ bool Session::CheckDumpable(Failure* f) {
                               "differ (a set-user-ID program, or one that changed ids: the kernel makes "
                               "those non-dumpable), so bgsnap cannot tell; refused" + hint);
   }
+  // The probe would also fail on a target holding capabilities we lack (a
+  // kernel thread, a process from outside our container): then we cannot tell.
+  std::string self;
+  ReadWhole("/proc/self/status", &self);
+  if (CapPrm(status) & ~CapPrm(self)) return true;
   if (ProbeDumpable(pid_, static_cast<uid_t>(u[1]), static_cast<gid_t>(g[1])) != 0) return true;
   return f->Set(EPERM, who + " is not dumpable (prctl(PR_SET_DUMPABLE, 0), as ssh-agent and "
                             "gpg-agent do to keep their keys out of cores and debuggers): refused" + hint);
