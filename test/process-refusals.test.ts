@@ -91,17 +91,32 @@ test('a 16 TiB writable NORESERVE mapping is refused by name, untouched', () => 
   assert.is(await t.close(), 'exit status=0 signal=0');
 }));
 
-const GIGANTIC = '/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages';
+const HUGE = (kb: number) => `/sys/kernel/mm/hugepages/hugepages-${kb}kB/nr_hugepages`;
 
-// Reserves one 1 GiB page for the test only, and gives it back.
-test('1 GiB hugetlb pages are refused by name, untouched', async () => {
-  const before = fs.readFileSync(GIGANTIC, 'utf8').trim();
+// Reserves n more hugetlb pages of that size for fn only, and gives them back.
+async function withHugePages(kb: number, n: number, fn: () => Promise<void>): Promise<void> {
+  const before = fs.readFileSync(HUGE(kb), 'utf8').trim();
   try {
-    fs.writeFileSync(GIGANTIC, String(Number(before) + 1));
-    if (Number(fs.readFileSync(GIGANTIC, 'utf8')) <= Number(before)) {
-      console.log('  (no 1 GiB page could be reserved on this machine: test not run)');
+    fs.writeFileSync(HUGE(kb), String(Number(before) + n));
+    if (Number(fs.readFileSync(HUGE(kb), 'utf8')) < Number(before) + n) {
+      console.log(`  (${n} hugetlb page(s) of ${kb} kB could not be reserved on this machine: test not run)`);
       return;
     }
+    await fn();
+  } finally {
+    fs.writeFileSync(HUGE(kb), before);
+  }
+}
+
+test('2 MiB hugetlb pages are captured', () => withHugePages(2048, 4, () => withTarget('hugetlb2m', async (t) => {
+  const r = await captureCli(t.pid);
+  assert.is(r.code, 0, r.stderr);
+  assert.ok(r.stats!.pages >= 2048, `pages ${r.stats!.pages}`);
+  assert.is(await t.close(), 'exit status=0 signal=0');
+})));
+
+test('1 GiB hugetlb pages are refused by name, untouched', async () => {
+  await withHugePages(1048576, 1, async () => {
     await withTarget('hugetlb1g', async (t) => {
       const r = await captureCli(t.pid);
       assert.is(r.code, 1, r.stderr);
@@ -109,9 +124,7 @@ test('1 GiB hugetlb pages are refused by name, untouched', async () => {
       assert.ok(untouched(t.pid));
       assert.is(await t.close(), 'exit status=0 signal=0');
     });
-  } finally {
-    fs.writeFileSync(GIGANTIC, before);
-  }
+  });
 });
 
 test.run();

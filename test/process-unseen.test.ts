@@ -26,13 +26,15 @@ test('a memfd both mapped and open, written with write(2) during the capture: re
   assert.is(await t.close(), 'exit status=0 signal=0');
 }));
 
-test('io_uring registered (fixed) buffers: reported', () => withTarget('iouring', async (t) => {
+test('io_uring registered (fixed) buffers, and an O_DIRECT file: reported', () => withTarget('iouring', async (t) => {
   const r = await captureCli(t.pid);
   assert.is(r.code, 0, r.stderr);
   assert.is(r.stats!.unseenWrites.ioUringBuffers, 1);
   assert.is(r.stats!.unseenWrites.ioUringBufferBytes, 1 << 20);
   assert.match(r.stderr, /warning: 1 io_uring fixed buffer\(s\) \(1048576 bytes\) are pinned/);
   assert.equal(r.stats!.unseenWrites.mappedFds, []);
+  assert.is(r.stats!.unseenWrites.directIoFds.length, 1);
+  assert.match(r.stderr, /warning: fd \d+: \S+oddity-\w+ is open with O_DIRECT/);
   assert.is(await t.close(), 'exit status=0 signal=0');
 }));
 

@@ -6,10 +6,12 @@
 // Modes:
 //   nondumpable  prctl(PR_SET_DUMPABLE, 0), as ssh-agent and gpg-agent do
 //   memfd        a memfd both mapped and open; written through write(2) as well
-//   iouring      an io_uring with registered (pinned) buffers, by raw syscalls
+//   iouring      an io_uring with registered (pinned) buffers, by raw syscalls,
+//                and its own binary open with O_DIRECT
 //   shadow       16 TiB PROT_NONE NORESERVE (an ASan-like shadow gap)
 //   shadow-rw    16 TiB writable NORESERVE, a few pages touched
 //   hugetlb1g    one 1 GiB hugetlb page
+//   hugetlb2m    8 MiB of 2 MiB hugetlb pages
 //   devzero      a private /dev/zero mapping of 64 MiB, its first 1 MiB touched
 //   perf         128 MiB of perf_event rings (VM_IO | VM_PFNMAP), mapped writable
 //   zombie       the main thread calls pthread_exit while another thread runs
@@ -102,12 +104,15 @@ static int Setup(const char *mode) {
     region = Map(regionLen, PROT_READ | PROT_WRITE, MAP_SHARED, memfd);
   } else if (!strcmp(mode, "iouring")) {
     SetupIoUring();
+    if (open("/proc/self/exe", O_RDONLY | O_DIRECT) < 0) die("O_DIRECT open");
   } else if (!strcmp(mode, "shadow") || !strcmp(mode, "shadow-rw")) {
     int rw = !strcmp(mode, "shadow-rw");
     uint8_t *s = Map(16ull << 40, rw ? PROT_READ | PROT_WRITE : PROT_NONE, anon | MAP_NORESERVE, -1);
     if (rw) for (int i = 0; i < 4; i++) s[(uint64_t)i << 38] = 1;
   } else if (!strcmp(mode, "hugetlb1g")) {
     region = Map(1ul << 30, PROT_READ | PROT_WRITE, anon | MAP_HUGETLB | (30 << MAP_HUGE_SHIFT), -1);
+  } else if (!strcmp(mode, "hugetlb2m")) {
+    region = Map(regionLen = 8 << 20, PROT_READ | PROT_WRITE, anon | MAP_HUGETLB | (21 << MAP_HUGE_SHIFT), -1);
   } else if (!strcmp(mode, "devzero")) {
     int fd = open("/dev/zero", O_RDWR);
     if (fd < 0) die("open /dev/zero");
