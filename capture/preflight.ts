@@ -49,8 +49,10 @@ function checkThreads(pid: number, status: string, suspend: boolean): void {
   }
   for (const tid of tasks(pid)) {
     const ts = read(`/proc/${pid}/task/${tid}/status`) ?? '';
-    const stack = read(`/proc/${pid}/task/${tid}/stack`) ?? read(`/proc/${pid}/task/${tid}/wchan`) ?? '';
-    if (field(ts, 'State').startsWith('D') && /vfork|wait_for_vfork_done|kernel_clone/.test(stack)) {
+    // A vfork parent sleeps in kernel_clone (wait_for_vfork_done, inlined): its
+    // stack says so to root; wchan to others.
+    const waits = field(ts, 'State').startsWith('D') ? read(`/proc/${pid}/task/${tid}/stack`) ?? read(`/proc/${pid}/task/${tid}/wchan`) ?? '' : '';
+    if (/vfork|wait_for_vfork_done|kernel_clone/.test(waits)) {
       refuse('EBUSY', `thread ${tid} of process ${pid} is a parent waiting in vfork() for its child to exec or exit: the child runs on the same memory and the parent cannot be stopped; capture it after the child has exec'd`);
     }
     const mode = field(ts, 'Seccomp');
