@@ -32,7 +32,7 @@ static int StatusField(const std::string& status, const char* key, long out[4]) 
   return n;
 }
 
-int SeccompMode(pid_t pid, pid_t tid) {
+static int SeccompMode(pid_t pid, pid_t tid) {
   std::string status;
   long v[4] = {0};
   std::string path = "/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/status";
