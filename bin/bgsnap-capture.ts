@@ -21,7 +21,9 @@ const prog = new Command('bgsnap-capture')
   .option('--buffer-mb <MiB>', 'process only: capture buffer memory; faulting writers wait when it is full', parseIntArg('--buffer-mb'), 64)
   .option('--rate-limit <MBps>', 'process only: pace the linear scan', parseIntArg('--rate-limit'))
   .option('--allow-nondumpable', 'process only: capture a target that made itself non-dumpable (ssh-agent, gpg-agent: it holds keys)')
-  .option('-o, --output <file>', 'write the stream to a file instead of stdout', '-')
+  .option('-o, --output <file>', 'write the stream to a file instead of stdout (created 0600; an existing file only with --force)', '-')
+  .option('--force', 'replace an existing -o file (never a symbolic link)')
+  .option('--include-dontdump', 'process only: keep MADV_DONTDUMP ranges, which are left out by default as in kernel core dumps')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--stats <file>', 'write a JSON summary to this file');
@@ -29,7 +31,7 @@ addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
-  bufferMb: number; rateLimit?: number; allowNondumpable?: boolean;
+  bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean;
 } & NetFlags;
 const opts = prog.opts<Opts>();
 
@@ -46,6 +48,7 @@ async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) 
   if (opts.pid !== undefined) {
     return captureProcess(opts.pid, {
       bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true, allowNonDumpable: opts.allowNondumpable,
+      includeDontDump: opts.includeDontdump,
       // Tests only: take the path of a tracer that cannot suspend the target's seccomp filter.
       testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
     });
@@ -69,7 +72,7 @@ main('bgsnap-capture', async () => {
   const level = compressLevel();
   const started = Date.now();
   // Connected and authenticated before the target is touched: a refused capture never freezes it.
-  const out = opts.to !== undefined ? await NetOutput.connect(opts) : Output.open(opts.output);
+  const out = opts.to !== undefined ? await NetOutput.connect(opts) : Output.open(opts.output, { force: opts.force });
   const sink = new StreamSink(out, new BgsnapEncoder({ compressLevel: level }), opts.to ?? opts.output);
   const source = await openSource();
   const stop = (sig: string) => void source.abort(`received ${sig}`);

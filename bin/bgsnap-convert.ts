@@ -10,7 +10,7 @@ import { convertToRaw } from '../receiver/convert-raw';
 import { convertToElfCore } from '../receiver/convert-elf';
 import { Output } from '../io/output';
 import { main } from './common';
-import * as fs from 'node:fs';
+import { writePrivateFile } from '../io/private-file';
 
 const prog = new Command('bgsnap-convert')
   .description('convert a bgsnap image into a QEMU migration stream, raw memory or an ELF core file')
@@ -19,23 +19,26 @@ const prog = new Command('bgsnap-convert')
   .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
   .option('--block <name>', 'with --to raw: write only this block')
   .option('--allow-incomplete', 'convert an image that is marked incomplete')
+  .option('--force', 'replace an existing output file (never a symbolic link)')
   .parse();
 
-const opts = prog.opts<{ to: string; output: string; block?: string; allowIncomplete?: boolean }>();
+const opts = prog.opts<{ to: string; output: string; block?: string; allowIncomplete?: boolean; force?: boolean }>();
+// Outputs hold the snapshot's memory: created 0600, never through a symbolic link.
+const create = { force: opts.force };
 
 async function convert(img: ImageReader): Promise<void> {
   if (opts.to === 'qemu') {
-    const out = Output.open(opts.output);
+    const out = Output.open(opts.output, create);
     await convertToQemu(img, out);
     await out.close();
   } else if (opts.to === 'elf-core') {
     if (opts.output === '-') throw new Error('--to elf-core writes a sparse file; give a file name, not "-"');
-    const core = await convertToElfCore(img, opts.output); // refuses QEMU images: they have no threads or mappings
+    const core = await convertToElfCore(img, opts.output, create); // refuses QEMU images: they have no threads or mappings
     for (const w of core.warnings) process.stderr.write(`bgsnap-convert: warning: ${w}\n`);
   } else {
     if (opts.output === '-') throw new Error('--to raw writes a sparse file; give a file name, not "-"');
-    const layout = await convertToRaw(img, opts.output, opts.block);
-    if (layout.length > 1) fs.writeFileSync(`${opts.output}.map.json`, JSON.stringify(layout, null, 2) + '\n');
+    const layout = await convertToRaw(img, opts.output, opts.block, create);
+    if (layout.length > 1) writePrivateFile(`${opts.output}.map.json`, JSON.stringify(layout, null, 2) + '\n', create);
   }
 }
 

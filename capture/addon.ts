@@ -24,6 +24,7 @@ export interface CaptureOptions {
   rateLimitMBps?: number; // pace the linear scan (faults are never paced)
   stallTimeoutMs?: number; // watchdog: drop protection if the saver stalls (30000)
   preProtect?: boolean; // default true; false protects everything inside the freeze (for comparisons)
+  includeDontDump?: boolean; // keep MADV_DONTDUMP ranges (default: left out, as in the kernel's cores)
   testHoldAt?: 'inject' | 'preprotect' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a non-dumpable target anyway
@@ -75,6 +76,9 @@ export interface FreezeStats {
   rounds: number;
   sysctlToggled: boolean;
   seccompSuspended: boolean;
+  smapsMs: number; // reading /proc/PID/smaps for MADV_DONTDUMP, before the freeze
+  smapsFrozenMs: number; // re-reading it in the freeze (smapsReread: the layout had changed)
+  smapsReread: boolean;
   snapshotTime: number; // ms since the epoch
 }
 
@@ -110,7 +114,7 @@ export interface CaptureInfo {
   freeze?: FreezeStats;
   maps?: NativeMap[];
   blocks?: NativeBlock[];
-  threads?: { tid: number; regs: Buffer; fpregs: Buffer; pendingSignal: number }[];
+  threads?: { tid: number; regs: Buffer; fpregs: Buffer; xstate: Buffer; pendingSignal: number }[];
   auxv?: Buffer;
   cmdline?: Buffer;
   exe?: string;

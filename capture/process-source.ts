@@ -36,6 +36,7 @@ export interface ProcessCaptureOptions {
   stallTimeoutMs?: number; // drop protection if the saver makes no progress this long
   zeroCopy?: boolean; // see above
   preProtect?: CaptureOptions['preProtect'];
+  includeDontDump?: boolean; // keep MADV_DONTDUMP ranges (default: left out like the kernel's cores)
   testHoldAt?: CaptureOptions['testHoldAt'];
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a prctl(PR_SET_DUMPABLE, 0) target (ssh-agent) anyway
@@ -71,6 +72,9 @@ export interface ProcessCaptureStats {
   layoutEvents: { remove: number; unmap: number; remap: number; eagain: number };
   bufferWaits: number;
   sysctlToggled: boolean; // vm.unprivileged_userfaultfd was opened around the injection
+  // /proc/PID/smaps (MADV_DONTDUMP) read before the freeze, and again inside it
+  // only when the layout had changed in between (reread).
+  smaps: { ms: number; frozenMs: number; reread: boolean };
   // Read-only mappings copied after the freeze (RELRO, vdso), included in blocks,
   // capturedBytes and bytes above; skipped: left out by the size cap.
   readOnly: { blocks: number; bytes: number; skipped: string[] };
@@ -127,6 +131,7 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
     faultWaitP99Ms: c?.faultWaitP99Ms ?? 0,
     layoutEvents: { remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0 },
     bufferWaits: c?.bufferWaits ?? 0, sysctlToggled: f?.sysctlToggled ?? false,
+    smaps: { ms: f?.smapsMs ?? 0, frozenMs: f?.smapsFrozenMs ?? 0, reread: f?.smapsReread ?? false },
     readOnly: { blocks: ro?.blocks.length ?? 0, bytes: ro?.bytes ?? 0, skipped: ro?.skipped ?? [] },
     seccompSuspended: f?.seccompSuspended ?? false, unseenWrites: unseen,
   };
@@ -186,7 +191,7 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
       last = addon.captureInfo(handle);
       unseen = findUnseenWrites(pid, last.maps ?? []);
       const base = last.blocks?.length ?? 0;
-      if (!aborted) ro = copyReadOnly(pid, last.maps ?? []);
+      if (!aborted) ro = copyReadOnly(pid, last.maps ?? [], { includeDontDump: opts.includeDontDump });
       ro?.maps.forEach((m, i) => Object.assign(last!.maps![m], { block: base + i, how: READ_ONLY_HOW }));
       const state = stateOf(last);
       const label = state.argv.join(' ') || state.exe;

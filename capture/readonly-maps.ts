@@ -18,6 +18,7 @@ const USER_TOP = 2 ** 47; // [vsyscall] is a kernel address
 const BATCH_PAGES = 64;
 export const READ_ONLY_CAP = 16 << 20; // bytes: RELRO and vdso are KiB per library
 export const READ_ONLY_HOW = 'copied read-only after the freeze';
+export const DONTDUMP_HOW = 'skipped: MADV_DONTDUMP';
 
 export interface ReadOnlyCopy {
   blocks: BlockInfo[]; // to append to the native blocks
@@ -30,13 +31,23 @@ export interface ReadOnlyCopy {
 
 // "START-END" of each smaps entry -> its Anonymous: kB.
 export function anonymousKb(smaps: string): Map<string, number> {
-  const out = new Map<string, number>();
+  return smapsField(smaps, /^Anonymous:\s+(\d+) kB/, (m) => Number(m[1]));
+}
+
+// "START-END" of each smaps entry whose VmFlags hold "dd" (MADV_DONTDUMP).
+export function dontDumpRanges(smaps: string): Set<string> {
+  const dd = smapsField(smaps, /^VmFlags:(.*)$/, (m) => m[1].split(' ').includes('dd'));
+  return new Set([...dd].filter(([, v]) => v).map(([k]) => k));
+}
+
+function smapsField<T>(smaps: string, re: RegExp, value: (m: RegExpExecArray) => T): Map<string, T> {
+  const out = new Map<string, T>();
   let range = '';
   for (const line of smaps.split('\n')) {
     const head = /^([0-9a-f]+-[0-9a-f]+) /.exec(line);
     if (head) range = head[1];
-    const anon = /^Anonymous:\s+(\d+) kB/.exec(line);
-    if (anon && range) out.set(range, Number(anon[1]));
+    const m = re.exec(line);
+    if (m && range) out.set(range, value(m));
   }
   return out;
 }
@@ -47,12 +58,18 @@ const smapsRange = (m: NativeMap) => `${hex8(m.start)}-${hex8(m.end)}`;
 const isFile = (m: NativeMap) => m.inode !== 0 && m.path !== '' && !m.path.startsWith('[');
 
 // Uncaptured mappings to copy: read-only private file mappings holding modified
-// pages, and the vdso. Map indexes, in address order.
-export function pickReadOnly(maps: NativeMap[], smaps: string): number[] {
+// pages, and the vdso; not MADV_DONTDUMP ones unless includeDontDump. Map
+// indexes, in address order.
+export function pickReadOnly(maps: NativeMap[], smaps: string, includeDontDump = false): number[] {
   const anon = anonymousKb(smaps);
+  const dd = includeDontDump ? new Set<string>() : dontDumpRanges(smaps);
   const picked: number[] = [];
   maps.forEach((m, i) => {
     if (m.block >= 0 || m.end > USER_TOP) return;
+    if (dd.has(smapsRange(m))) {
+      m.how = DONTDUMP_HOW;
+      return;
+    }
     const modified = (m.perms === 'r--p' || m.perms === 'r-xp') && isFile(m) && (anon.get(smapsRange(m)) ?? 0) > 0;
     if (modified || m.path === '[vdso]') picked.push(i);
   });
@@ -99,7 +116,8 @@ function copyMap(fd: number, block: number, m: NativeMap, out: ReadOnlyCopy): vo
 
 // Picks and reads the mappings (at most READ_ONLY_CAP bytes of them). Call it at
 // once after the freeze: the shorter the wait, the smaller the window above.
-export function copyReadOnly(pid: number, maps: NativeMap[], cap = READ_ONLY_CAP): ReadOnlyCopy {
+export function copyReadOnly(pid: number, maps: NativeMap[], opts: { cap?: number; includeDontDump?: boolean } = {}): ReadOnlyCopy {
+  const cap = opts.cap ?? READ_ONLY_CAP;
   const out: ReadOnlyCopy = { blocks: [], maps: [], batches: [], unreadable: [], bytes: 0, skipped: [] };
   let smaps: string;
   let fd: number;
@@ -111,7 +129,7 @@ export function copyReadOnly(pid: number, maps: NativeMap[], cap = READ_ONLY_CAP
   }
   try {
     let total = 0;
-    for (const i of pickReadOnly(maps, smaps)) {
+    for (const i of pickReadOnly(maps, smaps, opts.includeDontDump)) {
       const m = maps[i];
       if (total + (m.end - m.start) > cap) { out.skipped.push(blockName(m)); continue; }
       total += m.end - m.start;

@@ -3,7 +3,7 @@
 //
 // Layout (integers little-endian):
 //   +0   "BGPSTATE"            8-byte magic
-//   +8   u32 version           1
+//   +8   u32 version           2 (1: no xstate; both are read)
 //   +12  u32 jsonLength
 //   +16  JSON, utf8            (jsonLength bytes), then zero padding to a multiple of 8
 //   B    binary area           byte ranges referenced from the JSON as [offset, length],
@@ -19,8 +19,11 @@
 //   threads: tid, regs = range of the raw x86_64 `struct user_regs_struct` (27 × u64:
 //     r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs
 //     eflags rsp ss fs_base gs_base ds es fs gs), fpregs = range of the raw
-//     `struct user_fpregs_struct` (512 bytes, FXSAVE layout), pendingSignal (a
-//     signal held at the freeze and re-delivered at detach, 0 if none);
+//     `struct user_fpregs_struct` (512 bytes, FXSAVE layout), xstate = range of
+//     the raw XSAVE area from PTRACE_GETREGSET(NT_X86_XSTATE) (AVX, AVX-512,
+//     PKRU; its size is the CPU's; absent in version 1, empty when the CPU has
+//     none), pendingSignal (a signal held at the freeze and re-delivered at
+//     detach, 0 if none);
 //   auxv: range of the raw /proc/PID/auxv (u64 pairs);
 //   status: the text of /proc/PID/status (name, state, uids, gids, ppid for
 //     NT_PRPSINFO);
@@ -29,7 +32,8 @@
 
 export const STATE_KIND = 'process.state';
 const MAGIC = Buffer.from('BGPSTATE', 'latin1');
-const VERSION = 1;
+const VERSION = 2;
+const READABLE = [1, 2];
 
 export type Range = [offset: number, length: number];
 
@@ -51,6 +55,7 @@ export interface ProcessThreadJson {
   tid: number;
   regs: Range;
   fpregs: Range;
+  xstate?: Range; // version 2
   pendingSignal: number;
 }
 
@@ -72,6 +77,7 @@ export interface ProcessThread {
   tid: number;
   regs: Buffer;
   fpregs: Buffer;
+  xstate: Buffer; // empty when not captured
   pendingSignal: number;
 }
 
@@ -90,7 +96,9 @@ export function encodeProcessState(s: ProcessState): Buffer {
     at += b.length;
     return r;
   };
-  const threads = s.threads.map((t) => ({ tid: t.tid, regs: put(t.regs), fpregs: put(t.fpregs), pendingSignal: t.pendingSignal }));
+  const threads = s.threads.map((t) => ({
+    tid: t.tid, regs: put(t.regs), fpregs: put(t.fpregs), xstate: put(t.xstate), pendingSignal: t.pendingSignal,
+  }));
   const json: ProcessStateJson = { ...s, threads, auxv: put(s.auxv) };
   const text = Buffer.from(JSON.stringify(json), 'utf8');
   const head = Buffer.alloc(16);
@@ -104,7 +112,7 @@ export function encodeProcessState(s: ProcessState): Buffer {
 export function decodeProcessState(buf: Buffer): ProcessState {
   if (buf.length < 16 || !buf.subarray(0, 8).equals(MAGIC)) throw new Error('process.state: bad magic');
   const version = buf.readUInt32LE(8);
-  if (version !== VERSION) throw new Error(`process.state: unsupported version ${version}`);
+  if (!READABLE.includes(version)) throw new Error(`process.state: unsupported version ${version}`);
   const len = buf.readUInt32LE(12);
   if (16 + len > buf.length) throw new Error('process.state: JSON runs past the end');
   const json = JSON.parse(buf.subarray(16, 16 + len).toString('utf8')) as ProcessStateJson;
@@ -113,6 +121,8 @@ export function decodeProcessState(buf: Buffer): ProcessState {
     if (off < 0 || n < 0 || base + off + n > buf.length) throw new Error('process.state: range past the end');
     return Buffer.from(buf.subarray(base + off, base + off + n));
   };
-  const threads = json.threads.map((t) => ({ tid: t.tid, regs: get(t.regs), fpregs: get(t.fpregs), pendingSignal: t.pendingSignal }));
+  const threads = json.threads.map((t) => ({
+    tid: t.tid, regs: get(t.regs), fpregs: get(t.fpregs), xstate: t.xstate ? get(t.xstate) : Buffer.alloc(0), pendingSignal: t.pendingSignal,
+  }));
   return { ...json, threads, auxv: get(json.auxv) };
 }

@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import { once } from 'node:events';
 import type { Writable } from 'node:stream';
 import { fileops } from './fileops';
+import { openPrivateFile, type CreateOptions } from './private-file';
 import type { ByteSink } from './sink';
 
 export class Output implements ByteSink {
@@ -14,10 +15,12 @@ export class Output implements ByteSink {
     stream.on('error', (e) => (this.failure ??= e));
   }
 
-  static open(name: string): Output {
+  // A file is created private (0600), never through a symbolic link, and an
+  // existing one is replaced only with force (io/private-file.ts).
+  static open(name: string, opts: CreateOptions = {}): Output {
     // Grow a stdout pipe so the reader can lag behind by 1 MiB instead of 64 KiB.
     if (name === '-') fileops.setPipeSize(1, 1 << 20);
-    const stream = name === '-' ? process.stdout : fs.createWriteStream(name);
+    const stream = name === '-' ? process.stdout : fs.createWriteStream('', { fd: openPrivateFile(name, opts) });
     return new Output(stream, name === '-' ? 'stdout' : name);
   }
 

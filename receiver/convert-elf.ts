@@ -6,7 +6,9 @@
 //   (64+56n  Elf64_Shdr            only when n >= 0xffff: holds the real n, PN_XNUM)
 //   N        PT_NOTE contents      per thread, main thread first:
 //                                    NT_PRSTATUS (pr_pid = tid, user_regs_struct),
-//                                    NT_FPREGSET (FXSAVE area) when captured;
+//                                    NT_FPREGSET (FXSAVE area) when captured,
+//                                    NT_X86_XSTATE ("LINUX": the XSAVE area, AVX,
+//                                    AVX-512, PKRU) when captured;
 //                                  after the first thread's: NT_PRPSINFO, NT_AUXV,
 //                                    NT_FILE (file-backed mappings, for gdb to find
 //                                    the executable and libraries)
@@ -27,6 +29,7 @@
 // before they were saved, are not in the image: they read as zero in the core,
 // which is also what the target itself would have read after the discard.
 import * as fs from 'node:fs';
+import { openPrivateFile, type CreateOptions } from '../io/private-file';
 import type { ImageReader } from './image-reader';
 import { decodeProcessState, STATE_KIND, type ProcessMap, type ProcessState, type ProcessThread } from '../format/process-state';
 
@@ -37,7 +40,7 @@ const PN_XNUM = 0xffff;
 const PT_LOAD = 1;
 const PT_NOTE = 4;
 const PF_X = 1, PF_W = 2, PF_R = 4;
-const NT_PRSTATUS = 1, NT_FPREGSET = 2, NT_PRPSINFO = 3, NT_AUXV = 6, NT_FILE = 0x46494c45;
+const NT_PRSTATUS = 1, NT_FPREGSET = 2, NT_PRPSINFO = 3, NT_AUXV = 6, NT_FILE = 0x46494c45, NT_X86_XSTATE = 0x202;
 const PRSTATUS_SIZE = 336; // struct elf_prstatus on x86_64
 const PRSTATUS_REG = 112; // offset of pr_reg (elf_gregset_t == user_regs_struct)
 const PRPSINFO_SIZE = 136; // struct elf_prpsinfo on x86_64
@@ -92,7 +95,7 @@ interface StatusInfo {
   ppid: number;
   pgrp: number;
   sid: number;
-  uid: number;
+  uid: number; // real ids, as the kernel's fill_psinfo writes them
   gid: number;
 }
 
@@ -101,7 +104,7 @@ function parseStatus(text: string, fallbackName: string): StatusInfo {
   const num = (k: string, i = 0) => Number(field(k).split(/\s+/)[i]) || 0;
   return {
     name: field('Name') || fallbackName, state: field('State').charAt(0) || 'S',
-    ppid: num('PPid'), pgrp: num('NSpgid'), sid: num('NSsid'), uid: num('Uid', 1), gid: num('Gid', 1),
+    ppid: num('PPid'), pgrp: num('NSpgid'), sid: num('NSsid'), uid: num('Uid', 0), gid: num('Gid', 0), // Uid: real effective saved fs
   };
 }
 
@@ -176,7 +179,10 @@ function fileNote(maps: ProcessMap[], pageSize: number): Buffer {
 
 // The first thread is the main thread (process-state puts tid == pid first); gdb
 // makes the first NT_PRSTATUS its current thread, and attaches each NT_FPREGSET
-// to the NT_PRSTATUS before it.
+// and NT_X86_XSTATE to the NT_PRSTATUS before it. The order is the kernel's
+// (fs/binfmt_elf.c write_note_info): the process-wide notes follow the first
+// thread's NT_PRSTATUS, its other register sets come after them. No NT_SIGINFO:
+// no signal caused this dump.
 export function buildNotes(s: ProcessState): Buffer {
   const st = parseStatus(s.status, s.exe.split('/').pop() ?? '');
   const parts: Buffer[] = [];
@@ -188,6 +194,7 @@ export function buildNotes(s: ProcessState): Buffer {
       parts.push(note('CORE', NT_FILE, fileNote(fileMaps(s), s.pageSize)));
     }
     if (t.fpregs.length === FPREGS_SIZE) parts.push(note('CORE', NT_FPREGSET, t.fpregs));
+    if (t.xstate.length > 0) parts.push(note('LINUX', NT_X86_XSTATE, t.xstate));
   });
   return Buffer.concat(parts);
 }
@@ -402,7 +409,7 @@ export async function readProcessState(img: ImageReader): Promise<ProcessState> 
   return s;
 }
 
-export async function convertToElfCore(img: ImageReader, outPath: string): Promise<ElfCoreSummary> {
+export async function convertToElfCore(img: ImageReader, outPath: string, opts: CreateOptions = {}): Promise<ElfCoreSummary> {
   const state = await readProcessState(img);
   const warnings: string[] = [];
   let loads = planLoads(img, state);
@@ -410,7 +417,7 @@ export async function convertToElfCore(img: ImageReader, outPath: string): Promi
   if (typeof page === 'string') warnings.push(page);
   else if (page) loads = insertLoad(loads, page);
   const { head, size } = layout(loads, buildNotes(state), img.format.pageSize);
-  const fd = fs.openSync(outPath, 'w');
+  const fd = openPrivateFile(outPath, opts);
   try {
     fs.ftruncateSync(fd, size);
     fs.writeSync(fd, head, 0, head.length, 0);

@@ -3,6 +3,7 @@
 // address 0). For a process image: every mapping back to back, with a JSON map
 // (OUT.map.json) of where each one starts. Holes stay holes when OUT is a file.
 import * as fs from 'node:fs';
+import { openPrivateFile, type CreateOptions } from '../io/private-file';
 import type { ImageReader } from './image-reader';
 
 export interface RawLayout {
@@ -27,10 +28,10 @@ export function rawLayout(img: ImageReader, blockName?: string): { block: number
 
 // Writes with positioned writes into a file truncated to full size, so zero pages
 // are never written and stay sparse.
-export async function convertToRaw(img: ImageReader, outPath: string, blockName?: string): Promise<RawLayout[]> {
+export async function convertToRaw(img: ImageReader, outPath: string, blockName?: string, opts: CreateOptions = {}): Promise<RawLayout[]> {
   const layout = rawLayout(img, blockName);
   const size = layout.reduce((s, l) => Math.max(s, l.offset + img.blocks[l.block].length), 0);
-  const fd = fs.openSync(outPath, 'w');
+  const fd = openPrivateFile(outPath, opts);
   try {
     fs.ftruncateSync(fd, size);
     const buf = Buffer.allocUnsafe(256 * img.format.pageSize);

@@ -5,6 +5,7 @@
 // after the END frame arrived, its totals matched and every page is accounted for.
 // Every data page's CRC32 goes to the index (crc/B/C) so --verify can re-check it.
 import * as fs from 'node:fs';
+import { makePrivateDir, openPrivateFile } from '../io/private-file';
 import { promisify } from 'node:util';
 import * as path from 'node:path';
 import { fileops } from '../io/fileops';
@@ -70,12 +71,12 @@ export class ImageWriter implements SnapshotSink {
   ) {}
 
   static async create(dir: string, opts: ImageWriterOptions = {}): Promise<ImageWriter> {
-    if (fs.existsSync(dir)) {
-      if (!opts.force) throw Object.assign(new Error(`image ${dir} already exists (use --force to replace it)`), { code: 'EEXIST' });
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-    fs.mkdirSync(dir, { recursive: true });
-    const fd = fs.openSync(path.join(dir, 'data'), 'w+');
+    if (fs.existsSync(dir) && !opts.force) throw Object.assign(new Error(`image ${dir} already exists (use --force to replace it)`), { code: 'EEXIST' });
+    // Private (0700, 0600), never through a symbolic link even with --force. The
+    // index directory is made 0700 before LevelDB creates its files in it.
+    makePrivateDir(dir, { force: opts.force });
+    const fd = openPrivateFile(path.join(dir, 'data'), { read: true });
+    makePrivateDir(path.join(dir, 'index'));
     const index = await IndexStore.open(path.join(dir, 'index'), true);
     await index.putJson('status', { status: 'incomplete', reason: 'receiving', updated: Date.now() }, true);
     return new ImageWriter(dir, fd, index, opts.maxImageBytes ?? Number.MAX_SAFE_INTEGER);

@@ -48,6 +48,9 @@ struct ThreadState {
   bool resendByKill = false;  // the held signal was consumed by injection
   user_regs_struct regs{};
   user_fpregs_struct fpregs{};
+  // PTRACE_GETREGSET(NT_X86_XSTATE): the XSAVE area (AVX, AVX-512, PKRU) in the
+  // layout core files carry; empty when the CPU or kernel offers none.
+  std::vector<uint8_t> xstate;
 };
 
 struct MapEntry {
@@ -114,6 +117,7 @@ struct Options {
   double rateLimitMBps = 0;   // 0: unpaced
   uint32_t stallMs = 30000;   // watchdog: drop protection if the saver stalls
   bool preProtect = true;      // false: protect everything inside the freeze (benchmarks' "before")
+  bool includeDontDump = false;  // keep MADV_DONTDUMP ranges, which the kernel's cores leave out
   std::string holdAt;         // tests: "inject", "preprotect", "frozen" or "copy"
   uint32_t holdMs = 0;
   bool allowNonDumpable = false;  // capture a prctl(PR_SET_DUMPABLE, 0) target anyway
@@ -133,6 +137,9 @@ struct FreezeStats {
   int threads = 0, rounds = 0;
   bool seccompSuspended = false;  // the injectee's seccomp filter was suspended for our syscalls
   bool sysctlToggled = false;  // vm.unprivileged_userfaultfd set to 1 around injection
+  double smapsMs = 0;          // reading /proc/PID/smaps (MADV_DONTDUMP) before the freeze
+  double smapsFrozenMs = 0;    // re-reading it inside the freeze: the layout had changed
+  bool smapsReread = false;
   double snapshotTime = 0;     // wall-clock ms at the snapshot point
 };
 

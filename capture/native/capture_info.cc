@@ -1,6 +1,7 @@
 // captureInfo(handle): everything known about a capture, for the process-state
 // blob, the stats and the tests. Registers are the raw x86_64 user_regs_struct
-// (216 bytes) and user_fpregs_struct (512 bytes), as a core file's notes want.
+// (216 bytes), user_fpregs_struct (512 bytes) and the XSAVE area (NT_X86_XSTATE),
+// as a core file's notes want.
 #include "addon.h"
 #include "session.h"
 
@@ -32,6 +33,9 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("rounds", fz.rounds);
   o.Set("sysctlToggled", fz.sysctlToggled);
   o.Set("seccompSuspended", fz.seccompSuspended);
+  o.Set("smapsMs", fz.smapsMs);
+  o.Set("smapsFrozenMs", fz.smapsFrozenMs);
+  o.Set("smapsReread", fz.smapsReread);
   o.Set("snapshotTime", fz.snapshotTime);
   return o;
 }
@@ -111,6 +115,7 @@ static Napi::Array ThreadsArray(Napi::Env env, Session& s) {
     o.Set("tid", t.tid);
     o.Set("regs", Bytes(env, &t.regs, sizeof t.regs));
     o.Set("fpregs", Bytes(env, &t.fpregs, sizeof t.fpregs));
+    o.Set("xstate", Bytes(env, t.xstate.data(), t.xstate.size()));
     o.Set("pendingSignal", t.pendingSignal);
     a.Set(static_cast<uint32_t>(i), o);
   }

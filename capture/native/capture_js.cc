@@ -97,6 +97,8 @@ Options ParseOptions(const Napi::Value& v) {
   o.holdMs = static_cast<uint32_t>(num("testHoldMs", 0));
   Napi::Value pre = obj.Get("preProtect");
   if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
+  Napi::Value dd = obj.Get("includeDontDump");
+  if (dd.IsBoolean()) o.includeDontDump = dd.As<Napi::Boolean>().Value();
   Napi::Value at = obj.Get("testHoldAt");
   if (at.IsString()) o.holdAt = at.As<Napi::String>().Utf8Value();
   o.allowNonDumpable = obj.Get("allowNonDumpable").ToBoolean().Value();

@@ -68,6 +68,27 @@ bool ParseMaps(const std::string& text, std::vector<MapEntry>* out) {
   return !out->empty();
 }
 
+// Header lines start "START-END "; a field line's name never parses as two hex
+// numbers joined by '-'. VmFlags is the last field of each VMA.
+bool ParseSmaps(const std::string& text, std::vector<VmaFlags>* out) {
+  out->clear();
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    std::string line = text.substr(pos, nl - pos);
+    unsigned long long start, end;
+    char dash;
+    if (sscanf(line.c_str(), "%llx%c%llx ", &start, &dash, &end) == 3 && dash == '-') {
+      out->push_back({start, end, false});
+    } else if (line.rfind("VmFlags:", 0) == 0 && !out->empty()) {
+      out->back().dontDump = (line + " ").find(" dd ") != std::string::npos;
+    }
+    pos = nl + 1;
+  }
+  return !out->empty();
+}
+
 static bool Scan(int pagemapFd, uint64_t start, uint64_t end, uint64_t mask, uint64_t anyof,
                  uint64_t ret, const std::function<void(uint64_t, uint64_t, uint64_t)>& fn,
                  Failure* f) {

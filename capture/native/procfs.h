@@ -8,6 +8,12 @@ namespace bgsnap {
 
 bool ReadWhole(const std::string& path, std::string* out);
 bool ParseMaps(const std::string& text, std::vector<MapEntry>* out);
+// A VMA of /proc/PID/smaps and whether its VmFlags hold "dd" (MADV_DONTDUMP).
+struct VmaFlags {
+  uint64_t start, end;
+  bool dontDump;
+};
+bool ParseSmaps(const std::string& text, std::vector<VmaFlags>* out);
 bool ScanTouched(int pagemapFd, uint64_t start, uint64_t end,
                  const std::function<void(uint64_t, uint64_t, bool)>& fn, Failure* f);
 

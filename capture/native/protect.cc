@@ -34,14 +34,14 @@ static unsigned Workers() {
   return std::max(2u, std::min(4u, std::thread::hardware_concurrency()));
 }
 
-// Register every writable mapping we can (the snapshot freeze registers again,
+// Register every mapping we capture that we can (the snapshot freeze registers again,
 // idempotently, and copies the ones the kernel refuses).
 std::vector<Session::Range> Session::RegisterAll() {
   std::vector<Range> out;
   int fd = uffd_.load();
   for (const MapEntry& m : maps) {
-    if (m.perms.size() < 4 || m.perms[0] != 'r' || m.perms[1] != 'w') continue;
-    if (m.path == "[vsyscall]" || m.path == "[vvar]" || m.path == "[vvar_vclock]") continue;
+    std::string why;
+    if (Skippable(m, &why)) continue;
     uffdio_register reg{{m.start, m.end - m.start}, UFFDIO_REGISTER_MODE_WP, 0};
     if (ioctl(fd, UFFDIO_REGISTER, &reg) == 0) out.push_back({m.start, m.end});
   }

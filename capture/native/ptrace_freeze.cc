@@ -7,7 +7,9 @@
 
 #include <dirent.h>
 #include <signal.h>
+#include <elf.h>
 #include <sys/ptrace.h>
+#include <sys/uio.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -118,6 +120,16 @@ bool Freezer::WaitStop(size_t i, Failure* f) {
   return true;
 }
 
+// The XSAVE area as the kernel's cores hold it (NT_X86_XSTATE). Its size depends
+// on the CPU's features (~2.7 KiB with AVX-512, ~11 KiB with AMX); the kernel
+// shortens iov_len to it. A CPU without XSAVE leaves it empty: not an error.
+static void GetXstate(ThreadState& t) {
+  t.xstate.resize(16384);
+  iovec iov{t.xstate.data(), t.xstate.size()};
+  if (ptrace(PTRACE_GETREGSET, t.tid, reinterpret_cast<void*>(NT_X86_XSTATE), &iov) != 0) iov.iov_len = 0;
+  t.xstate.resize(iov.iov_len);
+}
+
 bool Freezer::Freeze(Failure* f, const std::function<void()>& idle) {
   idle_ = &idle;
   for (rounds_ = 1; rounds_ <= 100; rounds_++) {
@@ -141,6 +153,7 @@ bool Freezer::Freeze(Failure* f, const std::function<void()>& idle) {
         Ptrace(PTRACE_GETFPREGS, t.tid, &t.fpregs) != 0) {
       f->Set(errno, "ptrace(GETREGS) of thread " + std::to_string(t.tid));
     }
+    GetXstate(t);
   }
   if (f->failed()) Detach();
   return !f->failed();

@@ -93,6 +93,7 @@ bool Session::Setup(Failure* f) {
   if (pid_ <= 0 || pid_ == getpid()) return f->Set(EINVAL, "cannot capture PID " + std::to_string(pid_));
   if (!CheckDumpable(f) || !ProbeKernel(f)) return false;
   if (!pool.Init(opts_.bufferMb, f)) return false;  // pre-faulted before the pause
+  if (!ReadSmaps(false, f)) return false;           // outside the pause
   if (!opts_.preProtect || SmallFootprint()) {
     freeze.stops = 1;
     if (!SnapshotFreeze(true, f)) return false;
@@ -173,7 +174,7 @@ bool Session::SnapshotFreeze(bool arm, Failure* f) {
     maps.clear();
     ok = ok && ReadProcState(f);
   }
-  ok = ok && FrozenWork(f);
+  ok = ok && RecheckSmaps(f) && FrozenWork(f);
   held += Hold("frozen", ok);
   threads = fz.threads();
   freeze.threads = static_cast<int>(threads.size());

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "capture.h"
+#include "procfs.h"
 #include "ptrace_freeze.h"
 
 namespace bgsnap {
@@ -67,6 +68,10 @@ class Session {
   bool ReadProcState(Failure* f);
   bool InjectUffd(Freezer& fz, Failure* f);
   bool RemoteUffd(Freezer& fz, long* fd, Failure* f);
+  bool Skippable(const MapEntry& m, std::string* why) const;
+  bool ReadSmaps(bool frozen, Failure* f);
+  bool RecheckSmaps(Failure* f);
+  bool DontDump(const MapEntry& m) const;
   bool PlanAndRegister(Failure* f);
   bool ScanUntouched(Failure* f);
   bool ShmemHoles(Failure* f);
@@ -135,6 +140,7 @@ class Session {
   double paceStart_ = 0;
   uint64_t scannedBytes_ = 0;
   int sysctlOld_ = -1;
+  std::vector<VmaFlags> smaps_;     // MADV_DONTDUMP by VMA (ReadSmaps)
   int pagemapFd_ = -1;              // the target's /proc/PID/pagemap, for PAGEMAP_SCAN
   std::vector<uint64_t> preFaults_;  // pre-phase faults still to release (EAGAIN)
 };

@@ -125,10 +125,29 @@ bool Session::InjectUffd(Freezer& fz, Failure* f) {
   return true;
 }
 
-static bool Skippable(const MapEntry& m, std::string* why) {
-  if (m.perms.size() < 4 || m.perms[0] != 'r' || m.perms[1] != 'w') *why = "not writable";
+// Anonymous memory: no file behind it ([heap], [stack], a named [anon:...] or
+// none), or /dev/zero (private: the kernel makes it anonymous). The kernel's
+// vdso, vvar and vsyscall are not.
+static bool Anonymous(const MapEntry& m) {
+  return (m.inode == 0 && (m.path.empty() || m.path == "[heap]" || m.path == "[stack]" ||
+                           m.path.rfind("[anon:", 0) == 0)) ||
+         m.path == "/dev/zero";
+}
+
+// What a kernel core holds with the default coredump_filter (0x33), less the
+// unmodified file pages that NT_FILE names: writable mappings, and private
+// anonymous ones whatever their protection (JIT code after its W^X flip, data
+// made read-only). Those are registered and write-protected like the others,
+// so a later mprotect-and-write still saves the old bytes first. Unreadable
+// (PROT_NONE) ones hold nothing to read; MADV_DONTDUMP ranges are left out as
+// the kernel leaves them out.
+bool Session::Skippable(const MapEntry& m, std::string* why) const {
+  bool readable = m.perms.size() >= 4 && m.perms[0] == 'r';
+  bool wanted = readable && (m.perms[1] == 'w' || (m.perms[3] == 'p' && Anonymous(m)));
+  if (!wanted) *why = readable ? "not writable" : "not readable";
   else if (m.path == "[vsyscall]" || m.path == "[vvar]" || m.path == "[vvar_vclock]")
     *why = "kernel mapping";
+  else if (DontDump(m)) *why = "MADV_DONTDUMP";
   else return false;
   return true;
 }
@@ -139,14 +158,55 @@ static bool AnonPrivate(const MapEntry& m) {
   return m.perms[3] == 'p' && (m.path.empty() || m.path[0] == '[' || m.path == "/dev/zero");
 }
 
-// Register every writable mapping for write-protect. The kernel refuses private
+// VmFlags "dd": MADV_DONTDUMP. /proc/PID/smaps counts every page's residency
+// to print it, so it is read before the freeze (Setup) and inside it only when
+// the layout changed since (RecheckSmaps). Sorted by address, like maps.
+bool Session::ReadSmaps(bool frozen, Failure* f) {
+  if (opts_.includeDontDump) return true;
+  double t0 = NowMs();
+  std::string text, path = "/proc/" + std::to_string(pid_) + "/smaps";
+  if (!ReadWhole(path, &text) || !ParseSmaps(text, &smaps_)) {
+    return f->Set(ESRCH, "reading " + path + " (kernel thread or exited?)");
+  }
+  (frozen ? freeze.smapsFrozenMs : freeze.smapsMs) += NowMs() - t0;
+  return true;
+}
+
+// In the snapshot freeze: the smaps read before it describes the snapshot when
+// every mapping is still there with the same bounds. Left undetected: a
+// madvise(MADV_[DONT]DUMP) of a whole mapping in the milliseconds between.
+bool Session::RecheckSmaps(Failure* f) {
+  if (opts_.includeDontDump) return true;
+  bool same = smaps_.size() == maps.size() &&
+              std::equal(maps.begin(), maps.end(), smaps_.begin(), [](const MapEntry& m, const VmaFlags& v) {
+                return m.start == v.start && m.end == v.end;
+              });
+  if (same) return true;
+  freeze.smapsReread = true;
+  return ReadSmaps(true, f);
+}
+
+bool Session::DontDump(const MapEntry& m) const {
+  auto it = std::lower_bound(smaps_.begin(), smaps_.end(), m.start,
+                             [](const VmaFlags& v, uint64_t a) { return v.start < a; });
+  return it != smaps_.end() && it->start == m.start && it->end == m.end && it->dontDump;
+}
+
+// Register every mapping we capture for write-protect. The kernel refuses private
 // file mappings (EINVAL) and ranges the target registered itself (EBUSY): those
 // are copied while frozen instead; they are small (a library's .data).
 bool Session::PlanAndRegister(Failure* f) {
   int fd = uffd_.load();
   for (size_t i = 0; i < maps.size(); i++) {
     MapEntry& m = maps[i];
-    if (Skippable(m, &m.how)) { m.how = "skipped: " + m.how; continue; }
+    if (Skippable(m, &m.how)) {
+      // The pre-protection may have registered it before it was found to be
+      // MADV_DONTDUMP: unregistering drops its write-protection too.
+      uffdio_range r{m.start, m.end - m.start};
+      if (m.how == "MADV_DONTDUMP") ioctl(fd, UFFDIO_UNREGISTER, &r);
+      m.how = "skipped: " + m.how;
+      continue;
+    }
     if (!CheckBlockSize(m, f)) return false;
     Block b;
     b.start = m.start;
