@@ -8,8 +8,6 @@
 // the core; --to raw must reproduce a mapping's bytes; QEMU images are refused.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { execFileSync, spawn } from 'node:child_process';
-import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -18,82 +16,10 @@ import { READ_ONLY_HOW } from '../capture/readonly-maps';
 import { readProcessState, restoreDebugPointer } from '../receiver/convert-elf';
 import { ImageReader } from '../receiver/image-reader';
 import { genStream } from './helpers/qemu-gen';
-
-const SRC = path.resolve(__dirname, '..', '..', 'test', 'targets', 'backtrace.c');
-const CACHE = path.join(os.tmpdir(), 'bgsnap-test-targets');
-const NT_PRSTATUS = 1, NT_PRPSINFO = 3, NT_AUXV = 6, NT_FILE = 0x46494c45, NT_FPREGSET = 2;
-const AT_SYSINFO_EHDR = 33; // the vdso's address
-const SOME_GLOBAL = '0x5eed1234abcd';
-
-// gdb needs the debug info and the frames of -O0 code: not buildTarget's -O2.
-function buildBacktrace(): string {
-  const hash = crypto.createHash('sha256').update(fs.readFileSync(SRC)).digest('hex').slice(0, 12);
-  const out = path.join(CACHE, `backtrace-g-${hash}`);
-  if (!fs.existsSync(out)) {
-    fs.mkdirSync(CACHE, { recursive: true });
-    const tmp = `${out}.${process.pid}`;
-    execFileSync('gcc', ['-g', '-O0', '-pthread', '-Wall', '-o', tmp, SRC], { stdio: 'inherit' });
-    fs.renameSync(tmp, out);
-  }
-  return out;
-}
-
-// The byte at offset i of the target's pattern mapping (pattern_byte in the C).
-const patternByte = (i: number) => (i * 7 + Math.floor(i / 4096) * 13 + 3) & 0xff;
-
-interface Backtrace {
-  bin: string;
-  pid: number;
-  pattern: number;
-  size: number;
-  counter: number;
-  tids: number[];
-}
-
-// Starts the target (it forks into the background) and reads its ready line.
-function startBacktrace(bin: string): Promise<Backtrace> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(bin, [], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error('backtrace target never said ready')), 20_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      const m = /ready pid=(\d+) pattern=0x([0-9a-f]+) size=(\d+) counter=0x([0-9a-f]+)\n/.exec(buf);
-      if (!m) return;
-      clearTimeout(timer);
-      child.stdout!.destroy();
-      const pid = Number(m[1]);
-      resolve({ bin, pid, pattern: parseInt(m[2], 16), size: Number(m[3]), counter: parseInt(m[4], 16), tids: tasks(pid) });
-    });
-  });
-}
-
-const tasks = (pid: number) => fs.readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
-const syscallOf = (pid: number, tid: number) => fs.readFileSync(`/proc/${pid}/task/${tid}/syscall`, 'utf8').split(' ')[0].trim();
-const taskState = (pid: number, tid: number) => /\) (\S) /.exec(fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8'))![1];
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-// Waits until main is in pause (34), the worker in clock_nanosleep (230) and
-// the busy thread running, so the snapshot finds each at the end of its chain.
-async function waitParked(t: Backtrace): Promise<void> {
-  for (let i = 0; i < 500; i++) {
-    const calls = t.tids.map((tid) => syscallOf(t.pid, tid));
-    if (t.tids.length === 3 && calls.includes('34') && calls.includes('230') && calls.includes('running')) return;
-    await sleep(10);
-  }
-  throw new Error(`target threads not parked: ${t.tids.map((tid) => syscallOf(t.pid, tid)).join(', ')}`);
-}
-
-function readCounter(t: Backtrace): bigint {
-  const fd = fs.openSync(`/proc/${t.pid}/mem`, 'r');
-  try {
-    const b = Buffer.alloc(8);
-    fs.readSync(fd, b, 0, 8, t.counter);
-    return b.readBigUInt64LE(0);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
+import {
+  AT_SYSINFO_EHDR, buildBacktrace, NT_AUXV, NT_FILE, NT_FPREGSET, NT_PRPSINFO, NT_PRSTATUS, NT_X86_XSTATE, parseCore, parseFileNote,
+  chain, patternByte, readCounter, REAL_GID, REAL_UID, sleep, SOME_GLOBAL, startBacktrace, tasks, taskState, waitParked, type Backtrace,
+} from './helpers/backtrace';
 
 let target: Backtrace;
 let dir: string;
@@ -164,13 +90,6 @@ function backtraces(out: string): Map<number, string[]> {
   return map;
 }
 
-// True when want appears in frames in order, each matched by a pattern.
-function chain(frames: string[], want: RegExp[]): boolean {
-  let i = 0;
-  for (const f of frames) if (i < want.length && want[i].test(f)) i++;
-  return i === want.length;
-}
-
 let gdbOut = '';
 
 test('gdb opens the core: three threads, each call chain, globals', async () => {
@@ -200,41 +119,7 @@ test('gdb opens the core: three threads, each call chain, globals', async () => 
   assert.match(r.stdout, /libc\.so\.6/, 'gdb found libc through the captured DT_DEBUG');
 });
 
-interface Note { type: number; name: string; desc: Buffer }
-interface Phdr { type: number; flags: number; offset: number; vaddr: number; filesz: number; memsz: number }
-
-// The core's program headers and notes, parsed from the ELF spec's layouts.
-function parseCore(buf: Buffer): { phdrs: Phdr[]; notes: Note[] } {
-  const phoff = Number(buf.readBigUInt64LE(32));
-  const phdrs: Phdr[] = [];
-  for (let i = 0; i < buf.readUInt16LE(56); i++) {
-    const o = phoff + 56 * i;
-    const n = (at: number) => Number(buf.readBigUInt64LE(o + at));
-    phdrs.push({ type: buf.readUInt32LE(o), flags: buf.readUInt32LE(o + 4), offset: n(8), vaddr: n(16), filesz: n(32), memsz: n(40) });
-  }
-  const pn = phdrs.find((p) => p.type === 4)!;
-  const notes: Note[] = [];
-  const al = (n: number) => (n + 3) & ~3;
-  for (let o = pn.offset; o < pn.offset + pn.filesz;) {
-    const namesz = buf.readUInt32LE(o), descsz = buf.readUInt32LE(o + 4), type = buf.readUInt32LE(o + 8);
-    const name = buf.toString('latin1', o + 12, o + 12 + namesz - 1);
-    notes.push({ type, name, desc: buf.subarray(o + 12 + al(namesz), o + 12 + al(namesz) + descsz) });
-    o += 12 + al(namesz) + al(descsz);
-  }
-  return { phdrs, notes };
-}
-
-// NT_FILE: count, page size, count × {start, end, offset in pages}, then names.
-function parseFileNote(d: Buffer): { start: number; end: number; offset: number; name: string }[] {
-  const count = Number(d.readBigUInt64LE(0)), ps = Number(d.readBigUInt64LE(8));
-  const names = d.toString('utf8', 16 + 24 * count).split('\0');
-  return Array.from({ length: count }, (_, i) => ({
-    start: Number(d.readBigUInt64LE(16 + 24 * i)), end: Number(d.readBigUInt64LE(24 + 24 * i)),
-    offset: Number(d.readBigUInt64LE(32 + 24 * i)) * ps, name: names[i],
-  }));
-}
-
-test('notes: NT_PRSTATUS per thread (main first), NT_PRPSINFO, NT_AUXV, NT_FILE; PT_LOAD data', () => {
+test('notes: NT_PRSTATUS per thread (main first), NT_PRPSINFO, NT_AUXV, NT_FILE, NT_FPREGSET, NT_X86_XSTATE; PT_LOAD data', () => {
   const buf = fs.readFileSync(core);
   const { phdrs, notes } = parseCore(buf);
   const pr = notes.filter((n) => n.type === NT_PRSTATUS && n.name === 'CORE');
@@ -242,8 +127,20 @@ test('notes: NT_PRSTATUS per thread (main first), NT_PRPSINFO, NT_AUXV, NT_FILE;
   assert.is(pr[0].desc.readInt32LE(32), target.pid, 'main thread first');
   assert.equal(pr.map((n) => n.desc.readInt32LE(32)).sort((a, b) => a - b), target.tids);
   assert.is(notes.filter((n) => n.type === NT_FPREGSET).length, target.tids.length);
+  // The kernel's order (write_note_info): the first thread's NT_PRSTATUS, the
+  // process-wide notes, then its other register sets; NT_PRSTATUS, NT_FPREGSET,
+  // NT_X86_XSTATE for each further thread.
+  const order = notes.map((n) => n.type);
+  const perThread = [NT_PRSTATUS, NT_FPREGSET, NT_X86_XSTATE];
+  const wantOrder = [NT_PRSTATUS, NT_PRPSINFO, NT_AUXV, NT_FILE, NT_FPREGSET, NT_X86_XSTATE, ...target.tids.slice(1).flatMap(() => perThread)];
+  assert.equal(order, wantOrder, "note order");
+  const xs = notes.filter((n) => n.type === NT_X86_XSTATE);
+  assert.ok(xs.every((n) => n.name === 'LINUX' && n.desc.length >= 576), 'NT_X86_XSTATE "LINUX", an XSAVE area with its header');
+  assert.ok(xs.every((n) => (n.desc.readBigUInt64LE(464) & 7n) === 7n), 'its XCR0 (sw_reserved) has x87, SSE, AVX');
   const ps = notes.find((n) => n.type === NT_PRPSINFO)!;
   assert.is(ps.desc.readInt32LE(24), target.pid);
+  assert.is(ps.desc.readUInt32LE(16), REAL_UID, 'pr_uid: the real uid (the target runs with effective uid 0)');
+  assert.is(ps.desc.readUInt32LE(20), REAL_GID, 'pr_gid: the real gid');
   assert.is(ps.desc.toString('latin1', 40, 56).replace(/\0.*$/s, ''), path.basename(target.bin).slice(0, 15));
   assert.is(ps.desc.toString('latin1', 56).replace(/\0.*$/s, ''), target.bin, 'psargs = argv');
   const auxv = notes.find((n) => n.type === NT_AUXV)!.desc;

@@ -8,10 +8,19 @@
 //   thread 2:     worker_main -> worker_wait -> nanosleep()
 //   thread 3:     busy_main -> busy_loop (spins, writing busy_counter and scratch)
 //
+// What a kernel core would hold besides: the worker's ymm0 holds 0xa0, 0xa1, ...
+// 0xbf (NT_X86_XSTATE); "jit" is anonymous code made read+exec after it was
+// written (mov $42,%eax; ret, then the text jit-marker-HEX); "ro" anonymous data
+// made read-only (ro-marker-HEX); "secret" a MADV_DONTDUMP range holding
+// dd-secret-HEX, which cores leave out, next to "marker", a normal mapping
+// holding dd-marker-HEX. The strings are built at run time so that no file
+// mapping holds them. Its real uid and gid are 1234 and 4321 (effective 0).
+//
 // The process forks itself into the background (so it is not the test runner's
 // child: the runner's own waitpid would otherwise see ptrace stops), and prints
-// "ready pid=P pattern=0xADDR size=N counter=0xADDR" once every thread has
-// entered its chain. It runs until killed.
+// "ready pid=P pattern=0xADDR size=N counter=0xADDR jit=0xADDR ro=0xADDR
+// secret=0xADDR marker=0xADDR" once every thread has entered its chain. It runs
+// until killed.
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdint.h>
@@ -41,6 +50,9 @@ void level_one(void) { level_two(); }
 
 void worker_wait(void) {
   struct timespec ts = {1000, 0};
+  unsigned char ymm[32];
+  for (int i = 0; i < 32; i++) ymm[i] = (unsigned char)(0xa0 + i);
+  __asm__ volatile("vmovdqu %0, %%ymm0" : : "m"(ymm) : "xmm0");
   __atomic_add_fetch(&entered, 1, __ATOMIC_SEQ_CST);
   for (;;) nanosleep(&ts, NULL);
 }
@@ -76,17 +88,45 @@ static void init_memory(void) {
   for (size_t i = 0; i < PATTERN_SIZE; i++) pattern[i] = pattern_byte(i);
 }
 
+#define HEX 0x5ec2e7c0ffeeUL
+unsigned char *jit, *ro, *secret, *marker;
+
+// A fresh anonymous page holding text, with protection prot afterwards.
+static unsigned char *page_with(const char *what, int prot) {
+  unsigned char *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) { perror("mmap"); _exit(3); }
+  snprintf((char *)p + 16, 64, "%s-%lx", what, HEX * 3);
+  if (prot != (PROT_READ | PROT_WRITE) && mprotect(p, 4096, prot) != 0) { perror("mprotect"); _exit(3); }
+  return p;
+}
+
+static void init_core_extras(void) {
+  static const unsigned char code[] = {0xb8, 42, 0, 0, 0, 0xc3}; // mov $42,%eax; ret
+  jit = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (jit == MAP_FAILED) { perror("mmap"); _exit(3); }
+  memcpy(jit, code, sizeof code);
+  snprintf((char *)jit + 16, 64, "jit-marker-%lx", HEX * 3);
+  if (mprotect(jit, 4096, PROT_READ | PROT_EXEC) != 0 || ((int (*)(void))jit)() != 42) _exit(4);
+  ro = page_with("ro-marker", PROT_READ);
+  secret = page_with("dd-secret", PROT_READ | PROT_WRITE);
+  if (madvise(secret, 4096, MADV_DONTDUMP) != 0) { perror("madvise"); _exit(3); }
+  marker = page_with("dd-marker", PROT_READ | PROT_WRITE);
+}
+
 int main(void) {
   pid_t child = fork();
   if (child < 0) { perror("fork"); return 3; }
   if (child > 0) _exit(0);
+  if (setresgid(4321, 0, 0) != 0 || setresuid(1234, 0, 0) != 0) { perror("setresuid"); return 3; }
   init_memory();
+  init_core_extras();
   pthread_t th;
   pthread_create(&th, NULL, worker_main, NULL);
   pthread_create(&th, NULL, busy_main, NULL);
   while (__atomic_load_n(&entered, __ATOMIC_SEQ_CST) < 2) usleep(1000);
-  printf("ready pid=%d pattern=0x%lx size=%d counter=0x%lx\n", getpid(), (unsigned long)(uintptr_t)pattern,
-         PATTERN_SIZE, (unsigned long)(uintptr_t)&busy_counter);
+  printf("ready pid=%d pattern=0x%lx size=%d counter=0x%lx jit=%p ro=%p secret=%p marker=%p\n", getpid(),
+         (unsigned long)(uintptr_t)pattern, PATTERN_SIZE, (unsigned long)(uintptr_t)&busy_counter, (void *)jit,
+         (void *)ro, (void *)secret, (void *)marker);
   fflush(stdout);
   level_one();
   return 0;

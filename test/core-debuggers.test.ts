@@ -1,0 +1,183 @@
+// Cores as the kernel writes them, opened in the debuggers people use. The
+// three-thread target (test/targets/backtrace.c) is captured through the real
+// CLI pipe twice, by default and with --include-dontdump, and converted:
+//   - its MADV_DONTDUMP range is left out by default (its secret is in neither
+//     the image nor the core, the normal range's marker is in both), kept with
+//     --include-dontdump;
+//   - its read-only anonymous mappings (JIT code made r-x, data made r--) are in
+//     the core: gdb disassembles the code and reads the data;
+//   - the worker's ymm0 (NT_X86_XSTATE) reads back in gdb (xmm0 in lldb);
+//   - gdb, lldb and elfutils' eu-stack each list every thread with its frames.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BIN, run, sh } from './helpers/cli';
+import { readProcessState } from '../receiver/convert-elf';
+import { ImageReader } from '../receiver/image-reader';
+import {
+  buildBacktrace, chain, JIT_MARKER, MARKER, parseCore, RO_MARKER, SECRET, startBacktrace, syscallOf, waitParked, YMM0, type Backtrace,
+} from './helpers/backtrace';
+
+let target: Backtrace;
+let dir: string;
+let worker = 0; // the thread whose ymm0 holds YMM0 (parked in nanosleep)
+
+async function captureTo(name: string, flags = ''): Promise<{ image: string; core: string }> {
+  const image = path.join(dir, name), core = path.join(dir, `${name}.core`);
+  const r = await sh(`${BIN.capture} --pid ${target.pid} ${flags} | ${BIN.receive} -o ${image}`, 60_000);
+  assert.is(r.code, 0, r.stderr);
+  const c = await run(BIN.convert, [image, '--to', 'elf-core', '-o', core]);
+  assert.is(c.code, 0, c.stderr);
+  return { image, core };
+}
+
+let plain: { image: string; core: string };
+let withDd: { image: string; core: string };
+
+test.before(async () => {
+  target = await startBacktrace(buildBacktrace());
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cores-'));
+  await waitParked(target);
+  worker = target.tids.find((t) => syscallOf(target.pid, t) === '230')!;
+  plain = await captureTo('img');
+  withDd = await captureTo('img-dd', '--include-dontdump');
+});
+
+test.after(() => {
+  try { process.kill(target.pid, 'SIGKILL'); } catch { /* gone */ }
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+const holds = (file: string, text: string) => fs.readFileSync(file).includes(Buffer.from(text, 'latin1'));
+
+async function mapAt(image: string, addr: number) {
+  const img = await ImageReader.open(image);
+  try {
+    return (await readProcessState(img)).maps.find((m) => m.start <= addr && addr < m.end)!;
+  } finally {
+    await img.close();
+  }
+}
+
+test('MADV_DONTDUMP range left out by default: not captured, not in the image or the core', async () => {
+  const m = await mapAt(plain.image, target.secret);
+  assert.is(m.how, 'skipped: MADV_DONTDUMP');
+  assert.is(m.block, -1);
+  assert.not.ok(holds(path.join(plain.image, 'data'), SECRET), 'image data lacks the secret');
+  assert.not.ok(holds(plain.core, SECRET), 'core lacks the secret');
+  assert.ok(holds(path.join(plain.image, 'data'), MARKER), 'image data has the marker');
+  assert.ok(holds(plain.core, MARKER), 'core has the marker');
+  const load = parseCore(fs.readFileSync(plain.core)).phdrs.find((p) => p.type === 1 && p.vaddr <= target.secret && target.secret < p.vaddr + p.memsz);
+  assert.ok(load && load.filesz === 0, 'its PT_LOAD has no file bytes, as in a kernel core');
+});
+
+test('--include-dontdump keeps it', async () => {
+  assert.is((await mapAt(withDd.image, target.secret)).how, 'protected');
+  assert.ok(holds(path.join(withDd.image, 'data'), SECRET), 'image data has the secret');
+  assert.ok(holds(withDd.core, SECRET), 'core has the secret');
+  assert.ok(holds(withDd.core, MARKER), 'core has the marker');
+});
+
+test('read-only anonymous mappings (JIT code, read-only data) are captured and in the core', async () => {
+  const jit = await mapAt(plain.image, target.jit), ro = await mapAt(plain.image, target.ro);
+  assert.is(jit.perms, 'r-xp');
+  assert.is(ro.perms, 'r--p');
+  assert.is(jit.how, 'protected', 'write-protected like writable memory: a later mprotect+write saves it first');
+  assert.is(ro.how, 'protected');
+  const r = await run('gdb', ['-batch', '-nx', '-ex', 'x/2i jit', '-ex', 'x/s jit+16', '-ex', 'x/s ro+16', target.bin, plain.core], 120_000);
+  assert.is(r.code, 0, r.stderr);
+  assert.match(r.stdout, /mov\s+\$0x2a,%eax/);
+  assert.match(r.stdout, /ret/);
+  assert.match(r.stdout, `"${JIT_MARKER}"`);
+  assert.match(r.stdout, `"${RO_MARKER}"`);
+});
+
+// gdb's view of each thread's ymm0 as four u64, by LWP.
+function ymmByLwp(out: string): Map<number, string> {
+  const map = new Map<number, string>();
+  let lwp = 0;
+  for (const line of out.split('\n')) {
+    const th = /^Thread \d+ \(.*LWP (\d+)\)\):$/.exec(line);
+    if (th) lwp = Number(th[1]);
+    const v = /^\$\d+ = (\{.*\})$/.exec(line);
+    if (v && lwp) map.set(lwp, v[1]);
+  }
+  return map;
+}
+
+const u64s = (b: Buffer) => `{${[0, 8, 16, 24].map((o) => `0x${b.readBigUInt64LE(o).toString(16)}`).join(', ')}}`;
+
+test('gdb: the worker thread ymm0 from NT_X86_XSTATE', async () => {
+  const r = await run('gdb', ['-batch', '-nx', '-ex', 'thread apply all p/x $ymm0.v4_int64', target.bin, plain.core], 120_000);
+  console.log(`${r.stdout}${r.stderr}`.replace(/^/gm, '  | '));
+  assert.is(r.code, 0, r.stderr);
+  const ymm = ymmByLwp(r.stdout);
+  assert.is(ymm.size, target.tids.length, 'every thread has ymm0');
+  assert.is(ymm.get(worker), u64s(YMM0), `worker ${worker} ymm0`);
+});
+
+type Frames = Map<number, string[]>; // function names by tid, innermost first
+
+function expectFrames(frames: Frames, who: string): void {
+  assert.equal([...frames.keys()].sort((a, b) => a - b), target.tids, `${who}: every thread`);
+  const main = frames.get(target.pid);
+  assert.ok(chain(main, [/pause/, /^level_two$/, /^level_one$/, /^main$/]), `${who} main: ${main?.join(' <- ')}`);
+  const work = frames.get(worker);
+  assert.ok(chain(work, [/nanosleep/, /^worker_wait$/, /^worker_main$/, /^start_thread$/]), `${who} worker: ${work?.join(' <- ')}`);
+  const busy = frames.get(target.tids.find((t) => t !== target.pid && t !== worker)!);
+  assert.ok(chain(busy, [/^busy_loop$/, /^busy_main$/, /^start_thread$/]), `${who} busy: ${busy?.join(' <- ')}`);
+}
+
+// `thread list` lines give "thread #N: tid = T"; `bt all` frames "frame #k: 0x… module`function…".
+function lldbFrames(out: string): { frames: Frames; index: Map<number, number> } {
+  const frames: Frames = new Map(), index = new Map<number, number>(), tidOf = new Map<number, number>();
+  let cur: string[] | undefined;
+  for (const line of out.split('\n')) {
+    const listed = /thread #(\d+): tid = (\d+)/.exec(line);
+    if (listed) { tidOf.set(Number(listed[1]), Number(listed[2])); index.set(Number(listed[2]), Number(listed[1])); }
+    const th = /^\W*thread #(\d+),/.exec(line);
+    if (th) frames.set(tidOf.get(Number(th[1])) ?? -1, (cur = []));
+    const fr = /frame #\d+: 0x[0-9a-f]+ [^`\s]+`([A-Za-z_][\w.@]*)/.exec(line);
+    if (fr && cur) cur.push(fr[1]);
+  }
+  return { frames, index };
+}
+
+// lldb 14 (Debian 12) reads no AVX state from any ELF core: its ymm0 is
+// "unavailable" for gdb's own gcore output too. It shows xmm0, the low half,
+// from NT_FPREGSET.
+test('lldb: every thread with its frames, and the worker xmm0', async () => {
+  const r = await run('lldb', ['-b', '-o', 'thread list', '-o', 'thread backtrace all', '-c', plain.core, target.bin], 120_000);
+  console.log(r.stdout.replace(/^/gm, '  | '));
+  assert.is(r.code, 0, r.stderr);
+  const { frames, index } = lldbFrames(r.stdout);
+  expectFrames(frames, 'lldb');
+  const y = await run('lldb', ['-b', '-o', `thread select ${index.get(worker)}`, '-o', 'register read xmm0', '-c', plain.core, target.bin], 120_000);
+  assert.is(y.code, 0, y.stderr);
+  const bytes = [...YMM0.subarray(0, 16)].map((b) => `0x${b.toString(16)}`).join(' ');
+  assert.match(y.stdout, `xmm0 = {${bytes}}`);
+});
+
+// "TID T:" then "#k  0x… function".
+function euFrames(out: string): Frames {
+  const frames: Frames = new Map();
+  let cur: string[] | undefined;
+  for (const line of out.split('\n')) {
+    const th = /^TID (\d+):/.exec(line);
+    if (th) frames.set(Number(th[1]), (cur = []));
+    const fr = /^#\d+\s+0x[0-9a-f]+\s+(?:- \d+\s+)?(\S+)/.exec(line);
+    if (fr && cur) cur.push(fr[1].replace(/@.*$/, ''));
+  }
+  return frames;
+}
+
+test('eu-stack: every thread with its frames', async () => {
+  const r = await run('eu-stack', [`--core=${plain.core}`, '-e', target.bin], 120_000);
+  console.log(r.stdout.replace(/^/gm, '  | '));
+  assert.is(r.code, 0, r.stderr);
+  expectFrames(euFrames(r.stdout), 'eu-stack');
+});
+
+test.run();
