@@ -12,6 +12,11 @@ export function fatal(prog: string, err: unknown): never {
 }
 
 export function main(prog: string, fn: () => Promise<number | void>): void {
+  // What we create holds a snapshot's memory. io/private-file.ts makes our own
+  // files 0600 and directories 0700 whatever the umask; this also covers the
+  // files LevelDB creates in an image's index (0644 under umask 022 otherwise,
+  // though inside a 0700 directory).
+  process.umask(0o077);
   fn().then(
     (code) => process.exit(code ?? 0),
     (err) => fatal(prog, err),
