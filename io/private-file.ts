@@ -41,9 +41,13 @@ function explain(p: string, e: NodeJS.ErrnoException, kind: string): never {
 
 // Opens a new file for writing, mode 0600: O_EXCL (so never an existing file nor
 // a symbolic link, even a dangling one) and O_NOFOLLOW. With force, an existing
-// regular file is unlinked first.
+// regular file is unlinked first. An existing FIFO or character device (a pipe,
+// /dev/null) is written as it is: it stores nothing.
 export function openPrivateFile(file: string, opts: CreateOptions = {}): number {
   const st = existing(file);
+  if (st && (st.isFIFO() || st.isCharacterDevice()) && !opts.read) {
+    return fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW);
+  }
   if (st && opts.force) {
     if (!st.isFile()) fail(`${file} exists and is not a regular file; not replacing it`, 'EEXIST');
     fs.unlinkSync(file);
