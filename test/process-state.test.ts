@@ -3,7 +3,7 @@
 // and still convert, without that note.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { decodeProcessState, encodeProcessState, type ProcessState } from '../capture/process-state';
+import { decodeProcessState, encodeProcessState, type ProcessState } from '../format/process-state';
 import { buildNotes } from '../receiver/convert-elf';
 
 const NT_X86_XSTATE = 0x202;

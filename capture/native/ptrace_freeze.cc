@@ -6,16 +6,17 @@
 #include "ptrace_freeze.h"
 
 #include <dirent.h>
-#include <signal.h>
 #include <elf.h>
+#include <signal.h>
 #include <sys/ptrace.h>
-#include <sys/uio.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <fstream>
 
@@ -120,14 +121,17 @@ bool Freezer::WaitStop(size_t i, Failure* f) {
   return true;
 }
 
-// The XSAVE area as the kernel's cores hold it (NT_X86_XSTATE). Its size depends
-// on the CPU's features (~2.7 KiB with AVX-512, ~11 KiB with AMX); the kernel
-// shortens iov_len to it. A CPU without XSAVE leaves it empty: not an error.
+// The XSAVE area as the kernel's cores hold it (NT_X86_XSTATE). Its size is the
+// CPU's (~2.7 KiB with AVX-512, ~11 KiB with AMX): the kernel shortens iov_len
+// to it, and later threads get a buffer of just that size. A CPU without
+// XSAVE leaves it empty: not an error.
 static void GetXstate(ThreadState& t) {
-  t.xstate.resize(16384);
+  static std::atomic<size_t> size{16384};
+  t.xstate.resize(size.load());
   iovec iov{t.xstate.data(), t.xstate.size()};
   if (ptrace(PTRACE_GETREGSET, t.tid, reinterpret_cast<void*>(NT_X86_XSTATE), &iov) != 0) iov.iov_len = 0;
   t.xstate.resize(iov.iov_len);
+  if (iov.iov_len > 0) size = iov.iov_len;
 }
 
 bool Freezer::Freeze(Failure* f, const std::function<void()>& idle) {
