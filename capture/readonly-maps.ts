@@ -1,5 +1,5 @@
 // Read-only memory a kernel core dump has but the native engine does not save
-// (it saves only writable mappings):
+// (it saves writable and anonymous mappings):
 //   - private file mappings whose pages were modified before they became
 //     read-only: RELRO (.data.rel.ro, GOT, .dynamic with DT_DEBUG) after the
 //     dynamic linker's mprotect. /proc/PID/smaps shows them with Anonymous > 0;
