@@ -7,17 +7,21 @@
 //   - its read-only anonymous mappings (JIT code made r-x, data made r--) are in
 //     the core: gdb disassembles the code and reads the data;
 //   - the worker's ymm0 (NT_X86_XSTATE) reads back in gdb (xmm0 in lldb);
-//   - gdb, lldb and elfutils' eu-stack each list every thread with its frames.
+//   - gdb, lldb and elfutils' eu-stack each list every thread with its frames;
+//   - code made writable and rewritten after the snapshot is saved as it was.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { BIN, run, sh } from './helpers/cli';
+import { captureProcess } from '../capture/process-source';
+import type { PageBatch } from '../format/events';
 import { readProcessState } from '../receiver/convert-elf';
 import { ImageReader } from '../receiver/image-reader';
 import {
-  buildBacktrace, chain, JIT_MARKER, MARKER, parseCore, RO_MARKER, SECRET, startBacktrace, syscallOf, waitParked, YMM0, type Backtrace,
+  buildBacktrace, chain, JIT_MARKER, JIT_REWRITE, MARKER, parseCore, RO_MARKER, SECRET, sleep, startBacktrace, syscallOf, waitParked, YMM0,
+  type Backtrace,
 } from './helpers/backtrace';
 
 let target: Backtrace;
@@ -181,6 +185,56 @@ test('eu-stack: every thread with its frames', async () => {
   console.log(r.stdout.replace(/^/gm, '  | '));
   assert.is(r.code, 0, r.stderr);
   expectFrames(euFrames(r.stdout), 'eu-stack');
+});
+
+function readMem(pid: number, addr: number, len: number): Buffer {
+  const fd = fs.openSync(`/proc/${pid}/mem`, 'r');
+  try {
+    const b = Buffer.alloc(len);
+    fs.readSync(fd, b, 0, len, addr);
+    return b;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+// The bytes of page `page` of a batch (its non-zero pages lie back to back).
+function pageOf(batch: PageBatch, page: number): Buffer | undefined {
+  let at = 0;
+  for (let i = 0; i < batch.index.length; i++) {
+    if (batch.index[i] === page) return batch.zero[i] ? Buffer.alloc(4096) : Buffer.from(batch.data.subarray(at * 4096, (at + 1) * 4096));
+    if (!batch.zero[i]) at++;
+  }
+  return undefined;
+}
+
+// Last: it rewrites the target's code page. The capture's 8 MiB of buffers are
+// left full (nothing is consumed), so its scan, in address order, stops in the
+// ballast below the code page; the target then flips the page writable and
+// writes it. That write must wait (the page is write-protected, not copied
+// later), and the page is saved as it was at the snapshot.
+test('JIT code made writable and rewritten after the snapshot: the write waits, the old code is saved', async () => {
+  const cap = captureProcess(target.pid, { zeroCopy: true, bufferMb: 8 });
+  const events = cap.events[Symbol.asyncIterator]();
+  let blocks: { address: number; length: number }[] = [];
+  for (let r = await events.next(); !r.done && r.value.type !== 'state'; r = await events.next()) {
+    if (r.value.type === 'blocks') blocks = r.value.blocks;
+  }
+  const block = blocks.findIndex((b) => b.address <= target.jit && target.jit < b.address + b.length);
+  assert.ok(block >= 0, 'the code page is a captured block');
+  process.kill(target.pid, 'SIGUSR1');
+  await sleep(500);
+  assert.match(readMem(target.pid, target.jit + 16, 32).toString('latin1'), JIT_MARKER, 'the rewrite waits for the capture');
+  let saved: Buffer | undefined;
+  for (let r = await events.next(); !r.done; r = await events.next()) {
+    if (r.value.type !== 'pages') continue;
+    if (r.value.batch.block === block) saved = pageOf(r.value.batch, (target.jit - blocks[block].address) / 4096) ?? saved;
+    cap.release(r.value.batch);
+  }
+  assert.ok(saved, 'code page saved');
+  assert.ok(saved!.includes(Buffer.from(JIT_MARKER)), 'saved as it was at the snapshot');
+  await sleep(100);
+  assert.match(readMem(target.pid, target.jit + 16, 32).toString('latin1'), JIT_REWRITE, 'then the target went on and rewrote it');
 });
 
 test.run();

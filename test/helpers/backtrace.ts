@@ -15,7 +15,7 @@ export const SOME_GLOBAL = '0x5eed1234abcd';
 // The strings the target builds at run time (HEX * 3 in backtrace.c).
 export const HEX3 = (0x5ec2e7c0ffeen * 3n).toString(16);
 export const SECRET = `dd-secret-${HEX3}`, MARKER = `dd-marker-${HEX3}`;
-export const JIT_MARKER = `jit-marker-${HEX3}`, RO_MARKER = `ro-marker-${HEX3}`;
+export const JIT_MARKER = `jit-marker-${HEX3}`, RO_MARKER = `ro-marker-${HEX3}`, JIT_REWRITE = `jit-rewrite-${HEX3}`;
 export const YMM0 = Buffer.from(Array.from({ length: 32 }, (_, i) => 0xa0 + i)); // the worker's ymm0
 export const REAL_UID = 1234, REAL_GID = 4321;
 

@@ -10,10 +10,10 @@
 //
 // What a kernel core would hold besides: the worker's ymm0 holds 0xa0, 0xa1, ...
 // 0xbf (NT_X86_XSTATE); "jit" is anonymous code made read+exec after it was
-// written (mov $42,%eax; ret, then the text jit-marker-HEX); "ro" anonymous data
-// made read-only (ro-marker-HEX); "secret" a MADV_DONTDUMP range holding
-// dd-secret-HEX, which cores leave out, next to "marker", a normal mapping
-// holding dd-marker-HEX. The strings are built at run time so that no file
+// written (mov $42,%eax; ret, then the text jit-marker-HEX; SIGUSR1 makes it
+// writable and rewrites the text); "ro" anonymous data made read-only
+// (ro-marker-HEX); "secret" a MADV_DONTDUMP range holding dd-secret-HEX, which
+// cores leave out, next to "marker", a normal mapping holding dd-marker-HEX. The strings are built at run time so that no file
 // mapping holds them. Its real uid and gid are 1234 and 4321 (effective 0).
 //
 // The process forks itself into the background (so it is not the test runner's
@@ -23,6 +23,7 @@
 // until killed.
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,16 +106,29 @@ static unsigned char *page_with(const char *what, int prot) {
 #define BALLAST_SIZE (48 << 20)
 unsigned char *ballast;
 
+// SIGUSR1: the JIT flips the code page writable and rewrites it (jit-rewrite-HEX),
+// as a JIT patching code does; a capture must still save the old bytes.
+static char rewrite_text[64];
+
+static void rewrite_jit(int sig) {
+  (void)sig;
+  if (mprotect(jit, 4096, PROT_READ | PROT_WRITE) == 0) memcpy(jit + 16, rewrite_text, sizeof rewrite_text);
+}
+
 static void init_core_extras(void) {
-  ballast = mmap(NULL, BALLAST_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (ballast == MAP_FAILED) { perror("mmap"); _exit(3); }
-  memset(ballast, 0x5a, BALLAST_SIZE);
+  // The code page is mapped before the ballast, so above it (mmap goes down):
+  // a capture's address-order scan reaches it only after the ballast.
   static const unsigned char code[] = {0xb8, 42, 0, 0, 0, 0xc3}; // mov $42,%eax; ret
   jit = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (jit == MAP_FAILED) { perror("mmap"); _exit(3); }
   memcpy(jit, code, sizeof code);
   snprintf((char *)jit + 16, 64, "jit-marker-%lx", HEX * 3);
   if (mprotect(jit, 4096, PROT_READ | PROT_EXEC) != 0 || ((int (*)(void))jit)() != 42) _exit(4);
+  snprintf(rewrite_text, sizeof rewrite_text, "jit-rewrite-%lx", HEX * 3);
+  signal(SIGUSR1, rewrite_jit);
+  ballast = mmap(NULL, BALLAST_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (ballast == MAP_FAILED) { perror("mmap"); _exit(3); }
+  memset(ballast, 0x5a, BALLAST_SIZE);
   ro = page_with("ro-marker", PROT_READ);
   secret = page_with("dd-secret", PROT_READ | PROT_WRITE);
   if (madvise(secret, 4096, MADV_DONTDUMP) != 0) { perror("madvise"); _exit(3); }
