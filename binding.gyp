@@ -10,7 +10,7 @@
       "target_name": "bgsnap",
       "sources": [
         "capture/native/addon.cc", "io/native/errno_error.cc", "capture/native/preflight.cc",
-        "capture/native/ptrace_freeze.cc", "capture/native/inject.cc", "capture/native/procfs.cc",
+        "capture/native/freezer_client.cc", "capture/native/clock.cc", "capture/native/procfs.cc",
         "capture/native/buffers.cc", "capture/native/uffd_capture.cc", "capture/native/protect.cc", "capture/native/session.cc",
         "capture/native/saver.cc", "capture/native/capture_js.cc", "capture/native/capture_info.cc"
       ],
@@ -19,6 +19,13 @@
     {
       "target_name": "bgsnap_fileops",
       "sources": ["io/native/fileops.cc", "io/native/errno_error.cc"]
+    },
+    {
+      "target_name": "bgsnap-freezer",
+      "type": "executable",
+      "sources": [
+        "capture/native/freezer_main.cc", "capture/native/clock.cc", "capture/native/ptrace_freeze.cc", "capture/native/inject.cc"
+      ]
     }
   ]
 }

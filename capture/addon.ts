@@ -25,10 +25,14 @@ export interface CaptureOptions {
   stallTimeoutMs?: number; // watchdog: drop protection if the saver stalls (30000)
   preProtect?: boolean; // default true; false protects everything inside the freeze (for comparisons)
   includeDontDump?: boolean; // keep MADV_DONTDUMP ranges (default: left out, as in the kernel's cores)
-  testHoldAt?: 'inject' | 'preprotect' | 'frozen' | 'copy'; // tests: pause there, printing bgsnap-hold
+  // tests: pause there, printing bgsnap-hold ('injecting': injected registers in
+  // place; 'sysctl': vm.unprivileged_userfaultfd open; both in the freezer helper)
+  testHoldAt?: 'inject' | 'injecting' | 'sysctl' | 'preprotect' | 'frozen' | 'copy';
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a non-dumpable target anyway
   testNoSuspendSeccomp?: boolean; // tests: refuse a seccomp target as a non-root tracer must
+  injectTimeoutMs?: number; // an injected syscall taking longer is interrupted and undone (2000)
+  testStuckInjection?: boolean; // tests: inject a pause() that never returns first
 }
 
 export interface NativeBatch {
@@ -79,6 +83,7 @@ export interface FreezeStats {
   smapsMs: number; // reading /proc/PID/smaps for MADV_DONTDUMP, before the freeze
   smapsFrozenMs: number; // re-reading it in the freeze (smapsReread: the layout had changed)
   smapsReread: boolean;
+  uffdVia: number; // 1 userfaultfd(), 2 /dev/userfaultfd, 3 the sysctl opened (0: none)
   snapshotTime: number; // ms since the epoch
 }
 

@@ -41,6 +41,8 @@ export interface ProcessCaptureOptions {
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a prctl(PR_SET_DUMPABLE, 0) target (ssh-agent) anyway
   testNoSuspendSeccomp?: boolean; // tests: take the path of a tracer that cannot suspend seccomp
+  injectTimeoutMs?: CaptureOptions['injectTimeoutMs'];
+  testStuckInjection?: CaptureOptions['testStuckInjection'];
 }
 
 export interface ProcessCaptureStats {
@@ -75,6 +77,7 @@ export interface ProcessCaptureStats {
   // /proc/PID/smaps (MADV_DONTDUMP) read before the freeze, and again inside it
   // only when the layout had changed in between (reread).
   smaps: { ms: number; frozenMs: number; reread: boolean };
+  uffdVia: string; // how the target got its userfaultfd: 'syscall', 'dev' (/dev/userfaultfd) or 'sysctl'
   // Read-only mappings copied after the freeze (RELRO, vdso), included in blocks,
   // capturedBytes and bytes above; skipped: left out by the size cap.
   readOnly: { blocks: number; bytes: number; skipped: string[] };
@@ -130,7 +133,7 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
     faults: c?.faults ?? 0, faultWaitMaxMs: c?.faultWaitMaxMs ?? 0, faultWaitP50Ms: c?.faultWaitP50Ms ?? 0,
     faultWaitP99Ms: c?.faultWaitP99Ms ?? 0,
     layoutEvents: { remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0 },
-    bufferWaits: c?.bufferWaits ?? 0, sysctlToggled: f?.sysctlToggled ?? false,
+    bufferWaits: c?.bufferWaits ?? 0, sysctlToggled: f?.sysctlToggled ?? false, uffdVia: ['', 'syscall', 'dev', 'sysctl'][f?.uffdVia ?? 0] ?? '',
     smaps: { ms: f?.smapsMs ?? 0, frozenMs: f?.smapsFrozenMs ?? 0, reread: f?.smapsReread ?? false },
     readOnly: { blocks: ro?.blocks.length ?? 0, bytes: ro?.bytes ?? 0, skipped: ro?.skipped ?? [] },
     seccompSuspended: f?.seccompSuspended ?? false, unseenWrites: unseen,

@@ -59,6 +59,8 @@ async function assertRecovered(t: Target, label: string) {
 // are write-protected ahead of the snapshot freeze; a 16 MiB one in one stop.
 const cases: [string, string, RegExp, number, number, number][] = [
   ['right after injection (threads stopped, uffd not yet armed)', 'inject', /bgsnap-hold inject/, 50, 0, 128],
+  ['with injected registers in place (the freezer helper rolls back)', 'injecting', /bgsnap-hold injecting/, 50, 0, 128],
+  ['with injected registers in place, one-stop freeze', 'injecting', /bgsnap-hold injecting/, 50, 0, 16],
   ['while protected ahead of the freeze, writers waiting on unserved faults', 'preprotect', /bgsnap-hold preprotect/, 300, 0, 128],
   ['during the freeze, every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0, 128],
   ['during a one-stop freeze (small target), every page write-protected', 'frozen', /bgsnap-hold frozen/, 50, 0, 16],

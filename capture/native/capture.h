@@ -44,8 +44,8 @@ struct ThreadState {
   bool stopped = false;
   bool exited = false;
   bool eventStop = false;     // PTRACE_EVENT_STOP: a clean place to inject
+  bool syscallStop = false;   // in the exit stop of an injected syscall (helper only)
   int pendingSignal = 0;      // signal-delivery-stop held; re-delivered at detach
-  bool resendByKill = false;  // the held signal was consumed by injection
   user_regs_struct regs{};
   user_fpregs_struct fpregs{};
   // PTRACE_GETREGSET(NT_X86_XSTATE): the XSAVE area (AVX, AVX-512, PKRU) in the
@@ -118,10 +118,12 @@ struct Options {
   uint32_t stallMs = 30000;   // watchdog: drop protection if the saver stalls
   bool preProtect = true;      // false: protect everything inside the freeze (benchmarks' "before")
   bool includeDontDump = false;  // keep MADV_DONTDUMP ranges, which the kernel's cores leave out
-  std::string holdAt;         // tests: "inject", "preprotect", "frozen" or "copy"
+  std::string holdAt;         // tests: "inject", "injecting", "sysctl", "preprotect", "frozen" or "copy"
   uint32_t holdMs = 0;
   bool allowNonDumpable = false;  // capture a prctl(PR_SET_DUMPABLE, 0) target anyway
   bool suspendSeccomp = true;     // tests: false takes the refusal a non-root tracer gets
+  uint32_t stepTimeoutMs = 2000;  // an injected syscall taking longer is interrupted and undone
+  bool testStuckInjection = false;  // tests: inject a pause() first, which never returns
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the
@@ -140,6 +142,7 @@ struct FreezeStats {
   double smapsMs = 0;          // reading /proc/PID/smaps (MADV_DONTDUMP) before the freeze
   double smapsFrozenMs = 0;    // re-reading it inside the freeze: the layout had changed
   bool smapsReread = false;
+  int uffdVia = 0;             // kViaSyscall, kViaDev or kViaSysctl (freezer_proto.h)
   double snapshotTime = 0;     // wall-clock ms at the snapshot point
 };
 

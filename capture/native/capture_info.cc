@@ -36,6 +36,7 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("smapsMs", fz.smapsMs);
   o.Set("smapsFrozenMs", fz.smapsFrozenMs);
   o.Set("smapsReread", fz.smapsReread);
+  o.Set("uffdVia", fz.uffdVia);
   o.Set("snapshotTime", fz.snapshotTime);
   return o;
 }

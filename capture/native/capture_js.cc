@@ -95,6 +95,9 @@ Options ParseOptions(const Napi::Value& v) {
   o.rateLimitMBps = num("rateLimitMBps", 0);
   o.stallMs = static_cast<uint32_t>(num("stallTimeoutMs", 30000));
   o.holdMs = static_cast<uint32_t>(num("testHoldMs", 0));
+  o.stepTimeoutMs = static_cast<uint32_t>(num("injectTimeoutMs", 2000));
+  Napi::Value stuck = obj.Get("testStuckInjection");
+  o.testStuckInjection = stuck.IsBoolean() && stuck.As<Napi::Boolean>().Value();
   Napi::Value pre = obj.Get("preProtect");
   if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
   Napi::Value dd = obj.Get("includeDontDump");

@@ -17,7 +17,6 @@
 
 namespace bgsnap {
 
-constexpr long kSuspendSeccomp = 1 << 21;  // PTRACE_O_SUSPEND_SECCOMP (linux/ptrace.h)
 
 // A field of /proc/.../status as up to four numbers ("Uid:", "Seccomp:").
 static int StatusField(const std::string& status, const char* key, long out[4]) {
@@ -30,14 +29,6 @@ static int StatusField(const std::string& status, const char* key, long out[4]) 
     if (end == p) break;
   }
   return n;
-}
-
-static int SeccompMode(pid_t pid, pid_t tid) {
-  std::string status;
-  long v[4] = {0};
-  std::string path = "/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/status";
-  if (!ReadWhole(path, &status) || StatusField(status, "Seccomp:", v) < 1) return -1;
-  return static_cast<int>(v[0]);
 }
 
 // The kernel lets a caller whose real ids match the target's, without
@@ -95,30 +86,8 @@ bool Session::CheckDumpable(Failure* f) {
                             "gpg-agent do to keep their keys out of cores and debuggers): refused" + hint);
 }
 
-// The injected syscalls (userfaultfd, close) would meet the injected thread's
-// seccomp filter, which may kill the target, send it SIGSYS, fail the call or
-// wake its supervisor. As root the filter is suspended for the injection only,
-// as CRIU does: set on the stopped injectee now, cleared again after.
-bool Session::SuspendSeccomp(Freezer& fz, bool on, Failure* f) {
-  pid_t tid = fz.InjecteeTid();
-  if (!on) return !seccompSuspended_ || fz.SetOptions(tid, PTRACE_O_TRACECLONE, f);
-  int mode = SeccompMode(pid_, tid);
-  if (mode == 0) return true;
-  std::string where = "thread " + std::to_string(tid) + " of process " + std::to_string(pid_) +
-                      " runs under seccomp (Seccomp: " + std::to_string(mode) + ")";
-  if (!opts_.suspendSeccomp) {
-    return f->Set(EPERM, where + " and suspending it is disabled: refused before anything was injected");
-  }
-  Failure why;
-  if (!fz.SetOptions(tid, PTRACE_O_TRACECLONE | kSuspendSeccomp, &why)) {
-    return f->Set(why.err, where + "; suspending it for our syscalls (PTRACE_O_SUSPEND_SECCOMP) failed (needs "
-                                   "CAP_SYS_ADMIN, a tracer not itself under seccomp, and a kernel with "
-                                   "CONFIG_CHECKPOINT_RESTORE): refused before anything was injected");
-  }
-  seccompSuspended_ = true;
-  freeze.seccompSuspended = true;
-  return true;
-}
+// The seccomp suspension for the injected syscalls is the freezer helper's
+// (freezer_main.cc: SuspendSeccomp): it is the tracer.
 
 // Block page indexes are 32-bit (format/SPEC.md), and the bitmaps' arithmetic
 // stays below 2^32 only up to 2^31 pages: 8 TiB. A larger writable mapping (a

@@ -2,7 +2,7 @@
 // thread appears. Threads are left in whatever stop they reached (interrupt,
 // clone event, or signal delivery): each is a real stop, and leaving a signal
 // delivery stop in place lets PTRACE_DETACH re-deliver the signal with its
-// original siginfo instead of re-sending it.
+// original siginfo. Runs in the bgsnap-freezer helper (freezer_main.cc).
 #include "ptrace_freeze.h"
 
 #include <dirent.h>
@@ -21,12 +21,6 @@
 #include <fstream>
 
 namespace bgsnap {
-
-double NowMs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 static bool ListTasks(pid_t pid, std::vector<pid_t>* out) {
   std::string dir = "/proc/" + std::to_string(pid) + "/task";
@@ -57,14 +51,13 @@ int Freezer::WaitStatus(pid_t tid, int* status, double timeoutMs) {
     int r = waitpid(tid, status, __WALL | WNOHANG);
     if (r != 0) return r < 0 ? -errno : r;
     if (NowMs() > deadline) return 0;
-    if (idle_ && *idle_) (*idle_)();
     timespec ts{0, sleepNs};
     nanosleep(&ts, nullptr);
     sleepNs = std::min(sleepNs * 2, 200000L);
   }
 }
 
-bool Freezer::SeizeNew(bool* added, Failure* f) {
+bool Freezer::SeizeNew(bool* added, long seizeOptions, Failure* f) {
   std::vector<pid_t> tids;
   if (!ListTasks(pid_, &tids)) {
     return f->Set(ESRCH, "process " + std::to_string(pid_) + " does not exist");
@@ -73,7 +66,8 @@ bool Freezer::SeizeNew(bool* added, Failure* f) {
     auto known = std::find_if(threads_.begin(), threads_.end(),
                               [tid](const ThreadState& t) { return t.tid == tid; });
     if (known != threads_.end()) continue;
-    if (Ptrace(PTRACE_SEIZE, tid, PTRACE_O_TRACECLONE) != 0) {
+    long opts = kSeizeOptions | seizeOptions;
+    if (Ptrace(PTRACE_SEIZE, tid, opts) != 0) {
       if (errno == ESRCH) continue;  // exited between listing and seizing
       int e = errno;
       return f->Set(e, "ptrace(PTRACE_SEIZE) of thread " + std::to_string(tid) + " of process " +
@@ -134,18 +128,18 @@ static void GetXstate(ThreadState& t) {
   if (iov.iov_len > 0) size = iov.iov_len;
 }
 
-bool Freezer::Freeze(Failure* f, const std::function<void()>& idle) {
-  idle_ = &idle;
+bool Freezer::FreezeOnce(Failure* f, long seizeOptions) {
+  threads_.clear();
+  injectee_ = -1;
   for (rounds_ = 1; rounds_ <= 100; rounds_++) {
     bool added = false;
-    if (!SeizeNew(&added, f)) break;
+    if (!SeizeNew(&added, seizeOptions, f)) break;
     for (size_t i = 0; i < threads_.size() && !f->failed(); i++) {
       if (threads_[i].attached && !threads_[i].stopped) WaitStop(i, f);
     }
     if (f->failed()) break;
     if (!added) break;
   }
-  idle_ = nullptr;
   if (!f->failed() && rounds_ > 100) f->Set(EAGAIN, "thread list never became stable");
   threads_.erase(std::remove_if(threads_.begin(), threads_.end(),
                                 [](const ThreadState& t) { return t.exited; }),
@@ -163,6 +157,21 @@ bool Freezer::Freeze(Failure* f, const std::function<void()>& idle) {
   return !f->failed();
 }
 
+// Injecting into a thread held in a signal-delivery stop would consume or
+// reorder its signal; when every thread is in one (a signal storm), let them
+// all take their signals and try again.
+bool Freezer::Freeze(Failure* f, long seizeOptions, bool injectable) {
+  for (int tries = 0; tries < 5; tries++) {
+    if (!FreezeOnce(f, seizeOptions)) return false;
+    if (!injectable || Injectee()) return true;
+    Detach();
+    usleep(1000 << tries);
+  }
+  return f->Set(EAGAIN, "no thread of process " + std::to_string(pid_) +
+                            " reached a clean interrupt stop in 5 freezes (every thread was "
+                            "taking a signal); nothing was injected");
+}
+
 void Freezer::DetachOne(ThreadState& t) {
   if (!t.attached) return;
   if (!t.stopped) {
@@ -173,9 +182,8 @@ void Freezer::DetachOne(ThreadState& t) {
       t.pendingSignal = WSTOPSIG(st);
     }
   }
-  int sig = t.resendByKill ? 0 : t.pendingSignal;
-  Ptrace(PTRACE_DETACH, t.tid, sig);
-  if (t.resendByKill && t.pendingSignal) syscall(SYS_tgkill, pid_, t.tid, t.pendingSignal);
+  // From a signal-delivery stop this delivers the held signal with its siginfo.
+  Ptrace(PTRACE_DETACH, t.tid, t.pendingSignal);
   t.attached = false;
 }
 

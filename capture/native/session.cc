@@ -95,6 +95,13 @@ bool Session::Setup(Failure* f) {
   if (!pool.Init(opts_.bufferMb, f)) return false;  // pre-faulted before the pause
   Failure later;  // a process that is gone or a kernel thread: the freeze says so
   ReadSmaps(false, &later);                         // outside the pause
+  if (!helper_.Start(f)) return false;
+  bool ok = Stops(f);
+  helper_.Stop();  // no more stops: it exits, having detached everything
+  return ok;
+}
+
+bool Session::Stops(Failure* f) {
   if (!opts_.preProtect || SmallFootprint()) {
     freeze.stops = 1;
     if (!SnapshotFreeze(true, f)) return false;
@@ -129,19 +136,35 @@ bool Session::OpenPagemap(Failure* f) {
   return pagemapFd_ >= 0 || f->Set(errno, "opening " + path);
 }
 
+// Freeze with a thread fit for injection, and plant the userfaultfd. A signal
+// that arrives while we inject stays held in its delivery stop (EAGAIN): let
+// every thread take its signals, and start again.
+bool Session::FreezeAndInject(double* seizeMs, Failure* f) {
+  for (int tries = 1;; tries++) {
+    double t0 = NowMs();
+    bool ok = helper_.Freeze(0, true, f);
+    double t1 = NowMs();
+    *seizeMs = t1 - t0;
+    maps.clear();
+    ok = ok && ReadProcState(f) && InjectUffd(f);
+    freeze.injectMs = NowMs() - t1;
+    if (ok || f->err != EAGAIN || tries == 5 || helper_.lost()) return ok;
+    Failure ignored;
+    helper_.Detach(&ignored);
+    *f = Failure();
+  }
+}
+
 // First of two stops: plant the userfaultfd. It lasts about a millisecond
 // whatever the target's size; the write-protection follows while it runs.
 bool Session::ArmFreeze(Failure* f) {
   RealTime(true);
-  Freezer fz(pid_);
-  double t0 = NowMs();
-  bool ok = fz.Freeze(f);
-  double ta = NowMs();
-  ok = ok && ReadProcState(f) && InjectUffd(fz, f) && OpenPagemap(f);
-  freeze.injectMs = NowMs() - ta;
+  double t0 = NowMs(), seize = 0;
+  bool ok = FreezeAndInject(&seize, f) && OpenPagemap(f);
   double held = Hold("inject", ok);
   if (!ok) CloseUffd();
-  fz.Detach();
+  Failure detach;
+  if (!helper_.Detach(&detach) && ok) *f = detach, ok = false;
   freeze.armMs = NowMs() - t0 - held;
   RealTime(false);
   return ok;
@@ -153,19 +176,17 @@ bool Session::ArmFreeze(Failure* f) {
 // target wrote or mapped since is left to protect.
 bool Session::SnapshotFreeze(bool arm, Failure* f) {
   RealTime(true);
-  Freezer fz(pid_);
-  double t0 = NowMs();
+  double t0 = NowMs(), held = 0, seize = 0;
   std::function<void()> serve = [this] { Failure ignored; ServePre(&ignored); };
-  bool ok = fz.Freeze(f, arm ? std::function<void()>() : serve);
-  double t1 = NowMs(), held = 0;
+  bool ok = arm ? FreezeAndInject(&seize, f) && OpenPagemap(f)
+                : helper_.Freeze(0, false, f, serve, uffd_.load());
+  double t1 = NowMs();
   timeval tv;
   gettimeofday(&tv, nullptr);
   freeze.snapshotTime = tv.tv_sec * 1e3 + tv.tv_usec / 1e3;
-  freeze.seizeMs = t1 - t0;
-  freeze.rounds = fz.rounds();
+  freeze.seizeMs = arm ? seize : t1 - t0;
+  freeze.rounds = helper_.rounds();
   if (arm) {
-    ok = ok && ReadProcState(f) && InjectUffd(fz, f) && OpenPagemap(f);
-    freeze.injectMs = NowMs() - t1;
     held = Hold("inject", ok);
   } else {
     // Release pre-phase faults read before every thread stopped; any left now
@@ -175,13 +196,14 @@ bool Session::SnapshotFreeze(bool arm, Failure* f) {
     maps.clear();
     ok = ok && ReadProcState(f);
   }
-  ok = ok && RecheckSmaps(f) && FrozenWork(f);
+  ok = ok && RecheckSmaps(f) && FrozenWork(f) && (!arm || helper_.ReadThreads(f));
   held += Hold("frozen", ok);
-  threads = fz.threads();
+  threads = helper_.threads();
   freeze.threads = static_cast<int>(threads.size());
   if (!ok) CloseUffd();  // drop any protection before the threads run again
   double t6 = NowMs();
-  fz.Detach();
+  Failure detach;
+  if (!helper_.Detach(&detach) && ok) *f = detach, ok = false;
   freeze.detachMs = NowMs() - t6;
   RealTime(false);
   freeze.snapshotMs = NowMs() - t0 - held;

@@ -7,8 +7,8 @@
 #include <thread>
 
 #include "capture.h"
+#include "freezer_client.h"
 #include "procfs.h"
-#include "ptrace_freeze.h"
 
 namespace bgsnap {
 
@@ -56,6 +56,7 @@ class Session {
   // The two stops (session.cc): a short one that plants the userfaultfd, and
   // the snapshot freeze after the memory was write-protected while running.
   bool Setup(Failure* f);
+  bool Stops(Failure* f);
   bool SmallFootprint();
   bool OpenPagemap(Failure* f);
   bool ArmFreeze(Failure* f);
@@ -64,10 +65,9 @@ class Session {
   // Freeze phase (uffd_capture.cc).
   bool ProbeKernel(Failure* f);
   bool CheckDumpable(Failure* f);                          // preflight.cc
-  bool SuspendSeccomp(Freezer& fz, bool on, Failure* f);  // preflight.cc
   bool ReadProcState(Failure* f);
-  bool InjectUffd(Freezer& fz, Failure* f);
-  bool RemoteUffd(Freezer& fz, long* fd, Failure* f);
+  bool FreezeAndInject(double* seizeMs, Failure* f);
+  bool InjectUffd(Failure* f);
   bool Skippable(const MapEntry& m, std::string* why) const;
   bool ReadSmaps(bool frozen, Failure* f);
   bool RecheckSmaps(Failure* f);
@@ -117,7 +117,6 @@ class Session {
 
   pid_t pid_;
   Options opts_;
-  bool seccompSuspended_ = false;
   std::function<void()> notify_, release_;
   std::atomic<bool> frozen_{false};
   std::thread thread_, watchdog_;
@@ -139,7 +138,7 @@ class Session {
   bool faultMode_ = false;
   double paceStart_ = 0;
   uint64_t scannedBytes_ = 0;
-  int sysctlOld_ = -1;
+  FreezerClient helper_{pid_};  // the target's tracer, a process of its own
   std::vector<VmaFlags> smaps_;     // MADV_DONTDUMP by VMA (ReadSmaps)
   int pagemapFd_ = -1;              // the target's /proc/PID/pagemap, for PAGEMAP_SCAN
   std::vector<uint64_t> preFaults_;  // pre-phase faults still to release (EAGAIN)

@@ -17,6 +17,7 @@
 
 #include "procfs.h"
 #include "session.h"
+#include "uffd_sysctl.h"
 
 namespace bgsnap {
 
@@ -24,7 +25,6 @@ static constexpr uint64_t kWpFeatures = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
                                         UFFD_FEATURE_WP_HUGETLBFS_SHMEM |
                                         UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |
                                         UFFD_FEATURE_EVENT_UNMAP;
-static const char kSysctl[] = "/proc/sys/vm/unprivileged_userfaultfd";
 
 // Ask the kernel what it supports using a userfaultfd of our own, before the
 // target is touched, so an unsupported kernel fails with the target untouched.
@@ -61,67 +61,32 @@ bool Session::ReadProcState(Failure* f) {
   return true;
 }
 
-static int ReadSysctl() {
-  std::string s;
-  return ReadWhole(kSysctl, &s) && !s.empty() ? atoi(s.c_str()) : -1;
-}
-
-static bool WriteSysctl(int v) {
-  int fd = open(kSysctl, O_WRONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  char c = static_cast<char>('0' + v);
-  bool ok = write(fd, &c, 1) == 1;
-  close(fd);
-  return ok;
-}
-
-// userfaultfd() runs with the target's credentials. With
-// vm.unprivileged_userfaultfd=0 a non-root target gets EPERM; as root we open
-// the sysctl for the few microseconds of the call and close it again. We never
-// use UFFD_USER_MODE_ONLY: it crashed targets through the kernel's rseq update.
-bool Session::RemoteUffd(Freezer& fz, long* fd, Failure* f) {
-  long args[6] = {O_CLOEXEC | O_NONBLOCK, 0, 0, 0, 0, 0};
-  if (!fz.RemoteSyscall(SYS_userfaultfd, args, fd, f)) return false;
-  if (*fd == -EPERM && geteuid() == 0 && (sysctlOld_ = ReadSysctl()) == 0 && WriteSysctl(1)) {
-    freeze.sysctlToggled = true;
-    bool ok = fz.RemoteSyscall(SYS_userfaultfd, args, fd, f);
-    WriteSysctl(sysctlOld_);
-    if (!ok) return false;
-  }
-  if (*fd < 0) {
-    return f->Set(static_cast<int>(-*fd), "the target could not create a userfaultfd (seccomp "
-                                         "filter, or vm.unprivileged_userfaultfd=0 for a "
-                                         "non-root target and we are not root)");
-  }
-  return true;
-}
-
-bool Session::InjectUffd(Freezer& fz, Failure* f) {
+// The helper process plants the userfaultfd (freezer_main.cc: plain call, then
+// /dev/userfaultfd, then the sysctl) and hands it to us; the target keeps no copy.
+bool Session::InjectUffd(Failure* f) {
   const MapEntry* vdso = nullptr;
   for (const MapEntry& m : maps) if (m.path == "[vdso]") vdso = &m;
   if (!vdso) return f->Set(ENOEXEC, "the target has no vDSO to borrow a syscall instruction from");
-  if (!fz.FindSyscallInsn(vdso->start, vdso->end, f)) return false;
-  long remote = -1;
-  if (!SuspendSeccomp(fz, true, f)) return false;
-  if (!RemoteUffd(fz, &remote, f)) {
-    Failure ignored;  // clear the trap flag now: dying before detach must not SIGTRAP it
-    fz.Park(&ignored);
-    SuspendSeccomp(fz, false, &ignored);
-    return false;
-  }
-  int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
-  int local = pidfd < 0 ? -1 : static_cast<int>(syscall(SYS_pidfd_getfd, pidfd, remote, 0));
-  int getErr = errno;
-  if (pidfd >= 0) close(pidfd);
-  // The target must hold no copy: our death must always release the protection.
-  long args[6] = {remote, 0, 0, 0, 0, 0}, r = 0;
-  bool closed = fz.RemoteSyscall(SYS_close, args, &r, f);
-  bool parked = fz.Park(f) && SuspendSeccomp(fz, false, f);
-  if (local < 0) return f->Set(getErr, "pidfd_getfd of the injected userfaultfd");
-  uffd_ = local;
-  if (!closed || !parked) return false;
+  InjectRequest r;
+  r.vdsoStart = vdso->start;
+  r.vdsoEnd = vdso->end;
+  r.holdPoint = opts_.holdAt == "injecting" ? kHoldInjecting
+              : opts_.holdAt == "sysctl"    ? kHoldSysctl : kHoldNone;
+  r.holdMs = opts_.holdMs;
+  r.stepTimeoutMs = opts_.stepTimeoutMs;
+  r.testStuck = opts_.testStuckInjection;
+  r.suspendSeccomp = opts_.suspendSeccomp;
+  int before = geteuid() == 0 ? ReadUffdSysctl() : -1;
+  int fd = -1, via = 0;
+  bool ok = helper_.InjectUffd(r, &fd, &via, &freeze.seccompSuspended, f);
+  // The helper puts the sysctl back itself; if it died with it open, we do.
+  if (!ok && helper_.lost() && before == 0 && ReadUffdSysctl() != 0) WriteUffdSysctl(0);
+  if (!ok) return false;
+  uffd_ = fd;
+  freeze.uffdVia = via;
+  freeze.sysctlToggled = via == kViaSysctl;
   uffdio_api api{UFFD_API, kWpFeatures, 0};
-  if (ioctl(local, UFFDIO_API, &api) != 0) return f->Set(errno, "UFFDIO_API on the target's mm");
+  if (ioctl(fd, UFFDIO_API, &api) != 0) return f->Set(errno, "UFFDIO_API on the target's mm");
   return true;
 }
 

@@ -41,7 +41,10 @@ static const char* ErrnoName(int err) {
     case ENFILE: return "ENFILE";
     case E2BIG: return "E2BIG";
     case ENOEXEC: return "ENOEXEC";
-    default: return "EUNKNOWN";
+    default: {
+      const char* name = strerrorname_np(err);  // the rest (EPIPE, ECONNRESET, ...)
+      return name ? name : "EUNKNOWN";
+    }
   }
 }
 
