@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // bgsnap-capture --qmp SOCKET | --pid PID: a live point-in-time snapshot of a
-// running QEMU VM or any Linux process as a bgsnap stream on stdout (or -o FILE).
+// running QEMU VM (RAM, devices and every writable drive) or any Linux process as a bgsnap stream on stdout (or -o FILE).
 // The target keeps running throughout; if this program dies, it is released.
 import { Command } from 'commander';
 import { BgsnapEncoder } from '../format/bgsnap';
@@ -25,13 +25,15 @@ const prog = new Command('bgsnap-capture')
   .option('--force', 'replace an existing -o file (never a symbolic link)')
   .option('--include-dontdump', 'process only: keep MADV_DONTDUMP ranges, which are left out by default as in kernel core dumps')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
+  .option('--no-disks', 'QEMU only: leave the drives out (RAM and devices only)')
+  .option('--disk <id>', 'QEMU only: capture this drive (its -drive id); repeatable; default: every writable drive', (v: string, l: string[] = []) => [...l, v])
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--stats <file>', 'write a JSON summary to this file');
 addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
-  bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean;
+  bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean; disks: boolean; disk?: string[];
 } & NetFlags;
 const opts = prog.opts<Opts>();
 
@@ -44,7 +46,11 @@ function compressLevel(): number | undefined {
 
 async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) => void }> {
   if (opts.qmp && opts.pid !== undefined) throw new Error('give one of --qmp and --pid, not both');
-  if (opts.qmp) return captureQemu(opts.qmp, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6 });
+  if (opts.qmp) {
+    if (!opts.disks && opts.disk) throw new Error('give --disk ID or --no-disks, not both');
+    const disks = opts.disks ? opts.disk : [];
+    return captureQemu(opts.qmp, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
+  }
   if (opts.pid !== undefined) {
     return captureProcess(opts.pid, {
       bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true, allowNonDumpable: opts.allowNondumpable,

@@ -1,13 +1,15 @@
 #!/usr/bin/env node
-// bgsnap-convert IMAGE --to qemu|raw|elf-core -o OUT: replays an image as a QEMU migration
+// bgsnap-convert IMAGE --to qemu|raw|elf-core|disk -o OUT: replays an image as a QEMU migration
 // stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -"),
-// as flat memory, or (process images) as an ELF core file for gdb. Refuses incomplete
+// as flat memory, as one drive's sparse raw disk (--to disk --drive ID), or
+// (process images) as an ELF core file for gdb. Refuses incomplete
 // images unless --allow-incomplete.
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
 import { convertToQemu } from '../receiver/convert-qemu';
 import { convertToRaw } from '../receiver/convert-raw';
 import { convertToElfCore } from '../receiver/convert-elf';
+import { convertToDisk } from '../receiver/convert-disk';
 import { Output } from '../io/output';
 import { main } from './common';
 import { writePrivateFile } from '../io/private-file';
@@ -15,14 +17,15 @@ import { writePrivateFile } from '../io/private-file';
 const prog = new Command('bgsnap-convert')
   .description('convert a bgsnap image into a QEMU migration stream, raw memory or an ELF core file')
   .argument('<image>', 'image directory')
-  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'raw', 'elf-core']).makeOptionMandatory())
+  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'raw', 'elf-core', 'disk']).makeOptionMandatory())
   .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
   .option('--block <name>', 'with --to raw: write only this block')
+  .option('--drive <id>', 'with --to disk: the drive to write (its -drive id; bgsnap-inspect lists them)')
   .option('--allow-incomplete', 'convert an image that is marked incomplete')
   .option('--force', 'replace an existing output file (never a symbolic link)')
   .parse();
 
-const opts = prog.opts<{ to: string; output: string; block?: string; allowIncomplete?: boolean; force?: boolean }>();
+const opts = prog.opts<{ to: string; output: string; block?: string; drive?: string; allowIncomplete?: boolean; force?: boolean }>();
 // Outputs hold the snapshot's memory: created 0600, never through a symbolic link.
 const create = { force: opts.force };
 
@@ -31,6 +34,10 @@ async function convert(img: ImageReader): Promise<void> {
     const out = Output.open(opts.output, create);
     await convertToQemu(img, out);
     await out.close();
+  } else if (opts.to === 'disk') {
+    if (opts.output === '-') throw new Error('--to disk writes a sparse file; give a file name, not "-"');
+    if (!opts.drive) throw new Error('--to disk needs --drive ID (bgsnap-inspect lists the drives)');
+    await convertToDisk(img, opts.drive, opts.output, create);
   } else if (opts.to === 'elf-core') {
     if (opts.output === '-') throw new Error('--to elf-core writes a sparse file; give a file name, not "-"');
     const core = await convertToElfCore(img, opts.output, create); // refuses QEMU images: they have no threads or mappings

@@ -30,6 +30,7 @@ async function describe(img: ImageReader) {
     image: img.dir, status: img.status.status, reason: img.status.reason, snapshotId: img.header?.snapshotId, source: img.header?.source,
     label: img.header?.label, created: img.header ? new Date(img.header.created).toISOString() : undefined, pageSize: img.format.pageSize,
     imageSize: st.size, imageBytesOnDisk: st.blocks * 512, states: await img.stateKinds(), totals: await img.totals(), blocks,
+    drives: await img.drives(),
   };
 }
 
@@ -46,6 +47,7 @@ function print(d: Awaited<ReturnType<typeof describe>>): void {
     `states    ${d.states.join(', ') || '-'}`,
     `blocks    ${d.blocks.length}`,
   ];
+  if (d.drives.length) lines.push(`drives    ${d.drives.map((v) => `${v.id} (${mib(v.size)}, ${v.file})`).join(', ')}`);
   for (const b of d.blocks) {
     lines.push(`  ${b.name.padEnd(28)} ${('0x' + b.address.toString(16)).padStart(14)} ${mib(b.length).padStart(12)}  ` +
       `${b.present}/${b.pages} pages: ${b.dataPages} data, ${b.zeroPages} zero${b.discardedPages ? `, ${b.discardedPages} discarded` : ''}`);

@@ -1,19 +1,153 @@
 // Turns a running QEMU background snapshot into stream events: QEMU's raw
 // migration stream is decoded as it arrives and re-emitted as bgsnap events; the
 // header's time is the snapshot point (when migrate was issued), not decode time.
+// With disks (capture/qemu-disks.ts), each drive becomes one more block after
+// QEMU's RAM blocks, named "disk:ID", and what QEMU's backup jobs write arrives
+// as page batches of it, interleaved with the RAM (format/SPEC.md, "Disks").
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import type { Readable } from 'node:stream';
-import type { StreamEvent } from '../format/events';
+import type { BlockInfo, PageBatch, StreamEvent } from '../format/events';
 import { QemuDecoder } from '../format/qemu';
-import { openQemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult } from './qemu-source';
+import { EventQueue } from './event-queue';
+import { DiskCapture, diskBlocks, planDisks, writeToBatches, type DiskPlan } from './qemu-disks';
+import {
+  openQemuSnapshot, readCapabilities, refuseIfMigrating, refuseIncompatible, runState,
+  type QemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult,
+} from './qemu-source';
+import { QmpClient } from './qmp';
 import type { CaptureSource } from './source';
+
+export interface QemuCaptureOptions extends QemuSnapshotOptions {
+  disks?: string[]; // drive ids; undefined = every writable drive, [] = none
+}
 
 export interface QemuCaptureStats {
   source: 'qemu';
   qemuVersion: string;
   qemuStreamBytes: number;
-  downtimeMs: number | null;
+  downtimeMs: number | null; // QEMU's own figure: its stop inside the background snapshot
+  pauseMs: number | null; // with disks: from our `stop` until the guest was seen running again (upper bound)
   totalTimeMs: number | null;
   runStateAfter: string;
+  disks: { id: string; size: number; file: string }[];
+}
+
+export const DISKS_STATE = 'qemu.disks';
+
+export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = {}): Promise<CaptureSource<QemuCaptureStats>> {
+  const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: opts.connectTimeoutMs ?? 5000 });
+  const queue = new EventQueue();
+  const pending: PageBatch[] = []; // disk writes that came before the block table
+  let blocksOut = false;
+  let firstDiskBlock = 0;
+  let disks: DiskCapture | null = null;
+  let dir: string | null = null;
+  let snap: QemuSnapshot;
+  let pauseMs: number | null = null;
+  try {
+    // Every refusal comes before anything in QEMU is touched.
+    await refuseIfMigrating(qmp);
+    refuseIncompatible(await readCapabilities(qmp));
+    const plans = await planDisks(qmp, opts.disks);
+    const before = await runState(qmp);
+    if (plans.length) {
+      dir = fs.mkdtempSync(path.join(opts.tmpRoot ?? os.tmpdir(), 'bgsnap-disks-'));
+      fs.chmodSync(dir, 0o700); // the NBD socket carries the disks' contents
+      const onWrite = async (p: DiskPlan, off: number, len: number, data: Buffer | null) => {
+        // Numbered from the first disk block, which is known only once QEMU's
+        // RAM block list went by; see onEvent.
+        const batches = writeToBatches(plans.indexOf(p), off, len, data, 4096, p.size);
+        if (!blocksOut) return void pending.push(...batches);
+        for (const b of batches) await queue.push({ type: 'pages', batch: { ...b, block: b.block + firstDiskBlock } });
+      };
+      disks = new DiskCapture(qmp, plans, dir, onWrite);
+      await disks.start(before);
+    }
+    const d = disks;
+    snap = await openQemuSnapshot(qmpSocket, { ...opts, qmp, guardDisks: d ? () => d.leftovers : undefined });
+    if (d?.pauseStartedAt) pauseMs = await pauseUntilRunning(qmp, d.pauseStartedAt);
+  } catch (err) {
+    await disks?.cleanup().catch(() => undefined);
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    qmp.close();
+    throw err;
+  }
+  const dec = new QemuDecoder();
+  let result: QemuSnapshotResult | undefined;
+  const plans = disks?.plans ?? [];
+  const diskDone = disks ? disks.finished() : Promise.resolve();
+  diskDone.catch((e: Error) => void snap.abort(e.message));
+
+  const onEvent = async (ev: StreamEvent): Promise<void> => {
+    if (ev.type === 'blocks') {
+      firstDiskBlock = ev.blocks.length;
+      const blocks: BlockInfo[] = [...ev.blocks, ...diskBlocks(plans, 4096)];
+      await queue.push({ type: 'blocks', blocks });
+      if (plans.length) await queue.push({ type: 'state', state: disksState(plans, firstDiskBlock) });
+      blocksOut = true;
+      for (const b of pending.splice(0)) await queue.push({ type: 'pages', batch: { ...b, block: b.block + firstDiskBlock } });
+      return;
+    }
+    if (ev.type === 'end') {
+      await diskDone; // every backup job completed: each disk copy is whole
+      await disks?.cleanup();
+      snap.releaseGuard();
+    }
+    await queue.push(ev);
+  };
+
+  const produce = async (): Promise<void> => {
+    try {
+      for await (const ev of decodeQemu(snap.stream, dec, snap.startedAt, async () => void (result = await snap.done))) await onEvent(ev);
+      queue.close();
+    } catch (e) {
+      await snap.abort((e as Error).message);
+      await disks?.cleanup().catch(() => undefined);
+      snap.releaseGuard();
+      // QEMU's own failure (if any) says more than the truncated stream it caused.
+      queue.fail(await snap.done.then(() => e as Error, (qe: Error) => qe));
+    } finally {
+      qmp.close();
+      if (dir) fs.rmSync(dir, { recursive: true, force: true });
+    }
+  };
+  void produce();
+  return {
+    events: queue,
+    abort: async (reason: string) => {
+      queue.fail(new Error(`snapshot aborted: ${reason}`)); // also frees NBD writes waiting for room: QEMU gets EIO, not a hang
+      await snap.abort(reason);
+      await disks?.cleanup().catch(() => undefined);
+    },
+    stats: () => ({
+      source: 'qemu', qemuVersion: snap.qemuVersion, qemuStreamBytes: dec.bytesIn,
+      downtimeMs: result?.downtimeMs ?? null, pauseMs, totalTimeMs: result?.totalTimeMs ?? null, runStateAfter: result?.runStateAfter ?? '',
+      disks: plans.map((p) => ({ id: p.id, size: p.size, file: p.file })),
+    }),
+  };
+}
+
+function disksState(plans: DiskPlan[], first: number): { kind: string; data: Buffer } {
+  const list = plans.map((p, i) => ({ id: p.id, block: first + i, size: p.size, file: p.file }));
+  return { kind: DISKS_STATE, data: Buffer.from(JSON.stringify(list)) };
+}
+
+// QEMU 7.2 restarts the guest from a bottom half once the snapshot's RAM is
+// write-protected (vm_start() whatever the state before). QEMU 9.0 and later
+// put back the state they found (vm_resume(vm_old_state)): paused, since we
+// stopped it; resuming it ourselves before QEMU's own stop would let the guest
+// run between the disks' instant and RAM's, so there the VM stays paused until
+// the snapshot is over and DiskCapture.cleanup() resumes it (said in README).
+async function pauseUntilRunning(qmp: QmpClient, since: number): Promise<number | null> {
+  if (Number(qmp.qemuVersion.split('.')[0]) >= 9) return null;
+  for (let i = 0; i < 30000; i++) {
+    const { status } = await qmp.execute<{ status: string }>('query-status');
+    if (status === 'running') return Date.now() - since;
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  return null; // not seen running: no figure, but the snapshot goes on (cleanup resumes a paused VM)
 }
 
 // The END event is held back until QEMU confirmed success and its settings were
@@ -29,27 +163,4 @@ async function* decodeQemu(stream: Readable, dec: QemuDecoder, startedAt: number
     if (ev.type === 'end') await done();
     yield ev;
   }
-}
-
-export async function captureQemu(qmpSocket: string, opts: QemuSnapshotOptions = {}): Promise<CaptureSource<QemuCaptureStats>> {
-  const snap = await openQemuSnapshot(qmpSocket, opts);
-  const dec = new QemuDecoder();
-  let result: QemuSnapshotResult | undefined;
-  async function* events(): AsyncGenerator<StreamEvent> {
-    try {
-      yield* decodeQemu(snap.stream, dec, snap.startedAt, async () => void (result = await snap.done));
-    } catch (e) {
-      await snap.abort((e as Error).message);
-      // QEMU's own failure (if any) says more than the truncated stream it caused.
-      throw await snap.done.then(() => e, (qe: Error) => qe);
-    }
-  }
-  return {
-    events: events(),
-    abort: (reason: string) => snap.abort(reason),
-    stats: () => ({
-      source: 'qemu', qemuVersion: snap.qemuVersion, qemuStreamBytes: dec.bytesIn,
-      downtimeMs: result?.downtimeMs ?? null, totalTimeMs: result?.totalTimeMs ?? null, runStateAfter: result?.runStateAfter ?? '',
-    }),
-  };
 }

@@ -50,6 +50,13 @@ export interface QemuSnapshotOptions {
   // but on 7.2 can leave a vCPU of a busy guest blocked for good.
   abortBy?: 'drain' | 'cancel';
   abortWaitMs?: number; // how long an abort waits for QEMU to stop, default 300000
+  // A QMP connection the caller opened and keeps (whole-VM capture: the disk
+  // jobs outlive the migration); it is not closed here.
+  qmp?: QmpClient;
+  // Also for the guard (capture/qemu-guard.ts) to take away if we die: backup
+  // jobs and block nodes the caller added. With it, the guard stays until the
+  // caller calls releaseGuard().
+  guardDisks?: () => { jobs: string[]; nodes: string[] };
 }
 
 export interface MigrationInfo {
@@ -78,6 +85,7 @@ export interface QemuSnapshot {
   readonly runStateBefore: string;
   readonly startedAt: number; // Date.now() just before `migrate`: the snapshot point
   abort(reason?: string): Promise<void>;
+  releaseGuard(): void; // with guardDisks: the caller's disk work is over
 }
 
 export interface Changes {
@@ -86,7 +94,7 @@ export interface Changes {
 }
 
 export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshotOptions = {}): Promise<QemuSnapshot> {
-  const qmp = await QmpClient.connect(qmpSocketPath, { timeoutMs: opts.connectTimeoutMs ?? 5000 });
+  const qmp = opts.qmp ?? (await QmpClient.connect(qmpSocketPath, { timeoutMs: opts.connectTimeoutMs ?? 5000 }));
   const changes: Changes = { capabilities: new Map(), maxBandwidth: null };
   let dir: string | null = null;
   try {
@@ -109,16 +117,16 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
     }
     session.start();
     const info = { qemuVersion: qmp.qemuVersion, capabilities, runStateBefore, startedAt };
-    return { ...info, stream: session.out, done: session.done, abort: (r) => session.abort(r) };
+    return { ...info, stream: session.out, done: session.done, abort: (r) => session.abort(r), releaseGuard: () => session.releaseGuard() };
   } catch (err) {
     await restore(qmp, changes).catch(() => undefined);
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
-    qmp.close();
+    if (!opts.qmp) qmp.close();
     throw err;
   }
 }
 
-async function refuseIfMigrating(qmp: QmpClient): Promise<void> {
+export async function refuseIfMigrating(qmp: QmpClient): Promise<void> {
   const info = await qmp.execute<MigrationInfo>('query-migrate');
   if (info.status && ACTIVE_STATES.has(info.status)) {
     throw new Error(
@@ -128,7 +136,7 @@ async function refuseIfMigrating(qmp: QmpClient): Promise<void> {
   }
 }
 
-async function readCapabilities(qmp: QmpClient): Promise<Map<string, boolean>> {
+export async function readCapabilities(qmp: QmpClient): Promise<Map<string, boolean>> {
   const list = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
   const caps = new Map(list.map((c) => [c.capability, c.state] as const));
   if (!caps.has('background-snapshot')) {
@@ -151,7 +159,7 @@ export function refuseIncompatible(caps: ReadonlyMap<string, boolean>): void {
   );
 }
 
-async function runState(qmp: QmpClient): Promise<string> {
+export async function runState(qmp: QmpClient): Promise<string> {
   return (await qmp.execute<{ status: string }>('query-status')).status;
 }
 
@@ -235,7 +243,7 @@ class Session {
     this.conn = conn;
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
     this.server.close(); // nobody else may connect
-    this.guard = spawnGuard(conn, this.qmp.path, this.changes);
+    this.guard = spawnGuard(conn, this.qmp.path, this.changes, this.opts.guardDisks?.());
     conn.pipe(this.out, { end: false });
     conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
     conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
@@ -328,12 +336,18 @@ class Session {
     await restore(this.qmp, this.changes);
   }
 
+  releaseGuard(): void {
+    this.guard?.stdin?.end('done\n');
+  }
+
   private cleanup(): void {
-    this.guard?.stdin?.end('done\n'); // QEMU is finished with the socket: the guard may go
+    // QEMU is finished with the socket: the guard may go, unless disk jobs it
+    // must clean up after us still run.
+    if (!this.opts.guardDisks) this.releaseGuard();
     this.settled = true;
     this.server.close();
     this.conn?.unref(); // a draining socket closes when QEMU is done with it
-    this.qmp.close();
+    if (!this.opts.qmp) this.qmp.close();
     fs.rmSync(this.dir, { recursive: true, force: true });
   }
 }
@@ -353,8 +367,8 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 
 // Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
-function spawnGuard(conn: net.Socket, qmpPath: string, changes: Changes): ChildProcess {
-  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth };
+function spawnGuard(conn: net.Socket, qmpPath: string, changes: Changes, disks?: { jobs: string[]; nodes: string[] }): ChildProcess {
+  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, disks };
   const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore)], {
     stdio: ['pipe', 'ignore', 'inherit', conn],
   });

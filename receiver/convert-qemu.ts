@@ -20,23 +20,26 @@ export async function convertToQemu(img: ImageReader, out: Output): Promise<void
   const preamble = await requiredState(img, 'qemu.preamble');
   const ram = JSON.parse((await requiredState(img, 'qemu.ram-section')).toString('utf8')) as RamSectionInfo;
   const devices = await requiredState(img, 'qemu.devices');
-  const blocks = img.blocks.map((b) => ({ name: b.name, length: b.length }));
+  // Disk blocks are not RAM: QEMU would refuse an unknown RAM block. Page
+  // records name blocks by their position in the RAM block list.
+  const mem = img.memoryBlocks;
+  const blocks = mem.map((i) => ({ name: img.blocks[i].name, length: img.blocks[i].length }));
   await out.write(preamble);
   await out.write(encodeRamStart(blocks, ram));
   const part = new RamPartWriter(blocks, ram.sectionId);
   await out.write(part.begin());
   const main = img.mainBlock;
-  for (let b = 0; b < img.blocks.length; b++) await writeBlock(img, out, part, b, b !== main);
+  for (let r = 0; r < mem.length; r++) await writeBlock(img, out, part, mem[r], r, mem[r] !== main);
   await out.write(part.end());
   await out.write(devices);
 }
 
-async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b: number, zeros: boolean): Promise<void> {
+async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b: number, ramIndex: number, zeros: boolean): Promise<void> {
   const buf = Buffer.allocUnsafe(RUN * img.format.pageSize);
   for await (const run of img.runs(b, RUN)) {
     const index = new Uint32Array(run.count);
     for (let i = 0; i < run.count; i++) index[i] = run.first + i;
-    if (run.data) await out.write(part.pages(b, index, img.readPages(b, run.first, run.count, buf)));
-    else if (zeros) await out.write(part.zeros(b, index));
+    if (run.data) await out.write(part.pages(ramIndex, index, img.readPages(b, run.first, run.count, buf)));
+    else if (zeros) await out.write(part.zeros(ramIndex, index));
   }
 }

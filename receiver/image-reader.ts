@@ -7,6 +7,9 @@ import type { StreamHeader, StreamTotals } from '../format/events';
 import { IndexStore, INDEX_VERSION, PageCrcs, type ImageStatus } from './index-store';
 import type { ImageBlock } from './image';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
+
+// Blocks named so hold a drive, not memory (format/SPEC.md, "Disks").
+export const DISK_BLOCK_PREFIX = 'disk:';
 import type { ReceiveSummary } from '../io/sink';
 
 export interface ImageFormat {
@@ -62,9 +65,22 @@ export class ImageReader {
     }
   }
 
-  // The largest block: guest RAM (pc.ram) in a QEMU image.
+  // The largest memory block: guest RAM (pc.ram) in a QEMU image. Disks
+  // ("disk:ID" blocks, format/SPEC.md) are not memory, however large.
   get mainBlock(): number {
-    return this.blocks.reduce((m, b, i) => (b.length > this.blocks[m].length ? i : m), 0);
+    const mem = this.memoryBlocks;
+    return mem.reduce((m, i) => (this.blocks[i].length > this.blocks[m].length ? i : m), mem[0] ?? 0);
+  }
+
+  // Indexes of the blocks that are memory (every block but disks).
+  get memoryBlocks(): number[] {
+    return this.blocks.flatMap((b, i) => (b.name.startsWith(DISK_BLOCK_PREFIX) ? [] : [i]));
+  }
+
+  // The drives of a whole-VM snapshot: id, block index and size in bytes.
+  async drives(): Promise<{ id: string; block: number; size: number; file: string }[]> {
+    const raw = await this.state('qemu.disks');
+    return raw ? (JSON.parse(raw.toString('utf8')) as { id: string; block: number; size: number; file: string }[]) : [];
   }
 
   get complete(): boolean {

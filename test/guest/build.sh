@@ -34,6 +34,13 @@ fi
 mkdir -p "$work/kernel"
 dpkg-deb --fsys-tarfile "$work/deb"/*.deb | tar -x -C "$work/kernel" --wildcards './boot/vmlinuz-*'
 cp "$work/kernel"/boot/vmlinuz-* "$out/vmlinuz"
+# virtio-blk and the virtio PCI transport are modules in the cloud kernel; the
+# guest's disk workload (bgsnap.disk=1) loads them itself, in dependency order.
+dpkg-deb --fsys-tarfile "$work/deb"/*.deb | tar -x -C "$work/kernel" --wildcards \
+  './lib/modules/*/kernel/drivers/virtio/virtio.ko' './lib/modules/*/kernel/drivers/virtio/virtio_ring.ko' \
+  './lib/modules/*/kernel/drivers/virtio/virtio_pci*.ko' './lib/modules/*/kernel/drivers/block/virtio_blk.ko'
+mkdir -p "$work/root/lib/modules"
+find "$work/kernel/lib/modules" -name '*.ko' -exec cp {} "$work/root/lib/modules/" \;
 printf "%s %s\n" "$pkg" "$(dpkg-deb -f "$work/deb"/*.deb Version)" > "$out/kernel-version"
 
 gcc -static -O2 -Wall -Wextra -o "$work/root/init" "$here/init.c"

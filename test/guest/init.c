@@ -15,7 +15,8 @@
 //
 // Kernel command line: bgsnap.mb=N (region size, default 48), bgsnap.tick_ms=N
 // (report interval, default 300), bgsnap.rate=N (transfers per second, default
-// unlimited), bgsnap.fault=K / bgsnap.fault_at=N (tests of the check itself).
+// unlimited), bgsnap.fault=K / bgsnap.fault_at=N (tests of the check itself),
+// bgsnap.disk=1 (the disk workload of disk.h: RAM and /dev/vda must agree).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -28,6 +29,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -208,6 +210,8 @@ static void ensure_console(void) {
   if (fd > 2) close(fd);
 }
 
+#include "disk.h"
+
 static void setup_region(long mb) {
   st.npages = (size_t)mb * 1024 * 1024 / PAGE_BYTES;
   size_t bytes = st.npages * PAGE_BYTES;
@@ -234,6 +238,7 @@ int main(void) {
   // critical messages from here on.
   klogctl(8, NULL, 2);
   out("ready pages=%zu mb=%ld tick_ms=%llu\n", st.npages, mb, (unsigned long long)tick_ms);
+  int disk = cmdline_param(cmdline, "bgsnap.disk", 0) ? disk_setup() : 0;
   long fault = cmdline_param(cmdline, "bgsnap.fault", 0);
   uint64_t fault_at = (uint64_t)cmdline_param(cmdline, "bgsnap.fault_at", 3);
   // bgsnap.rate caps transfers per second (0: as fast as possible). Ordinary
@@ -244,6 +249,7 @@ int main(void) {
     if (!budget || done_this_tick < budget) {
       for (int k = 0; k < TRANSFERS_PER_CLOCK_CHECK; k++) transfer();
       done_this_tick += TRANSFERS_PER_CLOCK_CHECK;
+      if (disk) disk_write_next();
     } else {
       usleep(1000);
     }
@@ -251,6 +257,7 @@ int main(void) {
     if (now < next) continue;
     if (fault && st.tick == fault_at) inject_fault(fault);
     report();
+    if (disk) disk_report();
     done_this_tick = 0;
     // After a long pause (snapshot restore, slow host) do not burst ticks.
     next = (next + tick_ms > now) ? next + tick_ms : now + tick_ms;

@@ -1,0 +1,215 @@
+// The disks of a whole-VM snapshot. With the VM stopped, one QMP `transaction`
+// starts a blockdev-backup (sync=full) of every chosen drive into an NBD node
+// that this process serves (capture/nbd-target.ts) on a private 0700 socket;
+// the background snapshot started next resumes the guest (QEMU 7.2's
+// bg_migration_vm_start_bh calls vm_start() whatever the state before), and
+// copy-before-write keeps each disk copy at the instant while the guest writes on.
+//
+// What we add to QEMU (target nodes, jobs) is recorded before it is added, and
+// cleanup() takes all of it away again: jobs cancelled, nodes deleted, the VM
+// running again if we stopped it. The drives and their backing chains are never
+// changed: a backup only reads them.
+import * as path from 'node:path';
+import type { BlockInfo, PageBatch } from '../format/events';
+import { NbdTargetServer } from './nbd-target';
+import type { QmpClient } from './qmp';
+
+export const DISK_BLOCK_PREFIX = 'disk:';
+const MAX_BATCH_PAGES = 65536;
+
+export interface DiskPlan {
+  id: string; // the drive's -drive id, query-block's device
+  node: string; // its root node
+  size: number; // virtual size in bytes
+  file: string; // image file name, for messages
+  target: string; // the NBD node we add
+  job: string; // the backup job we start
+}
+
+interface QueryBlock {
+  device: string;
+  inserted?: { ro: boolean; 'node-name': string; file: string; image: { 'virtual-size': number } };
+}
+
+// `select`: undefined = every writable drive; [] = none; else exactly these ids.
+export async function planDisks(qmp: QmpClient, select?: string[]): Promise<DiskPlan[]> {
+  const blocks = await qmp.execute<QueryBlock[]>('query-block');
+  const writable = blocks.filter((b) => b.device && b.inserted && !b.inserted.ro);
+  for (const id of select ?? []) {
+    const b = blocks.find((x) => x.device === id);
+    if (!b) throw new Error(`no drive "${id}" in this VM (drives: ${blocks.map((x) => x.device).filter(Boolean).join(', ') || 'none'})`);
+    if (!b.inserted) throw new Error(`drive "${id}" has no medium`);
+    if (b.inserted.ro) throw new Error(`drive "${id}" is read-only; only writable drives are captured`);
+  }
+  const chosen = select ? writable.filter((b) => select.includes(b.device)) : writable;
+  const jobs = await qmp.execute<{ device: string }[]>('query-block-jobs');
+  const busy = chosen.filter((b) => jobs.some((j) => j.device === b.device || j.device === b.inserted!['node-name']));
+  if (busy.length) throw new Error(`drive ${busy.map((b) => `"${b.device}"`).join(', ')} already has a block job; wait for it or leave it out with --disk/--no-disks`);
+  return chosen.map((b, i) => ({
+    id: b.device, node: b.inserted!['node-name'], size: b.inserted!.image['virtual-size'], file: b.inserted!.file,
+    target: `bgsnap-target-${process.pid}-${i}`, job: `bgsnap-backup-${process.pid}-${i}`,
+  }));
+}
+
+export function diskBlocks(plans: DiskPlan[], pageSize: number): BlockInfo[] {
+  return plans.map((p) => ({ name: DISK_BLOCK_PREFIX + p.id, length: Math.ceil(p.size / pageSize) * pageSize, address: 0 }));
+}
+
+// One NBD write as page batches of `block`. Backup writes whole clusters (64 KiB
+// or the target's cluster size), so only the disk's last page can be partial; it
+// is padded with zeroes. All-zero pages become zero records: holes in the image.
+export function writeToBatches(block: number, offset: number, length: number, data: Buffer | null, pageSize: number, diskSize: number): PageBatch[] {
+  const end = offset + length;
+  if (offset % pageSize !== 0 || (end % pageSize !== 0 && end !== diskSize)) {
+    throw new Error(`write of ${length} bytes at ${offset} is not aligned to ${pageSize}-byte pages`);
+  }
+  const out: PageBatch[] = [];
+  const pages = Math.ceil(length / pageSize);
+  for (let first = 0; first < pages; first += MAX_BATCH_PAGES) {
+    const n = Math.min(MAX_BATCH_PAGES, pages - first);
+    const index = new Uint32Array(n);
+    const zero = new Uint8Array(n);
+    const parts: Buffer[] = [];
+    for (let i = 0; i < n; i++) {
+      index[i] = offset / pageSize + first + i;
+      const page = data ? pageOf(data, (first + i) * pageSize, pageSize) : null;
+      if (!page || isZero(page)) zero[i] = 1;
+      else parts.push(page);
+    }
+    out.push({ block, index, zero, data: Buffer.concat(parts) });
+  }
+  return out;
+}
+
+function pageOf(data: Buffer, at: number, pageSize: number): Buffer {
+  const p = data.subarray(at, at + pageSize);
+  if (p.length === pageSize) return p;
+  const padded = Buffer.alloc(pageSize);
+  p.copy(padded);
+  return padded;
+}
+
+function isZero(b: Buffer): boolean {
+  for (let i = 0; i < b.length; i += 8) if (b.readBigUInt64LE(i) !== 0n) return false;
+  return true;
+}
+
+export class DiskCapture {
+  readonly server: NbdTargetServer;
+  private addedNodes: string[] = [];
+  private startedJobs: string[] = [];
+  private stoppedVm = false;
+  private eventsFrom = 0;
+  pauseStartedAt = 0;
+
+  constructor(
+    private readonly qmp: QmpClient,
+    readonly plans: DiskPlan[],
+    private readonly dir: string,
+    onWrite: (plan: DiskPlan, offset: number, length: number, data: Buffer | null) => Promise<void>,
+  ) {
+    this.server = new NbdTargetServer(plans.map((p) => ({ name: p.id, size: p.size })),
+      (name, off, len, data) => onWrite(plans.find((p) => p.id === name)!, off, len, data));
+  }
+
+  get socketPath(): string {
+    return path.join(this.dir, 'disks.sock');
+  }
+
+  // What the guard must take away if this process dies.
+  get leftovers(): { jobs: string[]; nodes: string[] } {
+    return { jobs: [...this.startedJobs], nodes: [...this.addedNodes] };
+  }
+
+  // Everything up to the backups running; the VM is left stopped (the
+  // background snapshot resumes it). Undo with cleanup() on any error.
+  async start(runState: string): Promise<void> {
+    await this.server.listen(this.socketPath);
+    for (const p of this.plans) {
+      this.addedNodes.push(p.target);
+      await this.qmp.execute('blockdev-add', {
+        driver: 'nbd', 'node-name': p.target, export: p.id, server: { type: 'unix', path: this.socketPath },
+      });
+    }
+    if (runState === 'running') {
+      this.pauseStartedAt = Date.now();
+      this.stoppedVm = true;
+      await this.qmp.execute('stop');
+    }
+    this.eventsFrom = this.qmp.events.length;
+    this.startedJobs = this.plans.map((p) => p.job);
+    await this.qmp.execute('transaction', {
+      actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job } })),
+    });
+  }
+
+  // Resolves when every backup completed; rejects on the first that failed.
+  async finished(pollMs = 100): Promise<void> {
+    const left = new Set(this.startedJobs);
+    while (left.size) {
+      for (const ev of this.qmp.events.slice(this.eventsFrom)) {
+        const d = ev.data as { device?: string; error?: string } | undefined;
+        if (!d?.device || !left.has(d.device)) continue;
+        if (ev.event === 'BLOCK_JOB_CANCELLED') throw new Error(`backup job ${d.device} was cancelled`);
+        if (ev.event !== 'BLOCK_JOB_COMPLETED') continue;
+        if (d.error) throw new Error(`backup of a drive failed in QEMU: ${d.error}${this.server.error ? ` (${this.server.error.message})` : ''}`);
+        left.delete(d.device);
+      }
+      if (this.qmp.closed) throw new Error('lost the QMP connection while disks were copied');
+      if (left.size) await sleep(pollMs);
+    }
+  }
+
+  // Undoes start(), whatever part of it ran. Safe to call twice.
+  async cleanup(): Promise<void> {
+    const errors: string[] = [];
+    const tryDo = async (what: string, f: () => Promise<unknown>) => f().catch((e: Error) => void errors.push(`${what}: ${e.message}`));
+    await tryDo('cancelling backup jobs', () => cancelJobs(this.qmp, this.startedJobs));
+    for (const n of this.addedNodes) await tryDo(`removing node ${n}`, () => deleteNode(this.qmp, n));
+    this.addedNodes = [];
+    this.startedJobs = [];
+    if (this.stoppedVm) await tryDo('resuming the VM', () => resumeIfPaused(this.qmp));
+    this.stoppedVm = false;
+    this.server.close();
+    if (errors.length) throw new Error(`cleaning up the disk capture: ${errors.join('; ')}`);
+  }
+
+  // The background snapshot restarted the VM; nothing to resume any more.
+  vmResumedByQemu(): void {
+    this.stoppedVm = false;
+  }
+}
+
+// Used by cleanup and by capture/qemu-guard.ts. A job cancelled with force
+// stops at once; we wait until it is gone so its target node can be deleted.
+export async function cancelJobs(qmp: QmpClient, jobs: string[]): Promise<void> {
+  for (let i = 0; i < 300; i++) {
+    const live = (await qmp.execute<{ device: string }[]>('query-block-jobs')).filter((j) => jobs.includes(j.device));
+    if (!live.length) return;
+    for (const j of live) await qmp.execute('block-job-cancel', { device: j.device, force: true }).catch(() => undefined);
+    await sleep(100);
+  }
+  throw new Error(`backup jobs ${jobs.join(', ')} did not go away`);
+}
+
+export async function deleteNode(qmp: QmpClient, node: string): Promise<void> {
+  for (let i = 0; ; i++) {
+    try {
+      return void (await qmp.execute('blockdev-del', { 'node-name': node }));
+    } catch (e) {
+      const msg = (e as Error).message;
+      if (/cannot find|not found|no such/i.test(msg)) return; // never added, or already gone
+      if (i >= 50) throw e;
+      await sleep(100); // a job that just ended may still hold it
+    }
+  }
+}
+
+export async function resumeIfPaused(qmp: QmpClient): Promise<void> {
+  const { status } = await qmp.execute<{ status: string }>('query-status');
+  if (status === 'paused') await qmp.execute('cont');
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
