@@ -72,6 +72,7 @@ export class NbdTargetServer {
   private readonly server = net.createServer((s) => void this.serve(s));
   private readonly sockets = new Set<net.Socket>();
   private failure: Error | null = null;
+  private discarding = false;
   onError: (err: Error) => void = () => undefined;
 
   constructor(private readonly exports: NbdExport[], private readonly onWrite: NbdWriteHandler) {}
@@ -86,6 +87,14 @@ export class NbdTargetServer {
   close(): void {
     this.server.close();
     for (const s of this.sockets) s.destroy();
+  }
+
+  // From now on every write succeeds and goes nowhere. Used while a capture
+  // is given up: copy-before-write in QEMU 7.2 fails the guest's own write
+  // when its copy fails (on-cbw-error=break-guest-write, which blockdev-backup
+  // cannot change), so the target keeps saying yes until the jobs are gone.
+  discard(): void {
+    this.discarding = true;
   }
 
   get error(): Error | null {
@@ -177,10 +186,12 @@ export class NbdTargetServer {
     if (type === CMD.FLUSH) return 0;
     if (type !== CMD.WRITE && type !== CMD.WRITE_ZEROES) return type === CMD.READ ? NBD_EINVAL : NBD_ENOTSUP;
     if (offset + length > exp.size) return NBD_EINVAL;
+    if (this.discarding) return 0;
     try {
       await this.onWrite(exp.name, offset, length, data);
       return 0;
     } catch (err) {
+      if (this.discarding) return 0; // the capture was given up while this write waited
       this.failure ??= new Error(`disk "${exp.name}" at offset ${offset}: ${(err as Error).message}`);
       this.onError(this.failure);
       return NBD_EIO;

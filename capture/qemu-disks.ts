@@ -101,6 +101,8 @@ export class DiskCapture {
   private stoppedVm = false;
   private eventsFrom = 0;
   pauseStartedAt = 0;
+  copyStartedAt = 0; // the transaction: the disks' instant
+  copyMs: number | null = null; // until every backup completed
 
   constructor(
     private readonly qmp: QmpClient,
@@ -138,6 +140,7 @@ export class DiskCapture {
     }
     this.eventsFrom = this.qmp.events.length;
     this.startedJobs = this.plans.map((p) => p.job);
+    this.copyStartedAt = Date.now();
     await this.qmp.execute('transaction', {
       actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job } })),
     });
@@ -158,10 +161,12 @@ export class DiskCapture {
       if (this.qmp.closed) throw new Error('lost the QMP connection while disks were copied');
       if (left.size) await sleep(pollMs);
     }
+    this.copyMs = Date.now() - this.copyStartedAt;
   }
 
   // Undoes start(), whatever part of it ran. Safe to call twice.
   async cleanup(): Promise<void> {
+    this.server.discard(); // jobs still running finish their writes without error (see discard())
     const errors: string[] = [];
     const tryDo = async (what: string, f: () => Promise<unknown>) => f().catch((e: Error) => void errors.push(`${what}: ${e.message}`));
     await tryDo('cancelling backup jobs', () => cancelJobs(this.qmp, this.startedJobs));

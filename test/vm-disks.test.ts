@@ -57,9 +57,9 @@ async function ourLeftovers(vm: Vm): Promise<string[]> {
 }
 
 // Restores vmstate + disk in a fresh QEMU and returns its first disk checks.
-async function restore(image: string, disk: string): Promise<DiskCheck[]> {
+async function restore(image: string, disk: string, append = 'bgsnap.disk=1'): Promise<DiskCheck[]> {
   const incoming = `exec:${BIN.convert} '${image}' --to qemu -o -`;
-  const vm = await bootWithDisk(`file=${disk},format=raw,if=virtio,id=d0`, { incoming });
+  const vm = await bootWithDisk(`file=${disk},format=raw,if=virtio,id=d0`, { incoming, append });
   // The snapshot's run state is "paused" (bgsnap stopped the VM for the instant),
   // so the restored VM waits for `cont`.
   for (let i = 0; i < 600; i++) {
@@ -97,12 +97,17 @@ test.after(async () => {
   if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true });
 });
 
+// 144 MiB of data ahead of the guest's records make the backup outlast the
+// pause, so the guest writes its records while they are still being copied:
+// copy-before-write must keep the copy at the instant.
 test('raw disk: RAM and disk agree after restore; a disk copied seconds later fails the same check', async () => {
   const disk = path.join(ctx.dir!, 'd0.raw');
-  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, '64M']);
-  const vm = await bootWithDisk(`file=${disk},format=raw,if=virtio,id=d0`);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, '160M']);
+  execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 144M', disk]);
+  const vm = await bootWithDisk(`file=${disk},format=raw,if=virtio,id=d0`, { append: 'bgsnap.disk=1 bgsnap.disk_at=150' });
   const { image, stats } = await captureWhileWriting(vm, 'raw');
   assert.ok(typeof stats.pauseMs === 'number' && typeof stats.downtimeMs === 'number', JSON.stringify(stats));
+  assert.ok((stats.diskCopyMs as number) > (stats.pauseMs as number), `the disk copy outlasted the pause: ${JSON.stringify(stats)}`);
   // The disk a few seconds on: stop the source, copy its disk.
   await sleep(3000);
   await vm.qmp.execute('stop');
@@ -111,16 +116,16 @@ test('raw disk: RAM and disk agree after restore; a disk copied seconds later fa
   await vm.kill();
 
   const insp = JSON.parse((await run(BIN.inspect, [image, '--json'])).stdout);
-  assert.equal(insp.drives.map((d: { id: string; size: number }) => [d.id, d.size]), [['d0', 64 << 20]]);
+  assert.equal(insp.drives.map((d: { id: string; size: number }) => [d.id, d.size]), [['d0', 160 << 20]]);
   const restored = path.join(ctx.dir!, 'restored.raw');
   const c = await run(BIN.convert, [image, '--to', 'disk', '--drive', 'd0', '-o', restored]);
   assert.is(c.code, 0, c.stderr);
-  assert.is(fs.statSync(restored).size, 64 << 20);
+  assert.is(fs.statSync(restored).size, 160 << 20);
   assert.is(fs.statSync(restored).mode & 0o777, 0o600);
 
-  const good = await restore(image, restored);
+  const good = await restore(image, restored, 'bgsnap.disk=1 bgsnap.disk_at=150');
   assert.ok(good.every((k) => k.ok), `restored guest: ${good.map((k) => k.text).join(' | ')}`);
-  const bad = await restore(image, late);
+  const bad = await restore(image, late, 'bgsnap.disk=1 bgsnap.disk_at=150');
   assert.ok(!bad[0].ok && bad[0].onDisk > bad[0].last, `later disk must fail the check: ${bad[0].text}`);
 });
 

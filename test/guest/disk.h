@@ -19,6 +19,7 @@ struct record {
 
 static struct {
   int fd;
+  off_t at; // where the slots start on the disk (bgsnap.disk_at=MiB)
   uint64_t last; // last record whose pwrite completed
   struct record *buf; // one page, aligned for O_DIRECT
   struct record *all; // DISK_SLOTS pages, for the check
@@ -37,7 +38,8 @@ static void load_module(const char *name) {
   close(fd);
 }
 
-static int disk_setup(void) {
+static int disk_setup(long at_mb) {
+  dk.at = (off_t)at_mb << 20;
   const char *mods[] = {"virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk"};
   for (size_t i = 0; i < sizeof mods / sizeof mods[0]; i++) load_module(mods[i]);
   mkdir("/dev", 0755);
@@ -51,7 +53,7 @@ static int disk_setup(void) {
   }
   // A fresh start: clear the slots so records of an earlier boot do not count.
   memset(dk.all, 0, (size_t)DISK_SLOTS * PAGE_BYTES);
-  if (pwrite(dk.fd, dk.all, (size_t)DISK_SLOTS * PAGE_BYTES, 0) != (ssize_t)DISK_SLOTS * PAGE_BYTES) out("bgsnap-guest: clearing the disk: %s\n", strerror(errno));
+  if (pwrite(dk.fd, dk.all, (size_t)DISK_SLOTS * PAGE_BYTES, dk.at) != (ssize_t)DISK_SLOTS * PAGE_BYTES) out("bgsnap-guest: clearing the disk: %s\n", strerror(errno));
   out("disk ready slots=%d\n", DISK_SLOTS);
   return 1;
 }
@@ -64,7 +66,7 @@ static void disk_write_next(void) {
   r->slot = seq % DISK_SLOTS;
   for (size_t w = 0; w < PAGE_BYTES / 8 - 4; w++) r->fill[w] = mix(seq * 131 + w);
   r->csum = record_csum(r);
-  ssize_t n = pwrite(dk.fd, r, PAGE_BYTES, (off_t)r->slot * PAGE_BYTES);
+  ssize_t n = pwrite(dk.fd, r, PAGE_BYTES, dk.at + (off_t)r->slot * PAGE_BYTES);
   if (n == PAGE_BYTES) dk.last = seq;
   else out("bgsnap-guest: disk write %llu failed: %s\n", (unsigned long long)seq, n < 0 ? strerror(errno) : "short");
 }
@@ -73,7 +75,7 @@ static void disk_write_next(void) {
 // nothing if there is none yet), whole.
 static void disk_report(void) {
   uint64_t bad = 0, newer = 0, maxseq = 0;
-  if (pread(dk.fd, dk.all, (size_t)DISK_SLOTS * PAGE_BYTES, 0) != (ssize_t)DISK_SLOTS * PAGE_BYTES) bad = DISK_SLOTS;
+  if (pread(dk.fd, dk.all, (size_t)DISK_SLOTS * PAGE_BYTES, dk.at) != (ssize_t)DISK_SLOTS * PAGE_BYTES) bad = DISK_SLOTS;
   for (uint64_t s = 0; s < DISK_SLOTS && !bad; s++) {
     const struct record *r = &dk.all[s];
     uint64_t want = dk.last >= s ? dk.last - (dk.last - s) % DISK_SLOTS : 0;

@@ -16,7 +16,8 @@
 // Kernel command line: bgsnap.mb=N (region size, default 48), bgsnap.tick_ms=N
 // (report interval, default 300), bgsnap.rate=N (transfers per second, default
 // unlimited), bgsnap.fault=K / bgsnap.fault_at=N (tests of the check itself),
-// bgsnap.disk=1 (the disk workload of disk.h: RAM and /dev/vda must agree).
+// bgsnap.disk=1 (the disk workload of disk.h: RAM and /dev/vda must agree),
+// bgsnap.disk_at=MiB (where on the disk its records go, default 0).
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -238,7 +239,8 @@ int main(void) {
   // critical messages from here on.
   klogctl(8, NULL, 2);
   out("ready pages=%zu mb=%ld tick_ms=%llu\n", st.npages, mb, (unsigned long long)tick_ms);
-  int disk = cmdline_param(cmdline, "bgsnap.disk", 0) ? disk_setup() : 0;
+  long disk_at = cmdline_param(cmdline, "bgsnap.disk_at", 0);
+  int disk = cmdline_param(cmdline, "bgsnap.disk", 0) ? disk_setup(disk_at) : 0;
   long fault = cmdline_param(cmdline, "bgsnap.fault", 0);
   uint64_t fault_at = (uint64_t)cmdline_param(cmdline, "bgsnap.fault_at", 3);
   // bgsnap.rate caps transfers per second (0: as fast as possible). Ordinary
