@@ -80,9 +80,14 @@ main('bgsnap-capture', async () => {
   // Connected and authenticated before the target is touched: a refused capture never freezes it.
   const out = opts.to !== undefined ? await NetOutput.connect(opts) : Output.open(opts.output, { force: opts.force });
   const sink = new StreamSink(out, new BgsnapEncoder({ compressLevel: level }), opts.to ?? opts.output);
-  const source = await openSource();
-  const stop = (sig: string) => void source.abort(`received ${sig}`);
+  // A signal while the source opens (QEMU: disks being set up, the VM stopped
+  // for the instant) must not kill us half-way: it aborts once open.
+  let source: Awaited<ReturnType<typeof openSource>> | undefined;
+  let signalled: string | undefined;
+  const stop = (sig: string) => (source ? void source.abort(`received ${sig}`) : (signalled = sig));
   process.once('SIGINT', stop).once('SIGTERM', stop);
+  source = await openSource();
+  if (signalled) await source.abort(`received ${signalled}`);
   let totals;
   try {
     totals = await emitStream(source.events, sink, progress(), source.release);

@@ -9,6 +9,7 @@
 // cleanup() takes all of it away again: jobs cancelled, nodes deleted, the VM
 // running again if we stopped it. The drives and their backing chains are never
 // changed: a backup only reads them.
+import { spawn, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import type { BlockInfo, PageBatch } from '../format/events';
 import { NbdTargetServer } from './nbd-target';
@@ -100,6 +101,7 @@ export class DiskCapture {
   private startedJobs: string[] = [];
   private stoppedVm = false;
   private eventsFrom = 0;
+  private guard: ChildProcess | null = null;
   pauseStartedAt = 0;
   copyStartedAt = 0; // the transaction: the disks' instant
   copyMs: number | null = null; // until every backup completed
@@ -118,17 +120,20 @@ export class DiskCapture {
     return path.join(this.dir, 'disks.sock');
   }
 
-  // What the guard must take away if this process dies.
-  get leftovers(): { jobs: string[]; nodes: string[] } {
-    return { jobs: [...this.startedJobs], nodes: [...this.addedNodes] };
+  // Tells the guard (capture/qemu-disk-guard.ts) what to undo if we die,
+  // before doing it.
+  private tellGuard(m: Record<string, unknown>): void {
+    this.guard?.stdin?.write(JSON.stringify(m) + '\n');
   }
 
   // Everything up to the backups running; the VM is left stopped (the
   // background snapshot resumes it). Undo with cleanup() on any error.
   async start(runState: string): Promise<void> {
+    this.guard = spawnDiskGuard(this.qmp.path);
     await this.server.listen(this.socketPath);
     for (const p of this.plans) {
       this.addedNodes.push(p.target);
+      this.tellGuard({ node: p.target });
       await this.qmp.execute('blockdev-add', {
         driver: 'nbd', 'node-name': p.target, export: p.id, server: { type: 'unix', path: this.socketPath },
       });
@@ -136,10 +141,12 @@ export class DiskCapture {
     if (runState === 'running') {
       this.pauseStartedAt = Date.now();
       this.stoppedVm = true;
+      this.tellGuard({ stopped: true });
       await this.qmp.execute('stop');
     }
     this.eventsFrom = this.qmp.events.length;
     this.startedJobs = this.plans.map((p) => p.job);
+    for (const job of this.startedJobs) this.tellGuard({ job });
     this.copyStartedAt = Date.now();
     await this.qmp.execute('transaction', {
       actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job } })),
@@ -176,13 +183,19 @@ export class DiskCapture {
     if (this.stoppedVm) await tryDo('resuming the VM', () => resumeIfPaused(this.qmp));
     this.stoppedVm = false;
     this.server.close();
+    if (!errors.length) this.guard?.stdin?.end('done\n'); // else the guard tries once more
+    else this.guard?.stdin?.end();
     if (errors.length) throw new Error(`cleaning up the disk capture: ${errors.join('; ')}`);
   }
 
-  // The background snapshot restarted the VM; nothing to resume any more.
-  vmResumedByQemu(): void {
-    this.stoppedVm = false;
-  }
+}
+
+function spawnDiskGuard(qmpPath: string): ChildProcess {
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-disk-guard.js'), qmpPath], { stdio: ['pipe', 'ignore', 'inherit'] });
+  guard.stdin!.on('error', () => undefined);
+  guard.unref();
+  (guard.stdin as unknown as { unref?: () => void }).unref?.();
+  return guard;
 }
 
 // Used by cleanup and by capture/qemu-guard.ts. A job cancelled with force

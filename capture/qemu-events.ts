@@ -71,9 +71,7 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
       disks = new DiskCapture(qmp, plans, dir, onWrite);
       await disks.start(before);
     }
-    const d = disks;
-    snap = await openQemuSnapshot(qmpSocket, { ...opts, qmp, guardDisks: d ? () => d.leftovers : undefined });
-    if (d?.pauseStartedAt) pauseMs = await pauseUntilRunning(qmp, d.pauseStartedAt);
+    snap = await openQemuSnapshot(qmpSocket, { ...opts, qmp });
   } catch (err) {
     await disks?.cleanup().catch(() => undefined);
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
@@ -84,6 +82,9 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
   let result: QemuSnapshotResult | undefined;
   const plans = disks?.plans ?? [];
   const diskDone = disks ? disks.finished() : Promise.resolve();
+  // Measured beside the stream, never before reading it: until its stream is
+  // read QEMU may not get to resuming the guest (seen: a deadlock).
+  const pauseKnown = disks?.pauseStartedAt ? pauseUntilRunning(qmp, disks.pauseStartedAt).then((v) => void (pauseMs = v), () => undefined) : Promise.resolve();
   diskDone.catch((e: Error) => void snap.abort(e.message));
 
   const onEvent = async (ev: StreamEvent): Promise<void> => {
@@ -98,8 +99,8 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
     }
     if (ev.type === 'end') {
       await diskDone; // every backup job completed: each disk copy is whole
+      await pauseKnown;
       await disks?.cleanup();
-      snap.releaseGuard();
     }
     await queue.push(ev);
   };
@@ -112,7 +113,6 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
       disks?.server.discard();
       await snap.abort((e as Error).message);
       await disks?.cleanup().catch(() => undefined);
-      snap.releaseGuard();
       // QEMU's own failure (if any) says more than the truncated stream it caused.
       queue.fail(await snap.done.then(() => e as Error, (qe: Error) => qe));
     } finally {

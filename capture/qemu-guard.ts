@@ -5,18 +5,15 @@
 // while the capture lives, the guard only waits on its stdin (a pipe from the
 // capture) and never touches the socket; if that pipe closes without the word
 // "done", the capture died: the guard reads QEMU's stream to its end and
-// throws it away, then puts back the migration settings the capture changed, and takes away the
-// disk backup jobs and target nodes of a whole-VM capture.
+// throws it away, then puts back the migration settings the capture changed.
 //   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}'
 import * as net from 'node:net';
 import { QmpClient } from './qmp';
 import { ACTIVE_STATES, restore } from './qemu-source';
-import { cancelJobs, deleteNode } from './qemu-disks';
 
 interface Restore {
   capabilities: [string, boolean][];
   maxBandwidth: number | null;
-  disks?: { jobs: string[]; nodes: string[] }; // whole-VM capture: what to take away
 }
 
 function drainSocket(): Promise<void> {
@@ -39,12 +36,6 @@ async function putBack(qmpPath: string, r: Restore): Promise<void> {
       await new Promise((res) => setTimeout(res, 100));
     }
     await restore(qmp, { capabilities: new Map(r.capabilities), maxBandwidth: r.maxBandwidth });
-    // Our NBD target died with the capture: the backups fail or are cancelled,
-    // and their target nodes go, leaving the drives as they were.
-    if (r.disks) {
-      await cancelJobs(qmp, r.disks.jobs);
-      for (const n of r.disks.nodes) await deleteNode(qmp, n);
-    }
   } finally {
     qmp.close();
   }

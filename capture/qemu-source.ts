@@ -53,10 +53,6 @@ export interface QemuSnapshotOptions {
   // A QMP connection the caller opened and keeps (whole-VM capture: the disk
   // jobs outlive the migration); it is not closed here.
   qmp?: QmpClient;
-  // Also for the guard (capture/qemu-guard.ts) to take away if we die: backup
-  // jobs and block nodes the caller added. With it, the guard stays until the
-  // caller calls releaseGuard().
-  guardDisks?: () => { jobs: string[]; nodes: string[] };
 }
 
 export interface MigrationInfo {
@@ -85,7 +81,6 @@ export interface QemuSnapshot {
   readonly runStateBefore: string;
   readonly startedAt: number; // Date.now() just before `migrate`: the snapshot point
   abort(reason?: string): Promise<void>;
-  releaseGuard(): void; // with guardDisks: the caller's disk work is over
 }
 
 export interface Changes {
@@ -117,7 +112,7 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
     }
     session.start();
     const info = { qemuVersion: qmp.qemuVersion, capabilities, runStateBefore, startedAt };
-    return { ...info, stream: session.out, done: session.done, abort: (r) => session.abort(r), releaseGuard: () => session.releaseGuard() };
+    return { ...info, stream: session.out, done: session.done, abort: (r) => session.abort(r) };
   } catch (err) {
     await restore(qmp, changes).catch(() => undefined);
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
@@ -243,7 +238,7 @@ class Session {
     this.conn = conn;
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
     this.server.close(); // nobody else may connect
-    this.guard = spawnGuard(conn, this.qmp.path, this.changes, this.opts.guardDisks?.());
+    this.guard = spawnGuard(conn, this.qmp.path, this.changes);
     conn.pipe(this.out, { end: false });
     conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
     conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
@@ -336,14 +331,8 @@ class Session {
     await restore(this.qmp, this.changes);
   }
 
-  releaseGuard(): void {
-    this.guard?.stdin?.end('done\n');
-  }
-
   private cleanup(): void {
-    // QEMU is finished with the socket: the guard may go, unless disk jobs it
-    // must clean up after us still run.
-    if (!this.opts.guardDisks) this.releaseGuard();
+    this.guard?.stdin?.end('done\n'); // QEMU is finished with the socket: the guard may go
     this.settled = true;
     this.server.close();
     this.conn?.unref(); // a draining socket closes when QEMU is done with it
@@ -367,8 +356,8 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 
 // Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
-function spawnGuard(conn: net.Socket, qmpPath: string, changes: Changes, disks?: { jobs: string[]; nodes: string[] }): ChildProcess {
-  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, disks };
+function spawnGuard(conn: net.Socket, qmpPath: string, changes: Changes): ChildProcess {
+  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth };
   const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore)], {
     stdio: ['pipe', 'ignore', 'inherit', conn],
   });

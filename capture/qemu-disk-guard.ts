@@ -1,0 +1,82 @@
+// The watchman of a whole-VM capture's disk side, run as a child of
+// bgsnap-capture from before it touches QEMU's block layer until its disk work
+// is over. The capture tells it on stdin, one JSON line each, what it adds
+// ({"node":N}, {"job":J}) and when it stops the VM ({"stopped":true}), then
+// "done" at the end. If stdin closes without "done", the capture died (SIGKILL
+// even): the guard cancels the jobs, deletes the nodes and, if the capture had
+// stopped the VM, makes sure it runs again, so a dead capture never leaves a VM
+// stopped or block nodes behind. (The migration itself has its own guard,
+// capture/qemu-guard.ts.)
+//   node qemu-disk-guard.js QMP_SOCKET
+import { QmpClient } from './qmp';
+import { ACTIVE_STATES } from './qemu-source';
+import { cancelJobs, deleteNode, resumeIfPaused } from './qemu-disks';
+
+interface Undo { nodes: string[]; jobs: string[]; stopped: boolean }
+
+function parse(said: string): { undo: Undo; done: boolean } {
+  const undo: Undo = { nodes: [], jobs: [], stopped: false };
+  let done = false;
+  for (const line of said.split('\n')) {
+    if (line.trim() === 'done') done = true;
+    if (!line.startsWith('{')) continue;
+    const m = JSON.parse(line) as { node?: string; job?: string; stopped?: boolean };
+    if (m.node) undo.nodes.push(m.node);
+    if (m.job) undo.jobs.push(m.job);
+    if (m.stopped) undo.stopped = true;
+  }
+  return { undo, done };
+}
+
+// The monitor serves one client at a time: retry while the migration guard holds it.
+async function connect(qmpPath: string): Promise<QmpClient> {
+  for (let i = 0; ; i++) {
+    try {
+      return await QmpClient.connect(qmpPath, { timeoutMs: 10_000 });
+    } catch (e) {
+      if (i >= 30) throw e;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+}
+
+async function undoAll(qmpPath: string, u: Undo): Promise<void> {
+  const qmp = await connect(qmpPath);
+  try {
+    await cancelJobs(qmp, u.jobs);
+    for (const n of u.nodes) await deleteNode(qmp, n);
+    if (!u.stopped) return;
+    // A snapshot that was started resumes the VM itself (QEMU 7.2) and is
+    // being drained by the migration guard; wait for it, then resume the VM
+    // if it is still stopped.
+    for (let i = 0; i < 3000; i++) {
+      const { status } = await qmp.execute<{ status?: string }>('query-migrate');
+      if (!ACTIVE_STATES.has(status ?? '')) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await resumeIfPaused(qmp);
+  } finally {
+    qmp.close();
+  }
+}
+
+async function main(): Promise<void> {
+  const qmpPath = process.argv[2];
+  process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
+  let said = '';
+  process.stdin.on('data', (c: Buffer) => (said += c.toString()));
+  await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
+  const { undo, done } = parse(said);
+  if (done) return;
+  process.stderr.write('bgsnap-capture died with disks in flight: taking its block jobs and nodes away\n');
+  await undoAll(qmpPath, undo);
+  process.stderr.write(`bgsnap-capture disk guard: ${undo.jobs.length} job(s) and ${undo.nodes.length} node(s) gone${undo.stopped ? ', VM running' : ''}\n`);
+}
+
+main().then(
+  () => process.exit(0),
+  (e: Error) => {
+    process.stderr.write(`bgsnap-capture disk guard: ${e.message}\n`);
+    process.exit(1);
+  },
+);
