@@ -45,7 +45,7 @@ export async function planDisks(qmp: QmpClient, select?: string[]): Promise<Disk
   const chosen = select ? writable.filter((b) => select.includes(b.device)) : writable;
   const jobs = await qmp.execute<{ device: string }[]>('query-block-jobs');
   const busy = chosen.filter((b) => jobs.some((j) => j.device === b.device || j.device === b.inserted!['node-name']));
-  if (busy.length) throw new Error(`drive ${busy.map((b) => `"${b.device}"`).join(', ')} already has a block job; wait for it or leave it out with --disk/--no-disks`);
+  if (busy.length) throw new Error(`drive ${busy.map((b) => `"${b.device}"`).join(', ')} already has a block job; wait for it or pick drives with --disk ID, or capture without --disks`);
   return chosen.map((b, i) => ({
     id: b.device, node: b.inserted!['node-name'], size: b.inserted!.image['virtual-size'], file: b.inserted!.file,
     target: `bgsnap-target-${process.pid}-${i}`, job: `bgsnap-backup-${process.pid}-${i}`,

@@ -65,7 +65,7 @@ async function assertVmFine(vm: Vm, from: number): Promise<void> {
 // until its backup job runs, then does `act` to it; returns stderr and exit code.
 async function captureThen(act: (pid: number) => void, reader = '(sleep 4; cat > /dev/null)'): Promise<{ stderr: string; rc: string }> {
   const rcFile = path.join(ctx.dir!, `rc-${Date.now()}`);
-  const child = spawn('/bin/sh', ['-c', `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${rcFile}.pid'; wait $!; echo $? > '${rcFile}') | ${reader}`]);
+  const child = spawn('/bin/sh', ['-c', `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' --disks & echo $! > '${rcFile}.pid'; wait $!; echo $? > '${rcFile}') | ${reader}`]);
   let stderr = '';
   child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
   const exited = new Promise((r) => child.on('close', r));
@@ -106,7 +106,7 @@ test.skip('the receiver goes away with disks in flight: capture exits non-zero n
 
 test.skip('after the faults, a whole-VM capture completes', async () => {
   const image = path.join(ctx.dir!, 'img');
-  const r = await sh(`${BIN.capture} --qmp '${ctx.vm!.qmpPath}' | ${BIN.receive} -q -o '${image}'`, 240_000);
+  const r = await sh(`${BIN.capture} --qmp '${ctx.vm!.qmpPath}' --disks | ${BIN.receive} -q -o '${image}'`, 240_000);
   assert.is(r.code, 0, r.stderr);
 });
 

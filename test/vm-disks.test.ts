@@ -78,7 +78,7 @@ async function captureWhileWriting(vm: Vm, tag: string): Promise<{ image: string
   const image = path.join(ctx.dir!, `${tag}.img`);
   const stats = path.join(ctx.dir!, `${tag}.json`);
   const from = vm.lines().length;
-  const r = await sh(`${BIN.capture} --qmp '${vm.qmpPath}' --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
+  const r = await sh(`${BIN.capture} --qmp '${vm.qmpPath}' --disks --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
   assert.is(r.code, 0, r.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   assert.is(s.runStateAfter, 'running');
