@@ -71,6 +71,11 @@ void BufferPool::Publish(Batch* b) {
   }
 }
 
+void BufferPool::Wake() {
+  std::lock_guard<std::mutex> lock(mu_);
+  cv_.notify_all();
+}
+
 Batch* BufferPool::TakeReady() {
   std::lock_guard<std::mutex> lock(mu_);
   if (ready_.empty()) return nullptr;
@@ -78,6 +83,11 @@ Batch* BufferPool::TakeReady() {
   ready_.pop_front();
   b->owner = Batch::kJs;
   return b;
+}
+
+size_t BufferPool::FreeCount() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return free_.size();
 }
 
 size_t BufferPool::ReadyCount() {

@@ -181,7 +181,11 @@ class BufferPool {
   // Saver side. Acquire returns nullptr when abort was raised while waiting.
   Batch* Acquire(const std::atomic<bool>& abort, std::atomic<double>& waitingSince);
   void Publish(Batch* b);
-  void Wake() { cv_.notify_all(); }
+  size_t FreeCount();
+  // Wakes a saver waiting in Acquire after `abort` was raised. It takes the
+  // lock: a notify sent between Acquire's check of `abort` and its wait would
+  // otherwise be lost, and the saver (so the final join) would sleep forever.
+  void Wake();
   // JS side.
   Batch* TakeReady();
   bool Release(uint32_t id);

@@ -306,7 +306,10 @@ Batch* Session::OpenBatch(int b, Failure* f) {
     notify_();
     break;
   }
-  if (open_.size() >= 4) {
+  // Only the saver takes free batches, so none free now means Acquire would
+  // wait: if the saver itself holds them open (a pool of 2-4 batches, faults in
+  // several mappings), nothing would ever be released. Publish one first.
+  if (open_.size() >= 4 || (!open_.empty() && pool.FreeCount() == 0)) {
     auto fullest = std::max_element(open_.begin(), open_.end(), [](Batch* x, Batch* y) {
       return x->dataPages + x->count < y->dataPages + y->count;
     });
