@@ -1,7 +1,9 @@
 // The bounded, pre-faulted buffer pool. Pre-faulting matters: copying 2 GiB took
 // 2.2-6.2 s instead of ~0.4 s when our own buffers page-faulted during the copy,
 // and the target's writers wait for every one of those copies.
+#include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -14,7 +16,13 @@ Memory::~Memory() {
   if (base) munmap(base, length);
 }
 
+BufferPool::~BufferPool() {
+  if (efd_ >= 0) close(efd_);
+}
+
 bool BufferPool::Init(uint32_t totalMb, Failure* f) {
+  efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (efd_ < 0) return f->Set(errno, "eventfd for capture buffers");
   size_t total = std::max<size_t>(totalMb, 2) << 20;
   // Batches of 1-4 MiB: large enough for few frames, small enough that at
   // least two exist so the saver fills one while JavaScript writes another.
@@ -42,7 +50,34 @@ bool BufferPool::Init(uint32_t totalMb, Failure* f) {
     b.capIndex = capIndex;
     free_.push_back(b.id);
   }
+  // A scan chunk (up to 2 MiB) may need this many fresh batches. Pools too
+  // small to spare a reserve (2-3 batches) keep none.
+  scanNeed_ = (kHuge / kPage + capData - 1) / capData;
+  // Three quarters of a pool of 8 or more: 4 batches in flight keep the scan
+  // as fast as the output takes it, and Redis under SET load at 64 MiB used up
+  // a reserve of half the pool with its faults' 64 KiB neighbourhoods.
+  reserve_ = count >= 8 ? count * 3 / 4 : count >= 4 ? count / 2 : 0;
   return true;
+}
+
+bool BufferPool::Pressed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return free_.size() < reserve_;
+}
+
+bool BufferPool::ScanRoom() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return free_.size() >= std::min(reserve_ + scanNeed_, batches.size());
+}
+
+void BufferPool::Signal() {
+  uint64_t one = 1;
+  if (write(efd_, &one, sizeof one) < 0) {}  // EAGAIN: already signalled
+}
+
+void BufferPool::ClearReleased() {
+  uint64_t n;
+  if (read(efd_, &n, sizeof n) < 0) {}  // EAGAIN: nothing pending
 }
 
 Batch* BufferPool::Acquire(const std::atomic<bool>& abort, std::atomic<double>& waitingSince) {
@@ -74,6 +109,7 @@ void BufferPool::Publish(Batch* b) {
 void BufferPool::Wake() {
   std::lock_guard<std::mutex> lock(mu_);
   cv_.notify_all();
+  Signal();
 }
 
 Batch* BufferPool::TakeReady() {
@@ -101,6 +137,7 @@ bool BufferPool::Release(uint32_t id) {
   batches[id].owner = Batch::kFree;
   free_.push_back(id);
   cv_.notify_all();
+  Signal();
   return true;
 }
 

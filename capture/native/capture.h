@@ -177,7 +177,19 @@ struct Memory {
 
 class BufferPool {
  public:
+  ~BufferPool();
   bool Init(uint32_t totalMb, Failure* f);
+  // Room for the linear scan: it may not take the batches reserved for faulted
+  // pages (half the pool), so a faulting writer waits only for its own copy,
+  // never for the disk to take what the scan read. Saver side.
+  bool ScanRoom();
+  // Faults are eating into their reserve (the disk lags): each then saves only
+  // its own page, not its 64 KiB neighbourhood, so the reserve lasts 16x more.
+  bool Pressed();
+  // Readable after a Release or Wake: the saver polls it with the userfaultfd
+  // while it waits for ScanRoom, serving faults meanwhile. Clear before checking.
+  int ReleasedFd() const { return efd_; }
+  void ClearReleased();
   // Saver side. Acquire returns nullptr when abort was raised while waiting.
   Batch* Acquire(const std::atomic<bool>& abort, std::atomic<double>& waitingSince);
   void Publish(Batch* b);
@@ -197,6 +209,9 @@ class BufferPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<uint32_t> free_, ready_;
+  size_t reserve_ = 0, scanNeed_ = 1;
+  int efd_ = -1;
+  void Signal();
 };
 
 }  // namespace bgsnap

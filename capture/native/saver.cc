@@ -32,6 +32,7 @@ bool Session::SaverLoop(Failure* f) {
     if (!Drain(f)) break;
     if (!faults_.empty()) { HandleFaults(f); continue; }
     if (cb >= blocks.size()) break;
+    if (!pool.ScanRoom() && !WaitScanRoom(f)) break;
     if (!ScanChunk(&cb, &cp, f)) break;
     if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); }
     Pace(f);
@@ -189,7 +190,7 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   }
   int b = s->block;
   int huge = HugeAt(pagemapFd_, ft.addr);
-  uint64_t g = huge == 1 || (huge < 0 && blocks[b].thp) ? kHuge : kFaultGranule;
+  uint64_t g = huge == 1 || (huge < 0 && blocks[b].thp) ? kHuge : pool.Pressed() ? kPage : kFaultGranule;
   uint64_t lo = std::max(s->start, ft.addr & ~(g - 1));
   uint64_t hi = std::min(s->end, (ft.addr & ~(g - 1)) + g);
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);

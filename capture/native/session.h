@@ -114,6 +114,7 @@ class Session {
   bool ScanChunk(size_t* cb, uint32_t* cp, Failure* f);
   uint32_t NextSegPage(int b, uint32_t p) const;
   bool Pace(Failure* f);
+  bool WaitScanRoom(Failure* f);  // scan_room.cc
 
   pid_t pid_;
   Options opts_;

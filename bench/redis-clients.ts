@@ -1,0 +1,146 @@
+// What Redis's clients feel during a snapshot: a real redis-server (Debian's)
+// holding ~500 MB, loaded by bench/redisload.c (closed-loop SETs over the same
+// key space, every request's latency recorded), snapshotted in turn by
+//   bgsnap   bgsnap-capture --pid | bgsnap-receive -o IMAGE (on this disk)
+//   BGSAVE   Redis's own fork-based snapshot (dump.rdb on this disk)
+//   gcore    gdb's core dump (the server is stopped for all of it)
+//   none     no snapshot: the load alone, same length of window
+// all in one invocation, interleaved per round. For each: the pause (bgsnap:
+// its freeze; BGSAVE: latest_fork_usec; gcore: its wall time) and the clients'
+// p50/p99/p99.9/max over the requests in flight during the snapshot.
+//   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { arg, BIN, machine } from './process-common';
+import { startRedis, type Redis } from '../test/helpers/servers';
+
+const REPO = path.resolve(__dirname, '..', '..');
+const now = () => process.hrtime.bigint(); // CLOCK_MONOTONIC, as redisload's stamps
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function loadBin(): string {
+  const src = path.join(REPO, 'bench', 'redisload.c');
+  const hash = crypto.createHash('sha256').update(fs.readFileSync(src)).digest('hex').slice(0, 12);
+  const out = path.join(os.tmpdir(), 'bgsnap-bench', `redisload-${hash}`);
+  if (!fs.existsSync(out)) {
+    fs.mkdirSync(path.dirname(out), { recursive: true });
+    execFileSync('gcc', ['-O2', '-Wall', '-o', `${out}.${process.pid}`, src], { stdio: 'inherit' });
+    fs.renameSync(`${out}.${process.pid}`, out);
+  }
+  return out;
+}
+
+interface Window { contender: string; pauseMs: number; t0: bigint; t1: bigint; note: string }
+interface Row extends Window { n: number; p50: number; p99: number; p999: number; max: number; rps: number }
+
+// Latencies (ms) of the requests in flight at any moment of [t0, t1].
+// Also when the slowest of them started, in ms after t0.
+function latencies(file: string, t0: bigint, t1: bigint): { l: number[]; maxAt: number } {
+  const buf = fs.readFileSync(file);
+  const l: number[] = [];
+  let max = -1, maxAt = 0;
+  for (let o = 0; o + 12 <= buf.length; o += 12) {
+    const start = buf.readBigUInt64LE(o), lat = buf.readUInt32LE(o + 8);
+    if (start > t1 || start + BigInt(lat) < t0) continue;
+    l.push(lat / 1e6);
+    if (lat > max) { max = lat; maxAt = Number(start - t0) / 1e6; }
+  }
+  return { l: l.sort((a, b) => a - b), maxAt };
+}
+
+function row(w: Window, file: string): Row {
+  const { l, maxAt } = latencies(file, w.t0, w.t1);
+  const q = (p: number) => l[Math.min(l.length - 1, Math.floor(l.length * p))] ?? NaN;
+  const note = `max at +${maxAt.toFixed(0)} ms${w.note ? `; ${w.note}` : ''}`;
+  return { ...w, note, n: l.length, p50: q(0.5), p99: q(0.99), p999: q(0.999), max: l[l.length - 1] ?? NaN, rps: l.length / (Number(w.t1 - w.t0) / 1e9) };
+}
+
+function bgsnap(r: Redis, dir: string, bufferMb: string): Window {
+  const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img');
+  fs.rmSync(img, { recursive: true, force: true });
+  const t0 = now();
+  const p = spawnSync('sh', ['-c', `node ${BIN.capture} --pid ${r.pid} --buffer-mb ${bufferMb} --stats ${stats} | node ${BIN.receive} -q -o ${img}`], { encoding: 'utf8' });
+  const t1 = now();
+  if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
+  const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
+  const note = `faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
+  fs.rmSync(img, { recursive: true, force: true });
+  return { contender: 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
+}
+
+async function bgsave(r: Redis): Promise<Window> {
+  const t0 = now();
+  if (!/started/.test(r.cli('BGSAVE'))) throw new Error('BGSAVE did not start');
+  while (/rdb_bgsave_in_progress:1/.test(r.cli('INFO', 'persistence'))) await sleep(20);
+  const t1 = now();
+  if (!/rdb_last_bgsave_status:ok/.test(r.cli('INFO', 'persistence'))) throw new Error('BGSAVE failed');
+  const fork = Number(/latest_fork_usec:(\d+)/.exec(r.cli('INFO', 'stats'))![1]) / 1000;
+  return { contender: 'BGSAVE', pauseMs: fork, t0, t1, note: '' };
+}
+
+function gcore(r: Redis, dir: string): Window {
+  const t0 = now();
+  const p = spawnSync('gcore', ['-o', path.join(dir, 'core'), String(r.pid)], { encoding: 'utf8' });
+  const t1 = now();
+  if (p.status !== 0) throw new Error(`gcore failed: ${p.stderr}`);
+  for (const f of fs.readdirSync(dir)) if (f.startsWith('core')) fs.rmSync(path.join(dir, f));
+  return { contender: 'gcore', pauseMs: Number(t1 - t0) / 1e6, t0, t1, note: '' };
+}
+
+// One contender under load: the load runs 1 s before and 0.5 s after it.
+async function underLoad(r: Redis, dir: string, conns: string, keys: string, value: string, snap: () => Promise<Window>): Promise<Row> {
+  const file = path.join(dir, 'samples.bin');
+  const out = fs.openSync(file, 'w');
+  const load = spawn(loadBin(), [r.sock, conns, '600', keys, value], { stdio: ['ignore', out, 'inherit'] });
+  const exited = new Promise<number | null>((res) => load.on('exit', (c) => res(c)));
+  await sleep(1000);
+  const w = await snap();
+  await sleep(500);
+  load.kill('SIGTERM');
+  const code = await exited;
+  fs.closeSync(out);
+  if (code !== 0) throw new Error(`redisload exited ${code}: the clients saw an error`);
+  return row(w, file);
+}
+
+function table(rows: Row[]): string {
+  const f = (x: number) => x.toFixed(2);
+  const lines = ['contender   pause ms   window s   requests   req/s    p50 ms   p99 ms  p99.9 ms    max ms'];
+  for (const r of rows) {
+    lines.push(`${r.contender.padEnd(9)} ${f(r.pauseMs).padStart(10)} ${(Number(r.t1 - r.t0) / 1e9).toFixed(2).padStart(10)} ${String(r.n).padStart(10)} ${r.rps.toFixed(0).padStart(7)} ` +
+      `${f(r.p50).padStart(8)} ${f(r.p99).padStart(8)} ${f(r.p999).padStart(9)} ${f(r.max).padStart(9)}${r.note ? `   ${r.note}` : ''}`);
+  }
+  return lines.join('\n');
+}
+
+async function main() {
+  const runs = Number(arg('--runs', '2')), keys = arg('--keys', '500000'), value = arg('--value', '1000');
+  const conns = arg('--conns', '8'), bufferMb = arg('--buffer-mb', '64');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-redis-bench-'));
+  console.log(`machine: ${machine()}`);
+  const r = await startRedis(dir);
+  try {
+    const fill = spawnSync('redis-benchmark', ['-s', r.sock, '-t', 'set', '-n', String(Number(keys) * 2), '-r', keys, '-d', value, '-P', '32', '-q'], { encoding: 'utf8' });
+    if (fill.status !== 0) throw new Error(`redis-benchmark fill failed: ${fill.stderr}`);
+    const mem = /used_memory:(\d+)/.exec(r.cli('INFO', 'memory'))![1];
+    console.log(`redis-server ${r.pid}: ${r.cli('DBSIZE')} keys, used_memory ${(Number(mem) / 2 ** 20).toFixed(0)} MiB; load: ${conns} connections, SET of ${value}-byte values over ${keys} keys`);
+    const rows: Row[] = [];
+    for (let i = 0; i < runs; i++) {
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }));
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb)));
+      rows.push(await underLoad(r, dir, conns, keys, value, () => bgsave(r)));
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => gcore(r, dir)));
+      console.log(table(rows.slice(-4)));
+    }
+    if (r.cli('PING') !== 'PONG') throw new Error('redis unhealthy after the runs');
+    console.log(`\nall runs (load average now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}):\n${table(rows)}`);
+  } finally {
+    r.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => { console.error(e); process.exit(1); });
