@@ -61,12 +61,14 @@ function row(w: Window, file: string): Row {
 function bgsnap(r: Redis, dir: string, bufferMb: string): Window {
   const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img');
   fs.rmSync(img, { recursive: true, force: true });
+  fs.rmSync(stats, { force: true });
   const t0 = now();
   const p = spawnSync('sh', ['-c', `node ${BIN.capture} --pid ${r.pid} --buffer-mb ${bufferMb} --stats ${stats} | node ${BIN.receive} -q -o ${img}`], { encoding: 'utf8' });
   const t1 = now();
   if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
+  if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
-  const note = `faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
+  const note = `faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
   fs.rmSync(img, { recursive: true, force: true });
   return { contender: 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
 }
