@@ -9,6 +9,7 @@
 // its freeze; BGSAVE: latest_fork_usec; gcore: its wall time) and the clients'
 // p50/p99/p99.9/max over the requests in flight during the snapshot.
 //   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
+//        [--buffer-mb 64] [--base DIR]   (DIR: another built checkout, e.g. main, as "bgsnap@base")
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -58,19 +59,23 @@ function row(w: Window, file: string): Row {
   return { ...w, note, n: l.length, p50: q(0.5), p99: q(0.99), p999: q(0.999), max: l[l.length - 1] ?? NaN, rps: l.length / (Number(w.t1 - w.t0) / 1e9) };
 }
 
-function bgsnap(r: Redis, dir: string, bufferMb: string): Window {
+// `root` another build of bgsnap (--base DIR): the same capture by an older
+// engine, side by side with this one.
+function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string): Window {
+  const capture = root ? path.join(root, 'dist', 'bin', 'bgsnap-capture.js') : BIN.capture;
+  const receive = root ? path.join(root, 'dist', 'bin', 'bgsnap-receive.js') : BIN.receive;
   const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img');
   fs.rmSync(img, { recursive: true, force: true });
   fs.rmSync(stats, { force: true });
   const t0 = now();
-  const p = spawnSync('sh', ['-c', `node ${BIN.capture} --pid ${r.pid} --buffer-mb ${bufferMb} --stats ${stats} | node ${BIN.receive} -q -o ${img}`], { encoding: 'utf8' });
+  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid} --buffer-mb ${bufferMb} --stats ${stats} | node ${receive} -q -o ${img}`], { encoding: 'utf8' });
   const t1 = now();
   if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const note = `faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
   fs.rmSync(img, { recursive: true, force: true });
-  return { contender: 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
+  return { contender: root ? 'bgsnap@base' : 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
 }
 
 async function bgsave(r: Redis): Promise<Window> {
@@ -120,7 +125,7 @@ function table(rows: Row[]): string {
 
 async function main() {
   const runs = Number(arg('--runs', '2')), keys = arg('--keys', '500000'), value = arg('--value', '1000');
-  const conns = arg('--conns', '8'), bufferMb = arg('--buffer-mb', '64');
+  const conns = arg('--conns', '8'), bufferMb = arg('--buffer-mb', '64'), base = arg('--base', '');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-redis-bench-'));
   console.log(`machine: ${machine()}`);
   const r = await startRedis(dir);
@@ -133,9 +138,10 @@ async function main() {
     for (let i = 0; i < runs; i++) {
       rows.push(await underLoad(r, dir, conns, keys, value, async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb)));
+      if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, base)));
       rows.push(await underLoad(r, dir, conns, keys, value, () => bgsave(r)));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => gcore(r, dir)));
-      console.log(table(rows.slice(-4)));
+      console.log(table(rows.slice(base ? -5 : -4)));
     }
     if (r.cli('PING') !== 'PONG') throw new Error('redis unhealthy after the runs');
     console.log(`\nall runs (load average now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}):\n${table(rows)}`);
