@@ -5,7 +5,7 @@
 // clients see no error, the servers stay healthy (PING, SELECT 1, pgbench's
 // balances still agree), the workloads' own checks pass after the capture, and
 // the core (`bgsnap-convert --to elf-core`) opens in gdb with every thread the
-// capture froze. Loads last a few seconds each.
+// capture froze. Each load lasts until just after its capture (pgbench: 15 s).
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn } from 'node:child_process';
@@ -96,7 +96,9 @@ test('PostgreSQL backend under pgbench: no failed transaction, balances agree, S
   try {
     const init = await sh(`pgbench ${conn} -i -s 2 -q postgres`, 120_000);
     assert.is(init.code, 0, init.stderr);
-    const bench = sh(`pgbench ${conn} -c 4 -j 2 -T 5 postgres`, 60_000);
+    // Its backends end with the run: it must outlast the capture (2-4 s here on a
+    // loaded machine), so the test's length is this -T.
+    const bench = sh(`pgbench ${conn} -c 4 -j 2 -T 15 postgres`, 60_000);
     await sleep(1000);
     const backend = Number(pg.psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench' LIMIT 1"));
     assert.ok(backend > 0, 'a pgbench backend is running');
@@ -126,10 +128,12 @@ N = 400000
 vals = [100] * N
 blobs = {i: bytes([i % 251]) * 200 for i in range(60000)}
 lock = threading.Lock()
-stop = time.time() + float(sys.argv[1])
+deadline = time.time() + float(sys.argv[1])
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
 def mover(seed):
     r = random.Random(seed)
-    while time.time() < stop:
+    while not done.is_set() and time.time() < deadline:
         i, j, d = r.randrange(N), r.randrange(N), r.randrange(10)
         with lock:
             vals[i] -= d; vals[j] += d
@@ -144,13 +148,13 @@ sys.exit(0 if ok else 1)
 `;
 
 const NODE = `
-const { Worker, isMainThread, workerData } = require('node:worker_threads');
+const { Worker, isMainThread, workerData, parentPort } = require('node:worker_threads');
 const N = 300000;
-function churn(seed, stop) {
+function churn(seed, flag, deadline) {
   const vals = new Float64Array(N).fill(100);
   const objs = Array.from({ length: 50000 }, (_, i) => ({ i, s: 'x'.repeat(100) + i }));
   let x = seed;
-  while (Date.now() < stop) {
+  while (Atomics.load(flag, 0) === 0 && Date.now() < deadline) {
     for (let k = 0; k < 1000; k++) {
       x = (x * 1103515245 + 12345) % 2147483648;
       const i = x % N, j = (x >> 7) % N, d = x % 10;
@@ -161,20 +165,22 @@ function churn(seed, stop) {
   return vals.reduce((a, b) => a + b, 0) === 100 * N && objs.every((o, i) => o.i === i && o.s === 'x'.repeat(100) + i);
 }
 if (isMainThread) {
-  const stop = Date.now() + Number(process.argv[2]) * 1000;
-  const workers = [1, 2].map((seed) => new Worker(__filename, { workerData: { seed, stop } }));
-  console.log('ready');
-  let ok = churn(7, stop);
-  let left = workers.length;
+  const flag = new Int32Array(new SharedArrayBuffer(4));
+  const deadline = Date.now() + Number(process.argv[2]) * 1000;
+  const workers = [1, 2, 3].map((seed) => new Worker(__filename, { workerData: { seed, flag, deadline } }));
+  let ok = true, left = workers.length;
   for (const w of workers) w.on('message', (m) => { ok = ok && m; if (--left === 0) { console.log(ok ? 'ok' : 'bad'); process.exit(ok ? 0 : 1); } });
+  process.stdin.on('end', () => Atomics.store(flag, 0, 1)).resume();
+  console.log('ready');
 } else {
-  require('node:worker_threads').parentPort.postMessage(churn(workerData.seed, workerData.stop));
+  parentPort.postMessage(churn(workerData.seed, workerData.flag, workerData.deadline));
 }
 `;
 
 // Start an interpreter on a script; resolves once it printed "ready".
-async function interpreter(cmd: string, args: string[]): Promise<{ pid: number; result: Promise<{ code: number | null; out: string }> }> {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+// Closing its stdin (stop) ends the workload; args carry a deadline as well.
+async function interpreter(cmd: string, args: string[]): Promise<{ pid: number; stop: () => void; result: Promise<{ code: number | null; out: string }> }> {
+  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
   let out = '';
   const result = new Promise<{ code: number | null; out: string }>((res) => child.on('close', (code) => res({ code, out })));
   child.stderr.on('data', (d: Buffer) => (out += d.toString()));
@@ -182,7 +188,7 @@ async function interpreter(cmd: string, args: string[]): Promise<{ pid: number; 
     child.stdout.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('ready')) res(); });
     child.on('close', () => rej(new Error(`${cmd} exited early: ${out}`)));
   });
-  return { pid: child.pid!, result };
+  return { pid: child.pid!, stop: () => child.stdin.end(), result };
 }
 
 test('Python interpreter running threads: its own check passes after the capture, core in gdb', async () => {
@@ -190,13 +196,15 @@ test('Python interpreter running threads: its own check passes after the capture
   const script = path.join(dir, 'work.py');
   fs.writeFileSync(script, PYTHON);
   try {
-    const py = await interpreter('/usr/bin/python3', [script, '5']);
+    const py = await interpreter('/usr/bin/python3', [script, '60']);
     await sleep(500);
     const s = await snapshot(py.pid, dir);
+    await sleep(300);
+    py.stop();
     const r = await py.result;
     assert.is(r.code, 0, `python: ${r.out}`);
     assert.match(r.out, /^ok$/m);
-    assert.is(s.threads, 4, 'main + 3 movers');
+    assert.is(s.threads, 5, 'main, 3 movers, the stdin reader');
     assert.is(s.gdbThreads, s.threads, 'gdb lists every captured thread');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -208,13 +216,15 @@ test('Node.js runtime with worker threads: its own check passes after the captur
   const script = path.join(dir, 'work.js');
   fs.writeFileSync(script, NODE);
   try {
-    const n = await interpreter(process.execPath, [script, '5']);
+    const n = await interpreter(process.execPath, [script, '60']);
     await sleep(500);
     const s = await snapshot(n.pid, dir);
+    await sleep(300);
+    n.stop();
     const r = await n.result;
     assert.is(r.code, 0, `node: ${r.out}`);
     assert.match(r.out, /^ok$/m);
-    assert.ok(s.threads >= 3, `main, 2 workers and V8/libuv threads: ${s.threads}`);
+    assert.ok(s.threads >= 4, `main, 3 workers and V8/libuv threads: ${s.threads}`);
     assert.is(s.gdbThreads, s.threads, 'gdb lists every captured thread');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
