@@ -210,13 +210,14 @@ function pageOf(batch: PageBatch, page: number): Buffer | undefined {
   return undefined;
 }
 
-// Last: it rewrites the target's code page. The capture's 8 MiB of buffers are
+// Last: it rewrites the target's code page. The capture's 2 MiB of buffers are
 // left full (nothing is consumed), so its scan, in address order, stops in the
-// ballast below the code page; the target then flips the page writable and
+// ballast below the code page (2 MiB: a pool of 4 MiB or more keeps a reserve
+// for faults, and the write would be saved and let through at once); the target then flips the page writable and
 // writes it. That write must wait (the page is write-protected, not copied
 // later), and the page is saved as it was at the snapshot.
 test('JIT code made writable and rewritten after the snapshot: the write waits, the old code is saved', async () => {
-  const cap = captureProcess(target.pid, { zeroCopy: true, bufferMb: 8, allowNonDumpable: true });
+  const cap = captureProcess(target.pid, { zeroCopy: true, bufferMb: 2, allowNonDumpable: true });
   const events = cap.events[Symbol.asyncIterator]();
   let blocks: { address: number; length: number }[] = [];
   for (let r = await events.next(); !r.done && r.value.type !== 'state'; r = await events.next()) {
