@@ -104,6 +104,7 @@ export interface CaptureCounters {
   batches: number;
   bufferWaits: number;
   rollbacks: number;
+  unregistered: number;
   faultWaitP50Ms: number;
   faultWaitP99Ms: number;
   faultWaitMaxMs: number;

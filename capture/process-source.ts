@@ -71,7 +71,7 @@ export interface ProcessCaptureStats {
   faultWaitMaxMs: number;
   faultWaitP50Ms: number;
   faultWaitP99Ms: number;
-  layoutEvents: { remove: number; unmap: number; remap: number; eagain: number };
+  layoutEvents: { remove: number; unmap: number; remap: number; eagain: number; rollbacks: number; strayFaults: number; unregistered: number };
   bufferWaits: number;
   sysctlToggled: boolean; // vm.unprivileged_userfaultfd was opened around the injection
   // /proc/PID/smaps (MADV_DONTDUMP) read before the freeze, and again inside it
@@ -132,7 +132,10 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
     bytes, seconds, throughputMBps: seconds > 0 ? captured / 1e6 / seconds : 0,
     faults: c?.faults ?? 0, faultWaitMaxMs: c?.faultWaitMaxMs ?? 0, faultWaitP50Ms: c?.faultWaitP50Ms ?? 0,
     faultWaitP99Ms: c?.faultWaitP99Ms ?? 0,
-    layoutEvents: { remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0 },
+    layoutEvents: {
+      remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0,
+      rollbacks: c?.rollbacks ?? 0, strayFaults: c?.spuriousFaults ?? 0, unregistered: c?.unregistered ?? 0,
+    },
     bufferWaits: c?.bufferWaits ?? 0, sysctlToggled: f?.sysctlToggled ?? false, uffdVia: ['', 'syscall', 'dev', 'sysctl'][f?.uffdVia ?? 0] ?? '',
     smaps: { ms: f?.smapsMs ?? 0, frozenMs: f?.smapsFrozenMs ?? 0, reread: f?.smapsReread ?? false },
     readOnly: { blocks: ro?.blocks.length ?? 0, bytes: ro?.bytes ?? 0, skipped: ro?.skipped ?? [] },

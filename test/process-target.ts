@@ -27,14 +27,14 @@ export function buildTarget(name: string): string {
   return out;
 }
 
-export type Mode = 'anon' | 'shared' | 'memfd' | 'thp' | 'churn';
+export type Mode = 'anon' | 'shared' | 'memfd' | 'thp' | 'churn' | 'storm' | 'wx' | 'selfuffd';
 
 export interface Target {
   pid: number;
   base: number;
   size: number;
   threads: number;
-  command(cmd: 'check' | 'counts'): Promise<string>;
+  command(cmd: 'check' | 'counts' | 'probe'): Promise<string>;
   kill(): void;
 }
 

@@ -63,6 +63,7 @@ static Napi::Object CountersObject(Napi::Env env, Session& s) {
   set("batches", c.batches);
   set("bufferWaits", c.bufferWaits);
   set("rollbacks", c.rollbacks);
+  set("unregistered", c.unregistered);
   double p50, p99, max;
   size_t n;
   s.FaultWaits(&p50, &p99, &max, &n);

@@ -5,7 +5,9 @@
 // (munmap, mremap, madvise) slipped in during the read; a chunk is un-protected
 // only after all its pages are done. We never write into the target's memory.
 #include <linux/userfaultfd.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <functional>
 #include <cerrno>
+#include <cstdio>
 
 #include "procfs.h"
 #include "session.h"
@@ -20,6 +23,7 @@
 namespace bgsnap {
 
 static constexpr uint64_t kFaultGranule = 64 << 10;
+static constexpr uint64_t kMaxUnregisters = 4096;
 
 bool Session::SaverLoop(Failure* f) {
   size_t cb = 0;
@@ -101,6 +105,7 @@ static void SortSegs(std::vector<Segment>* v) {
 // theirs: they were zero at the snapshot point, whatever happens now.
 void Session::OnRemove(uint64_t start, uint64_t end, bool unmapped) {
   epoch_++;
+  touched_.push_back({start, end});
   std::vector<Segment> cut;
   CutSegments(start, end, &cut);
   for (const Segment& s : cut) {
@@ -113,6 +118,9 @@ void Session::OnRemove(uint64_t start, uint64_t end, bool unmapped) {
 // mremap moved pages (with their write-protection): follow them.
 void Session::OnRemap(uint64_t from, uint64_t to, uint64_t len) {
   epoch_++;
+  touched_.push_back({from, from + len});
+  touched_.push_back({to, to + len});
+  remapTo_.push_back({to, to + len});
   std::vector<Segment> replaced, moved;
   CutSegments(to, to + len, &replaced);
   for (const Segment& s : replaced) {
@@ -183,11 +191,7 @@ bool Session::HandleFaults(Failure* f) {
 bool Session::HandleFault(const Fault& ft, Failure* f) {
   uint64_t e0 = epoch_;
   const Segment* s = FindSeg(ft.addr);
-  if (!s) {
-    Wake(ft.addr);
-    counters.spurious++;
-    return true;
-  }
+  if (!s) return ResolveStray(ft.addr, f);
   int b = s->block;
   int huge = HugeAt(pagemapFd_, ft.addr);
   uint64_t g = huge == 1 || (huge < 0 && blocks[b].thp) ? kHuge : pool.Pressed() ? kPage : kFaultGranule;
@@ -224,6 +228,38 @@ bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
   return true;
 }
 
+bool Session::Touched(uint64_t start, uint64_t end) const {
+  for (const Range& r : touched_) {
+    if (r.first < end && start < r.second) return true;
+  }
+  return false;
+}
+
+// process_vm_readv honours the target's protection: a page made PROT_NONE after
+// the snapshot (a JIT flipping W^X, a guard) fails it. /proc/PID/mem reads with
+// FOLL_FORCE, as a debugger does, so the page is still saved.
+bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
+  if (memFd_ < 0) {
+    std::string path = "/proc/" + std::to_string(pid_) + "/mem";
+    memFd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (memFd_ < 0) return false;
+  }
+  return pread(memFd_, dst, kPage, static_cast<off_t>(addr)) == static_cast<ssize_t>(kPage);
+}
+
+// A write fault in no captured segment: a mapping registered before the
+// snapshot but not writable at it (a JIT flipping W^X, PROT_NONE and back:
+// mprotect sends no event and keeps the PTEs' protection), or pages whose
+// segment a layout event removed. None of it is ours to save, but a wake alone
+// would let the writer fault on the same protected PTE forever: un-protect the
+// page, which wakes it.
+bool Session::ResolveStray(uint64_t addr, Failure* f) {
+  counters.spurious++;
+  if (!Release(addr & ~(kPage - 1), kPage, f)) return false;
+  Wake(addr);
+  return true;
+}
+
 static bool IsZeroPage(const uint8_t* p) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   for (size_t i = 0; i < kPage / 8; i += 4) {
@@ -251,19 +287,24 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
     return static_cast<int>(n);
   }
   n = std::min<uint32_t>(n, s->firstPage + static_cast<uint32_t>((s->end - s->start) / kPage) - p);
-  uint64_t e0 = epoch_;
+  uint64_t addr = s->start + uint64_t(p - s->firstPage) * kPage;
+  touched_.clear();
   iovec local{dst, n * kPage};
-  iovec remote{reinterpret_cast<void*>(s->start + uint64_t(p - s->firstPage) * kPage), n * kPage};
+  iovec remote{reinterpret_cast<void*>(addr), n * kPage};
   ssize_t r = process_vm_readv(pid_, &local, 1, &remote, 1, 0);
   int err = errno;
   if (!Drain(f)) return -1;
-  if (epoch_ != e0) {  // a munmap/mremap may have raced the read: redo it
+  // Redo the read only if an event touched what was read (a munmap, mremap or
+  // madvise there may have raced it): allocators' storms elsewhere must not
+  // make every read start over.
+  if (Touched(addr, addr + n * kPage)) {
     counters.rollbacks++;
     return -1;
   }
   if (r < 0 && err == ESRCH) return f->Set(ESRCH, "the target exited during capture"), -1;
   uint32_t got = r > 0 ? static_cast<uint32_t>(r / kPage) : 0;
-  if (got == 0) {  // unreadable now (e.g. PROT_NONE): its content is lost to us
+  if (got == 0 && ForceRead(addr, dst)) got = 1;
+  if (got == 0) {  // unreadable even so: its content is lost to us
     DiscardPages(b, p, p + 1);
     return 1;
   }
@@ -347,27 +388,71 @@ void Session::Wake(uint64_t addr) {
 }
 
 // Un-protect pages [p0, p1) of block b wherever they live now; this also wakes
-// writers waiting there. EAGAIN means a mapping change is in flight: drain its
-// event and back off (a tight retry spun 10k-44k times in the prototype), then
-// recompute the ranges, since the event may have moved them.
+// writers waiting there. The ranges are computed again after any layout event
+// (Release reads events, which may move or cut segments).
 bool Session::Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f) {
   if (blocks[b].kind != BlockKind::kProtected) return true;
-  for (useconds_t backoff = 50;; backoff = std::min<useconds_t>(backoff * 2, 5000)) {
-    int err = 0;
-    for (const Segment& s : segs_) {
-      uint32_t sp1 = s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage);
-      uint32_t a = std::max(p0, s.firstPage), z = std::min(p1, sp1);
-      if (s.block != b || a >= z) continue;
-      err = WpIoctl(s.start + uint64_t(a - s.firstPage) * kPage, uint64_t(z - a) * kPage, false);
-      if (err == ENOENT) err = 0;  // unmapped meanwhile; its event will follow
-      if (err) break;
-    }
-    if (err == 0) return true;
-    if (err != EAGAIN) return f->Set(err, "UFFDIO_WRITEPROTECT (un-protect)");
+  std::vector<Range> todo;
+  for (const Segment& s : segs_) {
+    uint32_t sp1 = s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage);
+    uint32_t a = std::max(p0, s.firstPage), z = std::min(p1, sp1);
+    if (s.block == b && a < z) todo.push_back({s.start + uint64_t(a - s.firstPage) * kPage, uint64_t(z - a) * kPage});
+  }
+  uint64_t e0 = epoch_;
+  for (const Range& r : todo) {
+    if (!Release(r.first, r.second, f)) return false;
+    if (epoch_ != e0) return Unprotect(b, p0, p1, f);  // the layout changed: recompute
+  }
+  return true;
+}
+
+// Drop the protection of a range whose pages are all saved (or not ours).
+// UFFDIO_WRITEPROTECT fails with EAGAIN while any layout event of the target is
+// in flight, and an allocator storming with MADV_DONTNEED/munmap has one in
+// flight nearly all the time (each waits for us to read it, and the next
+// follows microseconds later): retrying, even with backoff, crawled at a few
+// pages a second. So after a few tries, unregister the range instead: that has
+// no such check, drops the protection and wakes its writers just the same, and
+// nothing in a saved range needs events any more. Only the EAGAIN guarded
+// against an mremap moving unsaved pages of ours onto the range before we read
+// its event; pages that did are discarded (their protection is gone).
+bool Session::Release(uint64_t start, uint64_t len, Failure* f) {
+  // Each unregister inside a mapping may split it (vm.max_map_count is the
+  // target's budget too), so it is a bounded fallback: past kMaxUnregisters
+  // we only retry, with backoff.
+  double t0 = NowMs();
+  for (useconds_t backoff = 0;; backoff = std::min<useconds_t>(backoff * 2 + 20, 5000)) {
+    int err = WpIoctl(start, len, false);
+    if (err == 0 || err == ENOENT) return true;  // ENOENT: unmapped meanwhile; its event follows
+    if (err != EAGAIN) return f->Set(err, "UFFDIO_WRITEPROTECT (un-protect) of " + Hex(start, len));
     counters.eagain++;
     if (!Drain(f)) return false;
-    usleep(backoff);
+    if (abort_) return f->Set(ECANCELED, "capture aborted");
+    if (NowMs() - t0 > 2 && counters.unregistered < kMaxUnregisters) break;
+    if (backoff > 500) heartbeat_ = NowMs();
+    backoff < 500 ? (void)sched_yield() : (void)usleep(backoff);
   }
+  uffdio_range r{start, len};
+  remapTo_.clear();
+  if (ioctl(uffd_.load(), UFFDIO_UNREGISTER, &r) != 0 && errno != EINVAL) {  // EINVAL: not ours now
+    return f->Set(errno, "UFFDIO_UNREGISTER of " + Hex(start, len));
+  }
+  counters.unregistered++;
+  if (!Drain(f)) return false;
+  for (const Range& m : remapTo_) {
+    std::vector<Segment> cut;
+    uint64_t a = std::max(m.first, start), z = std::min(m.second, start + len);
+    if (a >= z) continue;
+    CutSegments(a, z, &cut);  // what moved here lost its protection with the range
+    for (const Segment& c : cut) DiscardPages(c.block, c.firstPage, c.firstPage + static_cast<uint32_t>((c.end - c.start) / kPage));
+  }
+  return true;
+}
+
+std::string Session::Hex(uint64_t start, uint64_t len) {
+  char buf[48];
+  snprintf(buf, sizeof buf, "%llx-%llx", (unsigned long long)start, (unsigned long long)(start + len));
+  return buf;
 }
 
 bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {

@@ -253,7 +253,8 @@ void Session::Finish(const Failure& f) {
   if (!f.failed()) PublishAll();
   CloseUffd();
   if (pagemapFd_ >= 0) close(pagemapFd_);
-  pagemapFd_ = -1;
+  if (memFd_ >= 0) close(memFd_);
+  pagemapFd_ = memFd_ = -1;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!failure_.failed()) failure_ = f;  // the watchdog's reason wins

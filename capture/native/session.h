@@ -103,12 +103,17 @@ class Session {
   const Segment* SegForPage(int b, uint32_t p) const;
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
+  bool ResolveStray(uint64_t addr, Failure* f);
+  bool Touched(uint64_t start, uint64_t end) const;
+  bool ForceRead(uint64_t addr, uint8_t* dst);
   bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
   void Commit(Batch* bt, int b, uint32_t p, uint32_t n);
   Batch* OpenBatch(int b, Failure* f);
   void PublishAll();
   bool Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f);
+  bool Release(uint64_t start, uint64_t len, Failure* f);
+  static std::string Hex(uint64_t start, uint64_t len);
   int WpIoctl(uint64_t start, uint64_t len, bool protect);  // 0 or errno
   void Wake(uint64_t addr);
   bool ScanChunk(size_t* cb, uint32_t* cp, Failure* f);
@@ -135,6 +140,9 @@ class Session {
   std::vector<Fault> faults_;
   std::vector<Batch*> open_;
   uint64_t epoch_ = 0;  // bumped by every layout event (remove, unmap, remap)
+  std::vector<Range> touched_;  // ranges layout events touched since ReadRun's read began
+  std::vector<Range> remapTo_;  // mremap destinations seen since Release's unregister
+  int memFd_ = -1;              // /proc/PID/mem, opened on the first unreadable page
   double lastLook_ = 0;
   bool faultMode_ = false;
   double paceStart_ = 0;

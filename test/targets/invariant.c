@@ -3,6 +3,7 @@
 // point in time (pages copied at different moments) breaks the sum.
 //
 //   invariant MODE SIZE_MIB WRITERS      MODE: anon | shared | memfd | thp | churn
+//                                        | storm | wx | selfuffd (stress.h)
 //
 // Layout of the region: page 0 holds the header and one journal per thread;
 // pages 1.. hold {value, lock, gen, stamps}. A transfer locks two pages, writes
@@ -137,6 +138,7 @@ static void *reader(void *arg) {
 }
 
 #include "churn.h"
+#include "stress.h"
 
 static void check(void) {
   __atomic_store_n(&paused, 1, __ATOMIC_SEQ_CST);
@@ -185,7 +187,7 @@ static uint8_t *map_region(const char *mode, size_t size) {
 
 static void init(const char *mode, size_t size, int writers) {
   npages = size / PAGE;
-  nthreads = writers + 2;
+  nthreads = writers + 2 + !strcmp(mode, "wx");
   region = map_region(mode, size);
   struct header *h = (struct header *)region;
   h->magic = 0x746e617672617662ull;  // "bvariant"
@@ -211,6 +213,9 @@ int main(int argc, char **argv) {
   pthread_create(&th, NULL, sleeper, (void *)(intptr_t)writers);
   pthread_create(&th, NULL, reader, (void *)(intptr_t)(writers + 1));
   if (!strcmp(mode, "churn")) start_churn();
+  if (!strcmp(mode, "storm")) start_storm();
+  if (!strcmp(mode, "selfuffd")) start_selfuffd();
+  if (!strcmp(mode, "wx")) pthread_create(&th, NULL, wx_flipper, (void *)(intptr_t)(writers + 2));
   printf("ready pid=%d base=0x%llx size=%llu threads=%d\n", getpid(),
          (unsigned long long)(uintptr_t)region, (unsigned long long)size, nthreads);
   fflush(stdout);
@@ -221,6 +226,7 @@ int main(int argc, char **argv) {
   while (fgets(line, sizeof line, ctl)) {
     if (!strncmp(line, "check", 5)) check();
     else if (!strncmp(line, "counts", 6)) counts();
+    else if (!strncmp(line, "probe", 5)) probe();
     else if (!strncmp(line, "quit", 4)) break;
   }
   if (ferror(ctl)) die("control read (EINTR after freeze?)");
