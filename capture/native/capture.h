@@ -116,6 +116,7 @@ struct Options {
   uint32_t bufferMb = 64;
   double rateLimitMBps = 0;   // 0: unpaced
   uint32_t stallMs = 30000;   // watchdog: drop protection if the saver stalls
+  uint32_t frozenReadMs = 1000;  // bound on the reads made while the target is frozen
   bool preProtect = true;      // false: protect everything inside the freeze (benchmarks' "before")
   bool includeDontDump = false;  // keep MADV_DONTDUMP ranges, which the kernel's cores leave out
   std::string holdAt;         // tests: "inject", "injecting", "sysctl", "preprotect", "frozen" or "copy"

@@ -76,7 +76,7 @@ class Session {
   bool ScanUntouched(Failure* f);
   bool ShmemHoles(Failure* f);
   bool CopyFrozen(Failure* f);
-  bool DeviceMapping(size_t bi);
+  bool FrozenReadTimeout(const std::shared_ptr<void>& job, Failure* f);
   // Write-protect ahead of the freeze, and complete it while frozen (protect.cc).
   using Range = std::pair<uint64_t, uint64_t>;
   bool PreProtect(Failure* f);
