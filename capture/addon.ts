@@ -26,8 +26,10 @@ export interface CaptureOptions {
   preProtect?: boolean; // default true; false protects everything inside the freeze (for comparisons)
   includeDontDump?: boolean; // keep MADV_DONTDUMP ranges (default: left out, as in the kernel's cores)
   // tests: pause there, printing bgsnap-hold ('injecting': injected registers in
-  // place; 'sysctl': vm.unprivileged_userfaultfd open; both in the freezer helper)
-  testHoldAt?: 'inject' | 'injecting' | 'sysctl' | 'preprotect' | 'frozen' | 'copy';
+  // place; 'sysctl': vm.unprivileged_userfaultfd open; both in the freezer helper;
+  // 'stuck': the saver, deaf to abort)
+  testHoldAt?: 'inject' | 'injecting' | 'sysctl' | 'preprotect' | 'frozen' | 'copy' | 'stuck';
+  frozenReadTimeoutMs?: number; // bound on reads made while the target is frozen (default 1000)
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a non-dumpable target anyway
   testNoSuspendSeccomp?: boolean; // tests: refuse a seccomp target as a non-root tracer must

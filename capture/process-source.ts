@@ -37,6 +37,7 @@ export interface ProcessCaptureOptions {
   zeroCopy?: boolean; // see above
   preProtect?: CaptureOptions['preProtect'];
   includeDontDump?: boolean; // keep MADV_DONTDUMP ranges (default: left out like the kernel's cores)
+  frozenReadTimeoutMs?: number; // a read while frozen that takes longer fails the capture (ETIMEDOUT)
   testHoldAt?: CaptureOptions['testHoldAt'];
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a prctl(PR_SET_DUMPABLE, 0) target (ssh-agent) anyway

@@ -13,7 +13,7 @@ test('a range the target serves itself: bounded frozen read, clear error, target
   const t = await startTarget('selfuffd', 32, 2);
   try {
     const started = Date.now();
-    const cap = captureProcess(t.pid, { frozenReadTimeoutMs: 1000 } as Parameters<typeof captureProcess>[1]);
+    const cap = captureProcess(t.pid, { frozenReadTimeoutMs: 1000 });
     let error: (Error & { code?: string }) | undefined;
     try {
       for await (const _ of cap.events) void _;

@@ -21,6 +21,7 @@ namespace {
 struct Entry {
   std::shared_ptr<Session> session;
   std::unique_ptr<Napi::Promise::Deferred> start, next;
+  Napi::ThreadSafeFunction tsfn;
 };
 
 std::map<uint32_t, Entry> entries;  // JS thread only
@@ -124,6 +125,7 @@ Napi::Value StartCapture(const Napi::CallbackInfo& info) {
   Napi::Promise promise = e.start->Promise();
   auto noop = Napi::Function::New(env, [](const Napi::CallbackInfo&) {});
   auto tsfn = Napi::ThreadSafeFunction::New(env, noop, "bgsnap-capture", 0, 1);
+  e.tsfn = tsfn;
   e.session->Start(
       [tsfn, id]() mutable {
         tsfn.NonBlockingCall([id](Napi::Env env, Napi::Function) { OnWake(env, id); });
@@ -183,7 +185,13 @@ Napi::Value CloseCapture(const Napi::CallbackInfo& info) {
   Entry* e = Find(info);
   if (!e) return env.Undefined();
   e->session->Abort();
-  e->session->Join();
+  if (!e->session->JoinFor(5000)) {
+    // Still inside a kernel call after the abort: never block the JS thread on
+    // it. The session stays alive for its thread (the watchdog still drops the
+    // protection), and no longer keeps the event loop alive.
+    new std::shared_ptr<Session>(e->session);
+    e->tsfn.Unref(env);
+  }
   Failure closed;
   closed.Set(ECANCELED, "capture closed");
   if (e->next) Reject(env, e->next, closed);

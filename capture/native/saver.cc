@@ -38,7 +38,7 @@ bool Session::SaverLoop(Failure* f) {
     if (cb >= blocks.size()) break;
     if (!pool.ScanRoom() && !WaitScanRoom(f)) break;
     if (!ScanChunk(&cb, &cp, f)) break;
-    if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); }
+    if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); Stuck(); }
     Pace(f);
   }
   return !f->failed();

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -21,7 +22,11 @@ namespace bgsnap {
 
 Session::~Session() {
   Abort();
-  Join();
+  if (JoinFor(5000)) return;
+  // Only at process exit (closeCapture keeps a stuck session alive instead):
+  // let the threads go rather than abort the exit.
+  if (watchdog_.joinable()) watchdog_.detach();
+  thread_.detach();
 }
 
 void Session::Start(std::function<void()> notify, std::function<void()> release) {
@@ -37,6 +42,20 @@ void Session::Abort() {
 
 void Session::Join() {
   if (thread_.joinable()) thread_.join();
+}
+
+// Abort and wait at most `ms` for the capture thread to end. Abort is repeated:
+// a wake-up that raced the saver going to sleep (it waits for JavaScript to
+// give a buffer back) is then not lost for good.
+bool Session::JoinFor(double ms) {
+  if (!thread_.joinable()) return true;
+  for (double until = NowMs() + ms; !ended_ && NowMs() < until;) {
+    Abort();
+    usleep(5000);
+  }
+  if (!ended_) return false;
+  thread_.join();
+  return true;
 }
 
 Failure Session::failure() {
@@ -74,9 +93,37 @@ double Session::Hold(const char* at, bool ok) {
   return NowMs() - t0;
 }
 
+// Tests: a saver stuck where abort cannot reach it (inside a kernel call), for
+// holdMs, to show the watchdog releases the target without closing its fd.
+void Session::Stuck() {
+  if (opts_.holdAt != "stuck" || opts_.holdMs == 0) return;
+  dprintf(2, "bgsnap-hold stuck\n");
+  for (double until = NowMs() + opts_.holdMs; NowMs() < until;) usleep(1000);  // signals end a usleep early
+}
+
+// Only the capture thread closes the userfaultfd, under fdMu_: the watchdog
+// uses the number only under fdMu_, so it can never reach a number the process
+// reused for something else after the close.
 void Session::CloseUffd() {
+  std::lock_guard<std::mutex> lock(fdMu_);
   int fd = uffd_.exchange(-1);
   if (fd >= 0) close(fd);  // unregisters everything and wakes every waiting writer
+}
+
+// The watchdog's way to drop the protection while the capture thread may still
+// be inside a call on the fd: unregister every mapping of the target (each
+// unregister clears its write-protection and wakes its writers). Mappings that
+// are not ours fail with EINVAL, which is fine.
+void Session::UnregisterAll() {
+  std::lock_guard<std::mutex> lock(fdMu_);
+  int fd = uffd_.load();
+  std::string text;
+  std::vector<MapEntry> now;
+  if (fd < 0 || !ReadWhole("/proc/" + std::to_string(pid_) + "/maps", &text) || !ParseMaps(text, &now)) return;
+  for (const MapEntry& m : now) {
+    uffdio_range r{m.start, m.end - m.start};
+    ioctl(fd, UFFDIO_UNREGISTER, &r);
+  }
 }
 
 // The freeze competes for 2 cores with the target's busy threads: losing the CPU
@@ -247,6 +294,7 @@ void Session::Run() {
   Finish(f);
   if (watchdog_.joinable()) watchdog_.join();
   release_();  // after the last notify: JavaScript may let the loop exit
+  ended_ = true;
 }
 
 void Session::Finish(const Failure& f) {
@@ -277,9 +325,10 @@ void Session::Watchdog() {
                                 " ms; protection dropped so the target can run");
     abort_ = true;
     pool.Wake();
-    // Give the saver a moment to tear down itself, then close under it.
+    // Give the saver a moment to tear down itself, then release the target
+    // under it (it may be stuck in a call on the fd: the fd stays its own).
     doneCv_.wait_for(lock, std::chrono::milliseconds(1000));
-    if (state_ < kDone) CloseUffd();
+    if (state_ < kDone) UnregisterAll();
     while (state_ < kDone) doneCv_.wait_for(lock, std::chrono::milliseconds(100));
   }
 }

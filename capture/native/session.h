@@ -25,6 +25,7 @@ class Session {
   void Start(std::function<void()> notify, std::function<void()> release);
   void Abort();
   void Join();
+  bool JoinFor(double ms);  // false: the capture thread is still running
 
   int state() const { return state_.load(); }
   bool frozen() const { return frozen_.load(); }  // the snapshot point was reached
@@ -53,6 +54,8 @@ class Session {
   void Finish(const Failure& f);
   double Hold(const char* at, bool ok = true);
   void CloseUffd();
+  void UnregisterAll();
+  void Stuck();
   // The two stops (session.cc): a short one that plants the userfaultfd, and
   // the snapshot freeze after the memory was write-protected while running.
   bool Setup(Failure* f);
@@ -128,7 +131,9 @@ class Session {
   std::thread thread_, watchdog_;
   std::atomic<int> state_{kFreezing};
   std::atomic<bool> abort_{false};
-  std::atomic<int> uffd_{-1};
+  std::atomic<int> uffd_{-1};  // closed only by the capture thread, under fdMu_
+  std::mutex fdMu_;
+  std::atomic<bool> ended_{false};  // Run returned
   std::atomic<double> heartbeat_{0}, waitingSince_{0};
   std::mutex mu_;  // failure_, discards_, waits_
   std::condition_variable doneCv_;
