@@ -107,6 +107,7 @@ export interface CaptureCounters {
   bufferWaits: number;
   rollbacks: number;
   unregistered: number;
+  lostProtection: number;
   faultWaitP50Ms: number;
   faultWaitP99Ms: number;
   faultWaitMaxMs: number;

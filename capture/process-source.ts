@@ -65,6 +65,7 @@ export interface ProcessCaptureStats {
   zeroPages: number; // zero records, of which…
   untouchedPages: number; // …never touched (recorded without reading)
   discardedPages: number;
+  lostProtectionPages: number; // of which: merged by KSM (protection lost), then written before we read them
   bytes: number; // page data saved
   seconds: number;
   throughputMBps: number;
@@ -129,7 +130,7 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
     threads: f?.threads ?? 0, blocks: (info?.blocks?.length ?? 0) + (ro?.blocks.length ?? 0),
     capturedBytes: captured,
     pagesByScan: c?.scanPages ?? 0, pagesByFault: c?.faultPages ?? 0, pagesCopiedFrozen: c?.copiedPages ?? 0,
-    zeroPages: c?.zeroPages ?? 0, untouchedPages: c?.untouchedPages ?? 0, discardedPages: c?.discarded ?? 0,
+    zeroPages: c?.zeroPages ?? 0, untouchedPages: c?.untouchedPages ?? 0, discardedPages: c?.discarded ?? 0, lostProtectionPages: c?.lostProtection ?? 0,
     bytes, seconds, throughputMBps: seconds > 0 ? captured / 1e6 / seconds : 0,
     faults: c?.faults ?? 0, faultWaitMaxMs: c?.faultWaitMaxMs ?? 0, faultWaitP50Ms: c?.faultWaitP50Ms ?? 0,
     faultWaitP99Ms: c?.faultWaitP99Ms ?? 0,

@@ -153,7 +153,8 @@ struct Counters {
   std::atomic<uint64_t> bytes{0}, faults{0}, spurious{0}, eagain{0};
   std::atomic<uint64_t> removeEvents{0}, unmapEvents{0}, remapEvents{0};
   std::atomic<uint64_t> batches{0}, bufferWaits{0}, rollbacks{0};
-  std::atomic<uint64_t> unregistered{0};  // saved ranges released by UFFDIO_UNREGISTER (EAGAIN storms)
+  std::atomic<uint64_t> unregistered{0};
+  std::atomic<uint64_t> lostProtection{0};  // pages KSM un-protected and the target then wrote: discarded  // saved ranges released by UFFDIO_UNREGISTER (EAGAIN storms)
 };
 
 // A bounded set of pre-faulted page batches. The saver fills one batch per block

@@ -64,6 +64,7 @@ static Napi::Object CountersObject(Napi::Env env, Session& s) {
   set("bufferWaits", c.bufferWaits);
   set("rollbacks", c.rollbacks);
   set("unregistered", c.unregistered);
+  set("lostProtection", c.lostProtection);
   double p50, p99, max;
   size_t n;
   s.FaultWaits(&p50, &p99, &max, &n);

@@ -247,6 +247,38 @@ bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
   return pread(memFd_, dst, kPage, static_cast<off_t>(addr)) == static_cast<ssize_t>(kPage);
 }
 
+// KSM rebuilds the PTE of a page it merges without the write-protect bit
+// (mm/ksm.c replace_page: mk_pte(kpage, vm_page_prot)), and it merges pages in
+// write-protected ranges too: a later write then breaks the sharing by copy on
+// write, without a fault we could hold it on. So after reading pages of
+// anonymous private memory (the only kind KSM merges), ask the kernel whether
+// they still carry the protection. One that lost it is fine while it still is
+// the KSM page (merged content is the content we protected); one that is not
+// was written, or may have been, before we read it: it is counted and left out
+// (discarded) rather than saved wrong. Returns how many leading pages are good;
+// 0 means the first one is lost.
+uint32_t Session::StillProtected(uint64_t addr, uint32_t n) {
+  std::vector<uint64_t> pm(n);
+  ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
+  if (pread(pagemapFd_, pm.data(), want, static_cast<off_t>(addr / kPage * 8)) != want) return n;
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t e = pm[i];
+    if (e & (1ull << 57)) continue;                    // still write-protected
+    if ((e >> 63) && IsKsmPage(e & ((1ull << 55) - 1))) continue;
+    if (i == 0) counters.lostProtection++;
+    return i;
+  }
+  return n;
+}
+
+// /proc/kpageflags bit 21 (KPF_KSM) of a page frame.
+bool Session::IsKsmPage(uint64_t pfn) {
+  if (kpageflagsFd_ < 0) kpageflagsFd_ = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+  uint64_t flags = 0;
+  if (pfn == 0 || pread(kpageflagsFd_, &flags, 8, static_cast<off_t>(pfn * 8)) != 8) return false;
+  return (flags >> 21) & 1;
+}
+
 // A write fault in no captured segment: a mapping registered before the
 // snapshot but not writable at it (a JIT flipping W^X, PROT_NONE and back:
 // mprotect sends no event and keeps the PTEs' protection), or pages whose
@@ -304,7 +336,8 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   if (r < 0 && err == ESRCH) return f->Set(ESRCH, "the target exited during capture"), -1;
   uint32_t got = r > 0 ? static_cast<uint32_t>(r / kPage) : 0;
   if (got == 0 && ForceRead(addr, dst)) got = 1;
-  if (got == 0) {  // unreadable even so: its content is lost to us
+  if (got > 0 && blk.anonPrivate) got = StillProtected(addr, got);
+  if (got == 0) {  // unreadable even so, or written behind our back: its content is lost to us
     DiscardPages(b, p, p + 1);
     return 1;
   }
