@@ -1,0 +1,153 @@
+// What the saver does about protection it did not drop itself, and dropping
+// its own: faults outside every captured segment (W^X flips), pages KSM
+// un-protected behind our back, pages only a debugger's read reaches
+// (PROT_NONE), and un-protecting saved ranges under layout-event storms.
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+
+#include "session.h"
+
+namespace bgsnap {
+
+static constexpr uint64_t kMaxUnregisters = 4096;
+
+bool Session::Touched(uint64_t start, uint64_t end) const {
+  for (const Range& r : touched_) {
+    if (r.first < end && start < r.second) return true;
+  }
+  return false;
+}
+
+// process_vm_readv honours the target's protection: a page made PROT_NONE after
+// the snapshot (a JIT flipping W^X, a guard) fails it. /proc/PID/mem reads with
+// FOLL_FORCE, as a debugger does, so the page is still saved.
+bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
+  if (memFd_ < 0) {
+    std::string path = "/proc/" + std::to_string(pid_) + "/mem";
+    memFd_ = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (memFd_ < 0) return false;
+  }
+  return pread(memFd_, dst, kPage, static_cast<off_t>(addr)) == static_cast<ssize_t>(kPage);
+}
+
+// KSM rebuilds the PTE of a page it merges without the write-protect bit
+// (mm/ksm.c replace_page: mk_pte(kpage, vm_page_prot)), and it merges pages in
+// write-protected ranges too: a later write then breaks the sharing by copy on
+// write, without a fault we could hold it on. So after reading pages of
+// anonymous private memory (the only kind KSM merges), ask the kernel whether
+// they still carry the protection. One that lost it is fine while it still is
+// the KSM page (merged content is the content we protected); one that is not
+// was written, or may have been, before we read it: it is counted and left out
+// (discarded) rather than saved wrong. Returns how many leading pages are good;
+// 0 means the first one is lost.
+uint32_t Session::StillProtected(uint64_t addr, uint32_t n) {
+  std::vector<uint64_t> pm(n);
+  ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
+  if (pread(pagemapFd_, pm.data(), want, static_cast<off_t>(addr / kPage * 8)) != want) return n;
+  for (uint32_t i = 0; i < n; i++) {
+    uint64_t e = pm[i];
+    if (e & (1ull << 57)) continue;                    // still write-protected
+    if ((e >> 63) && IsKsmPage(e & ((1ull << 55) - 1))) continue;
+    if (i == 0) counters.lostProtection++;
+    return i;
+  }
+  return n;
+}
+
+// /proc/kpageflags bit 21 (KPF_KSM) of a page frame.
+bool Session::IsKsmPage(uint64_t pfn) {
+  if (kpageflagsFd_ < 0) kpageflagsFd_ = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+  uint64_t flags = 0;
+  if (pfn == 0 || pread(kpageflagsFd_, &flags, 8, static_cast<off_t>(pfn * 8)) != 8) return false;
+  return (flags >> 21) & 1;
+}
+
+// A write fault in no captured segment: a mapping registered before the
+// snapshot but not writable at it (a JIT flipping W^X, PROT_NONE and back:
+// mprotect sends no event and keeps the PTEs' protection), or pages whose
+// segment a layout event removed. None of it is ours to save, but a wake alone
+// would let the writer fault on the same protected PTE forever: un-protect the
+// page, which wakes it.
+bool Session::ResolveStray(uint64_t addr, Failure* f) {
+  counters.spurious++;
+  if (!Release(addr & ~(kPage - 1), kPage, f)) return false;
+  Wake(addr);
+  return true;
+}
+
+// Un-protect pages [p0, p1) of block b wherever they live now; this also wakes
+// writers waiting there. The ranges are computed again after any layout event
+// (Release reads events, which may move or cut segments).
+bool Session::Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f) {
+  if (blocks[b].kind != BlockKind::kProtected) return true;
+  std::vector<Range> todo;
+  for (const Segment& s : segs_) {
+    uint32_t sp1 = s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage);
+    uint32_t a = std::max(p0, s.firstPage), z = std::min(p1, sp1);
+    if (s.block == b && a < z) todo.push_back({s.start + uint64_t(a - s.firstPage) * kPage, uint64_t(z - a) * kPage});
+  }
+  uint64_t e0 = epoch_;
+  for (const Range& r : todo) {
+    if (!Release(r.first, r.second, f)) return false;
+    if (epoch_ != e0) return Unprotect(b, p0, p1, f);  // the layout changed: recompute
+  }
+  return true;
+}
+
+// Drop the protection of a range whose pages are all saved (or not ours).
+// UFFDIO_WRITEPROTECT fails with EAGAIN while any layout event of the target is
+// in flight, and an allocator storming with MADV_DONTNEED/munmap has one in
+// flight nearly all the time (each waits for us to read it, and the next
+// follows microseconds later): retrying, even with backoff, crawled at a few
+// pages a second. So after a few tries, unregister the range instead: that has
+// no such check, drops the protection and wakes its writers just the same, and
+// nothing in a saved range needs events any more. Only the EAGAIN guarded
+// against an mremap moving unsaved pages of ours onto the range before we read
+// its event; pages that did are discarded (their protection is gone).
+bool Session::Release(uint64_t start, uint64_t len, Failure* f) {
+  // Each unregister inside a mapping may split it (vm.max_map_count is the
+  // target's budget too), so it is a bounded fallback: past kMaxUnregisters
+  // we only retry, with backoff.
+  double t0 = NowMs();
+  for (useconds_t backoff = 0;; backoff = std::min<useconds_t>(backoff * 2 + 20, 5000)) {
+    int err = WpIoctl(start, len, false);
+    if (err == 0 || err == ENOENT) return true;  // ENOENT: unmapped meanwhile; its event follows
+    if (err != EAGAIN) return f->Set(err, "UFFDIO_WRITEPROTECT (un-protect) of " + Hex(start, len));
+    counters.eagain++;
+    if (!Drain(f)) return false;
+    if (abort_) return f->Set(ECANCELED, "capture aborted");
+    if (NowMs() - t0 > 2 && counters.unregistered < kMaxUnregisters) break;
+    if (backoff > 500) heartbeat_ = NowMs();
+    backoff < 500 ? (void)sched_yield() : (void)usleep(backoff);
+  }
+  uffdio_range r{start, len};
+  remapTo_.clear();
+  if (ioctl(uffd_.load(), UFFDIO_UNREGISTER, &r) != 0 && errno != EINVAL) {  // EINVAL: not ours now
+    return f->Set(errno, "UFFDIO_UNREGISTER of " + Hex(start, len));
+  }
+  counters.unregistered++;
+  if (!Drain(f)) return false;
+  for (const Range& m : remapTo_) {
+    std::vector<Segment> cut;
+    uint64_t a = std::max(m.first, start), z = std::min(m.second, start + len);
+    if (a >= z) continue;
+    CutSegments(a, z, &cut);  // what moved here lost its protection with the range
+    for (const Segment& c : cut) DiscardPages(c.block, c.firstPage, c.firstPage + static_cast<uint32_t>((c.end - c.start) / kPage));
+  }
+  return true;
+}
+
+std::string Session::Hex(uint64_t start, uint64_t len) {
+  char buf[48];
+  snprintf(buf, sizeof buf, "%llx-%llx", (unsigned long long)start, (unsigned long long)(start + len));
+  return buf;
+}
+
+}  // namespace bgsnap
