@@ -65,7 +65,7 @@ export interface ProcessCaptureStats {
   zeroPages: number; // zero records, of which…
   untouchedPages: number; // …never touched (recorded without reading)
   discardedPages: number;
-  lostProtectionPages: number; // of which: merged by KSM (protection lost), then written before we read them
+  lostProtectionPages: number; // of which: merged by KSM (protection lost), so possibly written before we read them
   bytes: number; // page data saved
   seconds: number;
   throughputMBps: number;

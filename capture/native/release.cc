@@ -42,31 +42,21 @@ bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
 // write-protected ranges too: a later write then breaks the sharing by copy on
 // write, without a fault we could hold it on. So after reading pages of
 // anonymous private memory (the only kind KSM merges), ask the kernel whether
-// they still carry the protection. One that lost it is fine while it still is
-// the KSM page (merged content is the content we protected); one that is not
-// was written, or may have been, before we read it: it is counted and left out
-// (discarded) rather than saved wrong. Returns how many leading pages are good;
-// 0 means the first one is lost.
+// they still carry the protection. One that lost it may have been written
+// before we read it, even if it is a KSM page again now (a page rewritten with
+// content already in KSM's stable tree is merged again at its next scan: seen
+// in process-ksm), so it is counted and left out (discarded), never saved
+// wrong. Returns how many leading pages are good; 0: the first one is lost.
 uint32_t Session::StillProtected(uint64_t addr, uint32_t n) {
   std::vector<uint64_t> pm(n);
   ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
   if (pread(pagemapFd_, pm.data(), want, static_cast<off_t>(addr / kPage * 8)) != want) return n;
   for (uint32_t i = 0; i < n; i++) {
-    uint64_t e = pm[i];
-    if (e & (1ull << 57)) continue;                    // still write-protected
-    if ((e >> 63) && IsKsmPage(e & ((1ull << 55) - 1))) continue;
+    if (pm[i] & (1ull << 57)) continue;  // still write-protected
     if (i == 0) counters.lostProtection++;
     return i;
   }
   return n;
-}
-
-// /proc/kpageflags bit 21 (KPF_KSM) of a page frame.
-bool Session::IsKsmPage(uint64_t pfn) {
-  if (kpageflagsFd_ < 0) kpageflagsFd_ = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
-  uint64_t flags = 0;
-  if (pfn == 0 || pread(kpageflagsFd_, &flags, 8, static_cast<off_t>(pfn * 8)) != 8) return false;
-  return (flags >> 21) & 1;
 }
 
 // A write fault in no captured segment: a mapping registered before the

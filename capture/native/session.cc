@@ -302,8 +302,7 @@ void Session::Finish(const Failure& f) {
   CloseUffd();
   if (pagemapFd_ >= 0) close(pagemapFd_);
   if (memFd_ >= 0) close(memFd_);
-  if (kpageflagsFd_ >= 0) close(kpageflagsFd_);
-  pagemapFd_ = memFd_ = kpageflagsFd_ = -1;
+  pagemapFd_ = memFd_ = -1;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!failure_.failed()) failure_ = f;  // the watchdog's reason wins

@@ -110,7 +110,6 @@ class Session {
   bool Touched(uint64_t start, uint64_t end) const;
   bool ForceRead(uint64_t addr, uint8_t* dst);
   uint32_t StillProtected(uint64_t addr, uint32_t n);
-  bool IsKsmPage(uint64_t pfn);
   bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
   void Commit(Batch* bt, int b, uint32_t p, uint32_t n);
@@ -149,7 +148,6 @@ class Session {
   uint64_t epoch_ = 0;  // bumped by every layout event (remove, unmap, remap)
   std::vector<Range> touched_;  // ranges layout events touched since ReadRun's read began
   std::vector<Range> remapTo_;  // mremap destinations seen since Release's unregister
-  int kpageflagsFd_ = -1;       // /proc/kpageflags, for pages KSM merged
   int memFd_ = -1;              // /proc/PID/mem, opened on the first unreadable page
   double lastLook_ = 0;
   bool faultMode_ = false;
