@@ -120,9 +120,12 @@ void Session::UnregisterAll() {
   std::string text;
   std::vector<MapEntry> now;
   if (fd < 0 || !ReadWhole("/proc/" + std::to_string(pid_) + "/maps", &text) || !ParseMaps(text, &now)) return;
+  // Unregistering wakes only MISSING-mode waiters (fs/userfaultfd.c): writers
+  // already waiting on a write-protect fault are woken explicitly.
   for (const MapEntry& m : now) {
     uffdio_range r{m.start, m.end - m.start};
     ioctl(fd, UFFDIO_UNREGISTER, &r);
+    ioctl(fd, UFFDIO_WAKE, &r);
   }
 }
 
