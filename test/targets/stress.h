@@ -57,8 +57,8 @@ static void start_storm(void) {
 }
 
 // W^X: four code areas, each writable half of its period (5, 10, 20, 40 ms
-// halves), rewritten when it turns writable, then executable (every third time
-// PROT_NONE) for the other half, so at any instant some are writable and some
+// halves), rewritten when it turns writable, then PROT_NONE or executable for
+// the other half, so at any instant some are writable and some
 // not. Every page holds its area's version in all stamps; the page being
 // written is named in the churn journal (page 0 at 2048).
 #define WX_AREAS 4
@@ -84,7 +84,10 @@ static void *wx_flipper(void *arg) {
       uint64_t half = 5u << a, phase = tick / half;
       int want = phase % 2 == 0;
       if (want == writable[a]) continue;
-      int prot = want ? PROT_READ | PROT_WRITE : phase % 6 == 1 ? PROT_NONE : PROT_READ | PROT_EXEC;
+      // Even areas go PROT_NONE (left out of a snapshot taken then, even anonymous),
+      // odd ones executable (PROT_NONE every third time).
+      int none = a % 2 == 0 || phase % 6 == 1;
+      int prot = want ? PROT_READ | PROT_WRITE : none ? PROT_NONE : PROT_READ | PROT_EXEC;
       if (mprotect(area[a], WX_PAGES * PAGE, prot) != 0) die("mprotect W^X");
       if (want) wx_write(area[a], a, tick);
       writable[a] = want;
