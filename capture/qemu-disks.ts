@@ -102,6 +102,7 @@ export class DiskCapture {
   private stoppedVm = false;
   private eventsFrom = 0;
   private guard: ChildProcess | null = null;
+  private cleaning: Promise<void> | null = null;
   pauseStartedAt = 0;
   copyStartedAt = 0; // the transaction: the disks' instant
   copyMs: number | null = null; // until every backup completed
@@ -171,8 +172,16 @@ export class DiskCapture {
     this.copyMs = Date.now() - this.copyStartedAt;
   }
 
-  // Undoes start(), whatever part of it ran. Safe to call twice.
-  async cleanup(): Promise<void> {
+  // Undoes start(), whatever part of it ran. Callers racing (a signal's abort
+  // and the failed stream's) share one run: two would delete nodes and close
+  // the NBD target under each other, and the first to end would let us exit
+  // with the other's work half done.
+  cleanup(): Promise<void> {
+    this.cleaning ??= this.undo();
+    return this.cleaning;
+  }
+
+  private async undo(): Promise<void> {
     this.server.discard(); // jobs still running finish their writes without error (see discard())
     const errors: string[] = [];
     const tryDo = async (what: string, f: () => Promise<unknown>) => f().catch((e: Error) => void errors.push(`${what}: ${e.message}`));

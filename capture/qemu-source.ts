@@ -288,11 +288,11 @@ class Session {
       try {
         await restore(this.qmp, this.changes);
         const state = await runState(this.qmp);
-        this.cleanup();
+        this.cleanup(true);
         this.out.end();
         this.resolveDone(resultOf(info, state));
       } catch (err) {
-        this.cleanup();
+        this.cleanup(true); // QEMU said completed and the stream ended: nothing left to drain
         this.out.destroy(err as Error);
         this.rejectDone(new Error(`snapshot completed but restoring QEMU settings failed: ${(err as Error).message}`));
       }
@@ -307,7 +307,9 @@ class Session {
     this.out.destroy(err);
     this.finishing = (async () => {
       const cleanupErr = await this.cancelAndRestore().catch((e: Error) => e);
-      this.cleanup();
+      // Without QEMU's word that the snapshot stopped, the guard must drain on
+      // after we exit: cutting the stream then can stall the guest for good.
+      this.cleanup(!cleanupErr);
       this.rejectDone(cleanupErr ? new Error(`${err.message}; also, restoring QEMU settings failed: ${cleanupErr.message}`) : err);
     })();
     return this.finishing;
@@ -331,8 +333,11 @@ class Session {
     await restore(this.qmp, this.changes);
   }
 
-  private cleanup(): void {
-    this.guard?.stdin?.end('done\n'); // QEMU is finished with the socket: the guard may go
+  // `over`: QEMU confirmed its snapshot stopped, so the guard may go. Else the
+  // guard's stdin closes without "done" and it drains QEMU's stream to its end
+  // and puts the settings back, whether or not we are still alive.
+  private cleanup(over: boolean): void {
+    this.guard?.stdin?.end(over ? 'done\n' : undefined);
     this.settled = true;
     this.server.close();
     this.conn?.unref(); // a draining socket closes when QEMU is done with it
