@@ -6,7 +6,9 @@
 // capture) and never touches the socket; if that pipe closes without the word
 // "done", the capture died: the guard reads QEMU's stream to its end and
 // throws it away, then puts back the migration settings the capture changed.
-//   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}'
+// A first guard (mode 'listen') holds the listening socket from `migrate` until
+// the capture holds QEMU's connection, so no moment is left unguarded.
+//   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}' conn|listen
 import * as net from 'node:net';
 import { QmpClient } from './qmp';
 import { ACTIVE_STATES, restore } from './qemu-source';
@@ -16,13 +18,28 @@ interface Restore {
   maxBandwidth: number | null;
 }
 
-function drainSocket(): Promise<void> {
+function drainSocket(s: net.Socket): Promise<void> {
   return new Promise((resolve) => {
-    const s = new net.Socket({ fd: 3, readable: true, writable: false });
     s.on('data', () => undefined);
     s.on('error', () => resolve());
     s.on('close', () => resolve());
     s.resume();
+  });
+}
+
+// Mode 'listen': fd 3 is the listening socket. The capture died before it took
+// QEMU's connection; QEMU may have queued one there (or be about to). Take it
+// and drain it; if none comes in `waitMs`, QEMU never connected.
+function acceptAndDrain(waitMs: number): Promise<void> {
+  return new Promise((resolve) => {
+    const server = net.createServer((c) => {
+      clearTimeout(timer);
+      server.close();
+      void drainSocket(c).then(resolve);
+    });
+    const timer = setTimeout(() => (server.close(), resolve()), waitMs);
+    server.on('error', () => (clearTimeout(timer), resolve()));
+    server.listen({ fd: 3 });
   });
 }
 
@@ -42,7 +59,7 @@ async function putBack(qmpPath: string, r: Restore): Promise<void> {
 }
 
 async function main(): Promise<void> {
-  const [qmpPath, json] = process.argv.slice(2);
+  const [qmpPath, json, mode] = process.argv.slice(2);
   // A signal meant for the capture's process group must not end the guard: the
   // capture handles it by draining, and then says "done".
   process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
@@ -51,7 +68,8 @@ async function main(): Promise<void> {
   await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
   if (said.includes('done')) return;
   process.stderr.write('bgsnap-capture died mid-snapshot: draining QEMU\'s stream so the guest is not left blocked\n');
-  await drainSocket();
+  if (mode === 'listen') await acceptAndDrain(10_000);
+  else await drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }));
   await putBack(qmpPath, JSON.parse(json) as Restore);
   process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');
 }

@@ -107,6 +107,7 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
     try {
       await qmp.execute('migrate', { uri: `unix:${sockPath}` });
     } catch (err) {
+      session.dropListenGuard();
       server.close();
       throw err;
     }
@@ -204,6 +205,10 @@ class Session {
   private settled = false;
   private finishing: Promise<void> | null = null;
   private guard: ChildProcess | null = null;
+  // Guards the window from `migrate` until we hold QEMU's connection: if we die
+  // with it still in the listening socket's backlog, this guard accepts and
+  // drains it (QEMU may already have write-protected the guest by then).
+  private listenGuard: ChildProcess | null;
 
   constructor(
     private readonly qmp: QmpClient,
@@ -212,6 +217,7 @@ class Session {
     private readonly changes: Changes,
     private readonly opts: QemuSnapshotOptions,
   ) {
+    this.listenGuard = spawnGuard(listeningFd(server), qmp.path, changes, 'listen');
     this.done = new Promise((resolve, reject) => ((this.resolveDone = resolve), (this.rejectDone = reject)));
     // Every failure is reported by `done`; the stream also errors for pipelines
     // and for-await readers, but must not crash a caller who has not attached
@@ -233,12 +239,18 @@ class Session {
     return this.fail(new Error(`snapshot aborted: ${reason}`));
   }
 
+  dropListenGuard(): void {
+    this.listenGuard?.stdin?.end('done\n');
+    this.listenGuard = null;
+  }
+
   private onConnection(conn: net.Socket): void {
     if (this.conn) return void conn.destroy(); // exactly one stream
     this.conn = conn;
+    this.guard = spawnGuard(conn, this.qmp.path, this.changes, 'conn');
+    this.dropListenGuard(); // the connection's own guard took over
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
     this.server.close(); // nobody else may connect
-    this.guard = spawnGuard(conn, this.qmp.path, this.changes);
     conn.pipe(this.out, { end: false });
     conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
     conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
@@ -338,6 +350,8 @@ class Session {
   // and puts the settings back, whether or not we are still alive.
   private cleanup(over: boolean): void {
     this.guard?.stdin?.end(over ? 'done\n' : undefined);
+    if (over) this.dropListenGuard();
+    else this.listenGuard?.stdin?.end(); // QEMU may still connect: the guard takes it
     this.settled = true;
     this.server.close();
     this.conn?.unref(); // a draining socket closes when QEMU is done with it
@@ -361,15 +375,24 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 
 // Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
-function spawnGuard(conn: net.Socket, qmpPath: string, changes: Changes): ChildProcess {
+// `socket`: QEMU's connection ('conn'), or the listening socket's fd ('listen').
+function spawnGuard(socket: net.Socket | number, qmpPath: string, changes: Changes, mode: 'conn' | 'listen'): ChildProcess {
   const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth };
-  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore)], {
-    stdio: ['pipe', 'ignore', 'inherit', conn],
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore), mode], {
+    stdio: ['pipe', 'ignore', 'inherit', socket],
   });
   guard.stdin!.on('error', () => undefined);
   guard.unref();
   (guard.stdin as net.Socket & { unref?: () => void }).unref?.();
   return guard;
+}
+
+// Node keeps a listening Unix socket's fd on its handle; a copy of it in the
+// guard keeps the socket (and a connection QEMU queued on it) alive after us.
+function listeningFd(server: net.Server): number {
+  const fd = (server as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) throw new Error('cannot find the migration socket\'s file descriptor for its guard');
+  return fd;
 }
 
 function resultOf(info: MigrationInfo, runStateAfter: string): QemuSnapshotResult {

@@ -76,12 +76,20 @@ async function captureThen(act: (pid: number) => void, reader = '(sleep 4; cat >
   return { stderr, rc: fs.existsSync(rcFile) ? fs.readFileSync(rcFile, 'utf8').trim() : '(killed)' };
 }
 
-// ALL SKIPPED, open bug (branch `disks` report): on QEMU 7.2 each of these
-// faults, coming while the disks are copied behind a slow reader, left the
-// guest stalled for good: QMP unanswered, a vCPU in handle_userfault, the
-// migration socket gone (seen for SIGTERM twice, SIGKILL and the receiver
-// gone once each). These tests are the reproducer; they fail today.
-test('SIGTERM with disks in flight: capture stops with a clear error, jobs and nodes gone', async () => {
+// Open bug (issue 9), so these run only with BGSNAP_DISK_FAULTS=1. On QEMU 7.2
+// a background snapshot that ends any way but complete leaves guest RAM
+// write-protected for good (ram_write_tracking_stop() is called only on
+// completion; fixed in QEMU 8.1 by commit 3a8b81f2e6, "migration: stop
+// tracking ram writes when cancelling background migration"). Seen here (branch
+// diskfault, 1 run of 4 before its fixes, 0 of 3 after): QEMU's main thread in
+// handle_userfault from virtio_blk_handle_vq, no migration thread left, QMP
+// unanswered, the capture still alive and waiting on QMP. Two ways bgsnap cut
+// the stream itself are closed (capture/qemu-source.ts: a guard on the
+// listening socket, and no "done" to the guard unless QEMU said it stopped);
+// what ended that snapshot early is not known yet.
+const faultTest = process.env.BGSNAP_DISK_FAULTS === '1' ? test : test.skip;
+
+faultTest('SIGTERM with disks in flight: capture stops with a clear error, jobs and nodes gone', async () => {
   const from = ctx.vm!.lines().length;
   const r = await captureThen((pid) => process.kill(pid, 'SIGTERM'));
   assert.is.not(r.rc, '0');
@@ -89,14 +97,14 @@ test('SIGTERM with disks in flight: capture stops with a clear error, jobs and n
   await assertVmFine(ctx.vm!, from);
 });
 
-test('SIGKILL with disks in flight: the guard drains QEMU and takes our jobs and nodes away', async () => {
+faultTest('SIGKILL with disks in flight: the guard drains QEMU and takes our jobs and nodes away', async () => {
   const from = ctx.vm!.lines().length;
   const r = await captureThen((pid) => process.kill(pid, 'SIGKILL'));
   assert.ok(/died with disks in flight/.test(r.stderr), `rc ${r.rc}: ${r.stderr}`);
   await assertVmFine(ctx.vm!, from);
 });
 
-test('the receiver goes away with disks in flight: capture exits non-zero naming it', async () => {
+faultTest('the receiver goes away with disks in flight: capture exits non-zero naming it', async () => {
   const from = ctx.vm!.lines().length;
   const r = await captureThen(() => undefined, 'head -c 3000000 > /dev/null');
   assert.is.not(r.rc, '0');
@@ -104,7 +112,7 @@ test('the receiver goes away with disks in flight: capture exits non-zero naming
   await assertVmFine(ctx.vm!, from);
 });
 
-test('after the faults, a whole-VM capture completes', async () => {
+faultTest('after the faults, a whole-VM capture completes', async () => {
   const image = path.join(ctx.dir!, 'img');
   const r = await sh(`${BIN.capture} --qmp '${ctx.vm!.qmpPath}' --disks | ${BIN.receive} -q -o '${image}'`, 240_000);
   assert.is(r.code, 0, r.stderr);
