@@ -35,6 +35,17 @@ async function assertVmFine(vm: Vm): Promise<void> {
   assert.is(await bgSnapshot(), false, 'background-snapshot is off again');
 }
 
+// Sends `sig` to the capture once QEMU's snapshot runs (not after a fixed
+// delay: on a loaded machine a signal could come before the capture even set
+// its handlers). The reader sleeps 3 s first, so the snapshot is not over then.
+async function whileMigrating<T>(run: Promise<T>, pidFile: string, sig: NodeJS.Signals): Promise<T> {
+  const active = async () => (await ctx.vm!.qmp.execute<{ status?: string }>('query-migrate')).status === 'active';
+  for (let i = 0; i < 600 && !(fs.existsSync(pidFile) && (await active())); i++) await sleep(20);
+  assert.ok(await active(), 'the snapshot runs when the signal comes');
+  process.kill(Number(fs.readFileSync(pidFile, 'utf8')), sig);
+  return run;
+}
+
 test('the reader goes away mid-stream: capture exits non-zero, the VM runs on', async () => {
   const rc = path.join(ctx.dir!, 'rc');
   const r = await sh(`(${BIN.capture} --qmp '${ctx.vm!.qmpPath}'; echo $? > '${rc}') | head -c 20000000 > /dev/null`, 120_000);
@@ -46,12 +57,9 @@ test('the reader goes away mid-stream: capture exits non-zero, the VM runs on', 
 
 test('SIGTERM mid-stream: capture stops, the VM runs on, a new snapshot completes', async () => {
   const image = path.join(ctx.dir!, 'img');
-  // The reader sleeps for the first 3 s, so the snapshot cannot be over when
-  // SIGTERM comes at 1.5 s, however fast QEMU is.
   const rc = path.join(ctx.dir!, 'rc2');
-  const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & p=$!; echo $p > '${rc}.pid'; wait $p; echo $? > '${rc}') | (sleep 3; cat > /dev/null) &
-    sleep 1.5; kill -TERM $(cat '${rc}.pid'); wait`;
-  const r = await sh(cmd, 120_000);
+  const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & p=$!; echo $p > '${rc}.pid'; wait $p; echo $? > '${rc}') | (sleep 3; cat > /dev/null)`;
+  const r = await whileMigrating(sh(cmd, 120_000), `${rc}.pid`, 'SIGTERM');
   assert.is.not(fs.readFileSync(rc, 'utf8').trim(), '0', 'a stopped capture exits non-zero');
   assert.match(r.stderr, /received SIGTERM/);
   await assertVmFine(ctx.vm!);
@@ -63,9 +71,8 @@ test('SIGTERM mid-stream: capture stops, the VM runs on, a new snapshot complete
 test('SIGKILL mid-stream: the guard drains QEMU, the VM runs on, its settings are put back', async () => {
   // Without the guard, QEMU 7.2 would see its stream cut and leave a vCPU blocked for good.
   const pidFile = path.join(ctx.dir!, 'kill.pid');
-  const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${pidFile}'; wait) | (sleep 3; cat > /dev/null) &
-    sleep 1.5; kill -KILL $(cat '${pidFile}'); wait`;
-  const r = await sh(cmd, 120_000);
+  const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${pidFile}'; wait) | (sleep 3; cat > /dev/null)`;
+  const r = await whileMigrating(sh(cmd, 120_000), pidFile, 'SIGKILL');
   assert.match(r.stderr, /died mid-snapshot: draining QEMU's stream/);
   await assertVmFine(ctx.vm!);
   const image = path.join(ctx.dir!, 'img2');
