@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { captureProcess, type ProcessCaptureOptions } from '../capture/process-source';
 import {
-  allThreadsProgress, buildTarget, checkInvariant, collect, isAlive, startTarget, writeProtectedPages, type Target,
+  allThreadsProgress, buildTarget, checkInvariant, collect, isAlive, lineReader, startTarget, writeProtectedPages, type Target,
 } from './process-target';
 
 const CHILD = path.join(__dirname, 'process-capture-child.js');
@@ -23,24 +23,7 @@ interface LineTarget { pid: number; command(cmd: string): Promise<string>; kill(
 // answers one line per command written to its fd 3.
 async function lineTarget(name: string, args: string[] = []): Promise<LineTarget> {
   const child: ChildProcess = spawn(buildTarget(name), args, { stdio: ['ignore', 'pipe', 'inherit', 'pipe'] });
-  const lines: string[] = [];
-  const waiters: ((l: string) => void)[] = [];
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-      const line = buf.slice(0, nl);
-      buf = buf.slice(nl + 1);
-      const w = waiters.shift();
-      if (w) w(line); else lines.push(line);
-    }
-  });
-  const next = () => new Promise<string>((resolve, reject) => {
-    const l = lines.shift();
-    if (l !== undefined) return resolve(l);
-    const timer = setTimeout(() => reject(new Error(`${name} did not answer`)), 20_000);
-    waiters.push((x) => { clearTimeout(timer); resolve(x); });
-  });
+  const next = lineReader(child.stdout!, name);
   const m = /ready pid=(\d+)/.exec(await next());
   if (!m) throw new Error(`${name} did not start`);
   const pid = Number(m[1]);

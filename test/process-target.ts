@@ -38,6 +38,29 @@ export interface Target {
   kill(): void;
 }
 
+// Reads a target's stdout line by line: next(ms) resolves with the next line,
+// or rejects if none comes within ms (the target is stuck or gone).
+export function lineReader(out: NodeJS.ReadableStream, name: string): (ms?: number) => Promise<string> {
+  const lines: string[] = [];
+  const waiters: ((l: string) => void)[] = [];
+  let buf = '';
+  out.on('data', (d: Buffer) => {
+    buf += d.toString();
+    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      const w = waiters.shift();
+      if (w) w(line); else lines.push(line);
+    }
+  });
+  return (ms = 20_000) => new Promise<string>((resolve, reject) => {
+    const l = lines.shift();
+    if (l !== undefined) return resolve(l);
+    const t = setTimeout(() => reject(new Error(`${name} did not answer`)), ms);
+    waiters.push((x) => { clearTimeout(t); resolve(x); });
+  });
+}
+
 // Start the invariant target; it forks into the background so it is not our
 // child (our own waitpid for children would otherwise see its ptrace stops).
 // Commands go through fd 3, replies come on its stdout.
@@ -48,24 +71,7 @@ export async function startTarget(mode: Mode, mib: number, writers = 3, asUid?: 
   const child: ChildProcess = asUid !== undefined
     ? spawn('setpriv', [`--reuid=${asUid}`, `--regid=${asUid}`, '--clear-groups', ...argv], { stdio: ['ignore', 'pipe', 'inherit', 'pipe'] })
     : spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'inherit', 'pipe'] });
-  const lines: string[] = [];
-  const waiters: ((l: string) => void)[] = [];
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-      const line = buf.slice(0, nl);
-      buf = buf.slice(nl + 1);
-      const w = waiters.shift();
-      if (w) w(line); else lines.push(line);
-    }
-  });
-  const next = (ms = 20_000) => new Promise<string>((resolve, reject) => {
-    const l = lines.shift();
-    if (l !== undefined) return resolve(l);
-    const t = setTimeout(() => reject(new Error('target did not answer')), ms);
-    waiters.push((x) => { clearTimeout(t); resolve(x); });
-  });
+  const next = lineReader(child.stdout!, 'target');
   const ready = await next(60_000);
   const m = /ready pid=(\d+) base=0x([0-9a-f]+) size=(\d+) threads=(\d+)/.exec(ready);
   if (!m) throw new Error(`target said: ${ready}`);

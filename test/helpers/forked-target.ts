@@ -6,7 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { buildTarget } from '../process-target';
+import { buildTarget, lineReader } from '../process-target';
 import { BIN, run, type RunResult } from './cli';
 
 export interface ForkedTarget {
@@ -23,24 +23,7 @@ export async function startForked(name: string, args: string[], asUid?: number):
   const child: ChildProcess = asUid === undefined
     ? spawn(argv[0], argv.slice(1), { stdio: ['pipe', 'pipe', 'inherit'] })
     : spawn('setpriv', [`--reuid=${asUid}`, `--regid=${asUid}`, '--clear-groups', ...argv], { stdio: ['pipe', 'pipe', 'inherit'] });
-  const lines: string[] = [];
-  const waiters: ((l: string) => void)[] = [];
-  let buf = '';
-  child.stdout!.on('data', (d: Buffer) => {
-    buf += d.toString();
-    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-      const line = buf.slice(0, nl);
-      buf = buf.slice(nl + 1);
-      const w = waiters.shift();
-      if (w) w(line); else lines.push(line);
-    }
-  });
-  const next = (ms = 20_000) => new Promise<string>((resolve, reject) => {
-    const l = lines.shift();
-    if (l !== undefined) return resolve(l);
-    const t = setTimeout(() => reject(new Error(`${name} did not answer`)), ms);
-    waiters.push((x) => { clearTimeout(t); resolve(x); });
-  });
+  const next = lineReader(child.stdout!, name);
   const ready = await next(60_000);
   const m = /^ready pid=(\d+)/.exec(ready);
   if (!m) throw new Error(`${name} ${args.join(' ')} said: ${ready}`);
