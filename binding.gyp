@@ -18,7 +18,7 @@
     },
     {
       "target_name": "bgsnap_fileops",
-      "sources": ["io/native/fileops.cc", "io/native/errno_error.cc"]
+      "sources": ["io/native/fileops.cc", "io/native/pagewrite.cc", "io/native/crc32.cc", "io/native/errno_error.cc"]
     },
     {
       "target_name": "bgsnap-freezer",

@@ -58,7 +58,9 @@ function dropCaches(file: string): void {
   execFileSync('cat', [file], { stdio: ['ignore', 'ignore', 'inherit'] });
 }
 
+// --generate FILE: only write the stream (for timing contenders by hand).
 function main(): void {
+  if (arg('--generate', '')) return void generate(arg('--generate', ''), Number(arg('--gib', '2')) * 1024 ** 3);
   const gib = Number(arg('--gib', '2'));
   const dir = fs.mkdtempSync(path.join(arg('--dir', os.tmpdir()), 'bgsnap-bench-'));
   const stream = path.join(dir, 'stream.bgsnap');
@@ -69,9 +71,14 @@ function main(): void {
   try {
     dropCaches(stream);
     rows.push(['cat > /dev/null', timed('sh', ['-c', `cat '${stream}' > /dev/null`])]);
+    rows.push(['cp to the same dir', timed('cp', [stream, path.join(dir, 'cp.out')])]);
+    fs.rmSync(path.join(dir, 'cp.out'));
     rows.push(['dd to file, fsync', timed('dd', [`if=${stream}`, `of=${path.join(dir, 'dd.out')}`, 'bs=1M', 'conv=fsync', 'status=none'])]);
     fs.rmSync(path.join(dir, 'dd.out'));
     rows.push(['bgsnap-receive', timed(process.execPath, [bin, '-q', '-o', path.join(dir, 'img')], { stdin: stream })]);
+    // --before DIST/bin/bgsnap-receive.js: another build (e.g. main's) on the same stream.
+    const before = arg('--before', '');
+    if (before) rows.push(['receive (--before)', timed(process.execPath, [before, '-q', '-o', path.join(dir, 'img-before')], { stdin: stream })]);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

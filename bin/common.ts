@@ -3,6 +3,7 @@
 import * as fs from 'node:fs';
 import type { Readable } from 'node:stream';
 import { fileops } from '../io/fileops';
+import { mappedFileStream } from '../io/mapped-input';
 
 export function fatal(prog: string, err: unknown): never {
   const e = err as Error & { code?: string };
@@ -35,13 +36,13 @@ export function parseIntArg(name: string) {
   };
 }
 
-// stdin as a stream. A regular file is read in 4 MiB chunks: with the default
-// 64 KiB most 1 MiB page frames straddle chunks and get copied, and the read
-// syscalls alone cost as much as writing the image.
+// stdin as a stream. A regular file is mapped in 64 MiB windows (io/mapped-input):
+// read() into fresh buffers cost a copy plus the kernel zeroing each buffer, and
+// small chunks split the 1 MiB page frames, which then get copied again.
 // A pipe is grown to 1 MiB (the default pipe-max-size) so the writer runs ahead
 // while we work instead of the two taking turns over 64 KiB.
 export function stdinStream(): Readable {
-  if (fs.fstatSync(0).isFile()) return fs.createReadStream('', { fd: 0, highWaterMark: 4 << 20, autoClose: false });
+  if (fs.fstatSync(0).isFile()) return mappedFileStream(0, fileops.tell(0));
   fileops.setPipeSize(0, 1 << 20);
   return process.stdin;
 }

@@ -28,7 +28,7 @@ import { StreamError } from './errors';
 import { ChunkQueue } from './chunks';
 import { crc32, crc32Combine } from './crc32';
 import type {
-  BlockInfo, DiscardBatch, PageBatch, SourceKind, StateBlob, StreamDecoder, StreamEvent,
+  BlockInfo, DiscardBatch, PageBatch, PageCheck, SourceKind, StateBlob, StreamDecoder, StreamEvent,
   StreamHeader, StreamTotals,
 } from './events';
 
@@ -184,7 +184,16 @@ const FORMAT = 'bgsnap';
 // Decodes a bgsnap stream pushed in chunks of any size. Validates every frame
 // against the block table it announced, so consumers never see a page outside
 // its block, whatever the bytes on the wire say.
+export interface DecoderOptions {
+  // Leave plain PAGES frames' checksums to the sink (PageBatch.check), which
+  // checksums each page anyway, so no page is read twice. Only for sinks that
+  // verify PageCheck (the image writer); every other frame is verified here.
+  deferPageChecks?: boolean;
+}
+
 export class BgsnapDecoder implements StreamDecoder {
+  constructor(private readonly opts: DecoderOptions = {}) {}
+
   private readonly q = new ChunkQueue();
   private offset = 0; // stream offset of the next unconsumed byte
   private sawMagic = false;
@@ -258,13 +267,15 @@ export class BgsnapDecoder implements StreamDecoder {
     this.q.skip(FRAME_HEADER);
     const wire = this.q.take(length);
     const plainPages = type === FrameType.PAGES && !(flags & FLAG_ZSTD);
-    const pageCrcs = plainPages ? this.pageCrcs(h, wire) : undefined;
-    const crc = pageCrcs ? pageCrcs.frame : crc32(wire, crc32(h.subarray(0, 12)));
+    const check = plainPages && this.opts.deferPageChecks ? this.pageCheck(h, wire) : undefined;
+    const pageCrcs = plainPages && !check ? this.pageCrcs(h, wire) : undefined;
+    const crc = check ? check.expected : pageCrcs ? pageCrcs.frame : crc32(wire, crc32(h.subarray(0, 12)));
     if (crc !== h.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in ${FrameType[type]} frame ${this.frameNo}`);
     const payload = flags & FLAG_ZSTD ? this.inflate(wire, rawLength, type) : wire;
     if (!(flags & FLAG_ZSTD) && rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);
-    const ev = this.decodePayload(type, payload);
+    const ev = check ? this.decodeUnchecked(h, wire) : this.decodePayload(type, payload);
     if (ev.type === 'pages' && pageCrcs) ev.batch.crcs = pageCrcs.pages;
+    if (ev.type === 'pages' && check) ev.batch.check = check;
     this.offset += FRAME_HEADER + length;
     this.frameNo++;
     return ev;
@@ -274,11 +285,9 @@ export class BgsnapDecoder implements StreamDecoder {
   // keeps: each page is read once for both. Undefined when the payload's layout
   // does not add up (the plain checksum and the payload checks then report it).
   private pageCrcs(head: Buffer, wire: Buffer): { frame: number; pages: Uint32Array } | undefined {
-    const ps = this.header?.pageSize;
-    if (!ps || wire.length < 8) return undefined;
-    const n = wire.readUInt32LE(4);
-    const metaEnd = 8 + n * 5 + pad4(n);
-    if (metaEnd > wire.length || (wire.length - metaEnd) % ps !== 0) return undefined;
+    const metaEnd = this.pagesMetaEnd(wire);
+    if (metaEnd === undefined) return undefined;
+    const ps = this.header!.pageSize;
     let frame = crc32(wire.subarray(0, metaEnd), crc32(head.subarray(0, 12)));
     const pages = new Uint32Array((wire.length - metaEnd) / ps);
     for (let i = 0, o = metaEnd; i < pages.length; i++, o += ps) {
@@ -286,6 +295,36 @@ export class BgsnapDecoder implements StreamDecoder {
       frame = crc32Combine(frame, pages[i], ps);
     }
     return { frame, pages };
+  }
+
+  // A PAGES frame whose checksum the sink will verify: if its payload does not
+  // decode, a damaged frame is reported as the bad checksum it is.
+  private decodeUnchecked(head: Buffer, wire: Buffer): StreamEvent {
+    try {
+      return this.decodePayload(FrameType.PAGES, wire);
+    } catch (e) {
+      if (crc32(wire, crc32(head.subarray(0, 12))) !== head.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in PAGES frame ${this.frameNo}`);
+      throw e;
+    }
+  }
+
+  // The part of a plain PAGES frame's checksum before its data pages; the sink
+  // extends it by each page (PageCheck). Undefined when the layout does not add
+  // up: the frame is then checked here, and its payload checks report it.
+  private pageCheck(head: Buffer, wire: Buffer): PageCheck | undefined {
+    const metaEnd = this.pagesMetaEnd(wire);
+    if (metaEnd === undefined) return undefined;
+    const seed = crc32(wire.subarray(0, metaEnd), crc32(head.subarray(0, 12)));
+    return { seed, expected: head.readUInt32LE(12), frame: this.frameNo, offset: this.offset };
+  }
+
+  private pagesMetaEnd(wire: Buffer): number | undefined {
+    const ps = this.header?.pageSize;
+    if (!ps || wire.length < 8) return undefined;
+    const n = wire.readUInt32LE(4);
+    const metaEnd = 8 + n * 5 + pad4(n);
+    if (metaEnd > wire.length || (wire.length - metaEnd) % ps !== 0) return undefined;
+    return metaEnd;
   }
 
   // Decompresses into a buffer of the size the checksummed header states, so a

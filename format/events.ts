@@ -30,6 +30,19 @@ export interface PageBatch {
   zero: Uint8Array;
   data: Buffer;
   crcs?: Uint32Array; // CRC-32 of each data page, in data order, when the decoder already computed them
+  check?: PageCheck; // set when the decoder left the frame's checksum to the sink (see PageCheck)
+}
+
+// A frame checksum the decoder did not verify because the sink checksums every
+// page anyway (BgsnapDecoder's deferPageChecks): the frame is intact when the
+// CRC of the frame up to its first data page (seed), extended by each data page
+// in data order, equals expected. A sink given a check must verify it before it
+// stores any page of the batch, and fail with the error below if it does not.
+export interface PageCheck {
+  seed: number;
+  expected: number;
+  frame: number; // frame number, for the error
+  offset: number; // stream offset of the frame, for the error
 }
 
 // Pages whose snapshot content was destroyed by the target before it was saved

@@ -13,6 +13,37 @@ export interface FileOps {
   seekHole(fd: number, offset: number): number;
   // Grows a pipe (F_SETPIPE_SZ); returns the size granted, or 0 if fd is not a pipe.
   setPipeSize(fd: number, bytes: number): number;
+  // The file position of fd (lseek SEEK_CUR).
+  tell(fd: number): number;
+  // A read-only Buffer over [offset, offset+length) of a regular file (mmap);
+  // offset page-aligned. Unmapped when collected. A file truncated while mapped
+  // raises SIGBUS, so only for input files nobody is rewriting.
+  mapFile(fd: number, offset: number, length: number): Buffer;
+  // zlib's CRC-32 of buf continuing from crc (0 to start), at memory speed.
+  crc32(buf: Uint8Array, crc?: number): number;
+  // The image's per-page work for one batch, on a pool thread (pagewrite.cc).
+  writePages(job: PageJob): Promise<{ checksumOk: boolean; duplicates: number; zeroRecords: number }>;
+}
+
+// One batch of pages for writePages. The bitmaps (present, dataBits, discarded:
+// one bit per page of the block) are updated in place; crcs and isData (one slot
+// per record) are filled; nothing may touch any of them until the promise settles.
+// check: the frame's CRC before its data pages, and as sent; when it does not
+// match, nothing is written and checksumOk is false.
+export interface PageJob {
+  fd: number;
+  pageSize: number;
+  base: number; // data-file offset of the block's page 0
+  pages: number; // pages in the block; every index must be below it
+  index: Uint32Array;
+  zero: Uint8Array;
+  data: Uint8Array;
+  present: Uint8Array;
+  dataBits: Uint8Array;
+  discarded: Uint8Array;
+  crcs: Uint32Array;
+  isData: Uint8Array;
+  check?: { seed: number; expected: number };
 }
 
 const fileopsPath = path.join(__dirname, '..', '..', 'build', 'Release', 'bgsnap_fileops.node');

@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import * as path from 'node:path';
 import { fileops } from '../io/fileops';
 import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
-import { crc32 } from '../format/crc32';
+import { StreamError } from '../format/errors';
 import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
 import type { ReceiveSummary, SnapshotSink } from '../io/sink';
@@ -62,7 +62,7 @@ export class ImageWriter implements SnapshotSink {
   private crcs: PageCrcs[] = [];
   private totals: StreamTotals | undefined;
   private pending: Promise<void>[] = [];
-  private zeroPage = Buffer.alloc(0);
+  private tail: Promise<void> = Promise.resolve(); // the last queued event
   private readonly counts = { pagesReceived: 0, zeroRecords: 0, duplicatePages: 0, discardedPages: 0, streamBytes: 0 };
   private readonly started = Date.now();
 
@@ -87,7 +87,17 @@ export class ImageWriter implements SnapshotSink {
     this.counts.streamBytes = n;
   }
 
-  write(ev: StreamEvent): void {
+  // The image verifies the checksum of page frames itself (PageBatch.check).
+  readonly checksPages = true;
+
+  // Events apply in order: a page batch settles before the next event touches
+  // the bitmaps, and once one fails every later one fails with it.
+  write(ev: StreamEvent): Promise<void> {
+    this.tail = this.tail.then(() => this.apply(ev));
+    return this.tail;
+  }
+
+  private apply(ev: StreamEvent): void | Promise<void> {
     switch (ev.type) {
       case 'header': return this.onHeader(ev.header);
       case 'blocks': return this.onBlocks(ev.blocks);
@@ -100,7 +110,6 @@ export class ImageWriter implements SnapshotSink {
 
   private onHeader(h: StreamHeader): void {
     this.header = h;
-    this.zeroPage = Buffer.alloc(h.pageSize);
     this.pending.push(this.index.putJson('header', h));
     this.pending.push(this.index.putJson('format', {
       version: INDEX_VERSION, pageSize: h.pageSize, blockAlign: BLOCK_ALIGN, chunkPages: CHUNK_PAGES, pageChecksum: 'crc32',
@@ -125,50 +134,29 @@ export class ImageWriter implements SnapshotSink {
     return { blk, map: this.maps[n], crc: this.crcs[n] };
   }
 
-  // Writes runs of consecutive non-zero pages with one pwrite each; a page that is
-  // zero (flagged, or all-zero bytes) becomes a hole, punched if it held data.
-  private onPages(batch: PageBatch): void {
+  // The per-page work of a batch runs in the file-operations addon on a pool
+  // thread (io/native/pagewrite.cc): checksum, zero test, bitmaps, one pwrite per
+  // run of consecutive data pages, holes for pages that became zero. Batches run
+  // one after another (the last version of a page wins), and the bitmaps are
+  // touched by nothing else meanwhile (write() queues every event behind it).
+  private async onPages(batch: PageBatch): Promise<void> {
     const { blk, map, crc } = this.block(batch.block);
-    const ps = this.header!.pageSize;
-    const { index, zero, data } = batch;
-    let runStart = -1; // first batch slot of the current run
-    let runData = 0; // data offset of the run
-    let d = 0;
-    for (let i = 0; i <= index.length; i++) {
-      const page = i < index.length && !zero[i] ? data.subarray(d, d + ps) : undefined;
-      const isData = page !== undefined && !page.equals(this.zeroPage);
-      if (isData) crc.set(index[i], batch.crcs ? batch.crcs[d / ps] : crc32(page));
-      const extends_ = isData && runStart >= 0 && index[i] === index[i - 1] + 1;
-      if (runStart >= 0 && !extends_) this.writeRun(blk, index[runStart], data, runData, d - runData);
-      if (isData && !extends_) {
-        runStart = i;
-        runData = d;
-      } else if (!isData) runStart = -1;
-      if (i === index.length) break;
-      this.account(map, blk, index[i], isData);
-      if (!zero[i]) d += ps;
+    const n = batch.index.length;
+    const crcs = new Uint32Array(n);
+    const isData = new Uint8Array(n);
+    const r = await fileops.writePages({
+      fd: this.fd, pageSize: this.header!.pageSize, base: blk.base, pages: blk.pages, index: batch.index, zero: batch.zero, data: batch.data,
+      present: map.present.bits, dataBits: map.data.bits, discarded: map.discarded.bits, crcs, isData,
+      check: batch.check && { seed: batch.check.seed, expected: batch.check.expected },
+    });
+    if (!r.checksumOk) {
+      const c = batch.check!;
+      throw new StreamError('bgsnap', 'BAD_CHECKSUM', c.offset, `bad checksum in PAGES frame ${c.frame}`);
     }
-    this.counts.pagesReceived += index.length;
-  }
-
-  private account(map: BlockPages, blk: ImageBlock, page: number, isData: boolean): void {
-    if (map.present.get(page)) this.counts.duplicatePages++;
-    map.present.set(page);
-    map.discarded.clear(page);
-    if (isData) return map.data.set(page);
-    this.counts.zeroRecords++;
-    if (!map.data.get(page)) return;
-    map.data.clear(page);
-    const ps = this.header!.pageSize;
-    fileops.punchHole(this.fd, blk.base + page * ps, ps);
-  }
-
-  private writeRun(blk: ImageBlock, page: number, data: Buffer, from: number, len: number): void {
-    const off = blk.base + page * this.header!.pageSize;
-    // The decoders already bound every index; this guards the image itself.
-    if (page < 0 || off + len > blk.base + blk.length) throw new Error(`refusing to write ${len} bytes at page ${page} outside block ${blk.name}`);
-    let done = 0;
-    while (done < len) done += fs.writeSync(this.fd, data, from + done, len - done, off + done);
+    for (let i = 0; i < n; i++) if (isData[i]) crc.set(batch.index[i], crcs[i]);
+    this.counts.pagesReceived += n;
+    this.counts.duplicatePages += r.duplicates;
+    this.counts.zeroRecords += r.zeroRecords;
   }
 
   private onDiscard(batch: DiscardBatch): void {
@@ -192,7 +180,8 @@ export class ImageWriter implements SnapshotSink {
   }
 
   async finish(): Promise<ReceiveSummary> {
-    const reason = this.incompleteReason();
+    const failed = await this.tail.then(() => undefined, (e: Error) => e);
+    const reason = failed ? failed.message : this.incompleteReason();
     return this.close(reason === '' ? 'complete' : 'incomplete', reason);
   }
 
@@ -208,6 +197,7 @@ export class ImageWriter implements SnapshotSink {
   // does not stall others received by the same process.
   private async close(status: 'complete' | 'incomplete', reason: string): Promise<ReceiveSummary> {
     try {
+      await this.tail.catch(() => undefined); // no page work may still use the fd
       await Promise.allSettled(this.pending);
       if (status === 'incomplete') await this.putStatus(status, reason);
       await Promise.all(this.pending);

@@ -24,6 +24,7 @@ export class NamedImageSink implements SnapshotSink {
   private writer: ImageWriter | undefined;
   private claimed: string | undefined;
   private bytes = 0;
+  readonly checksPages = true; // the ImageWriter beneath verifies page frames
 
   constructor(private readonly opts: NamedSinkOptions) {}
 
@@ -39,7 +40,7 @@ export class NamedImageSink implements SnapshotSink {
   async write(ev: StreamEvent): Promise<void> {
     if (ev.type === 'header') this.writer = await this.open(this.opts.name ?? ev.header.snapshotId);
     if (!this.writer) throw new Error(`${ev.type} before the stream header`);
-    this.writer.write(ev);
+    await this.writer.write(ev);
     if (ev.type === 'end') this.opts.onEnd();
   }
 

@@ -5,18 +5,18 @@
 import { pipeline } from 'node:stream/promises';
 import type { Readable, TransformCallback } from 'node:stream';
 import through2 from 'through2';
-import { BgsnapDecoder, isBgsnapStream } from '../format/bgsnap';
+import { BgsnapDecoder, isBgsnapStream, type DecoderOptions } from '../format/bgsnap';
 import { QemuDecoder, isQemuStream } from '../format/qemu';
 import { StreamError } from '../format/errors';
 import type { StreamDecoder, StreamEvent } from '../format/events';
 import type { ReceiveSummary, SnapshotSink } from '../io/sink';
 
 // Chooses the decoder from the first bytes; undefined until 4 bytes have arrived.
-export function detectDecoder(first: Buffer): StreamDecoder | undefined {
+export function detectDecoder(first: Buffer, opts: DecoderOptions = {}): StreamDecoder | undefined {
   if (first.length < 4) return undefined;
   if (isQemuStream(first)) return new QemuDecoder();
   if (first.length < 6) return undefined;
-  if (isBgsnapStream(first)) return new BgsnapDecoder();
+  if (isBgsnapStream(first)) return new BgsnapDecoder(opts);
   throw new StreamError('input', 'BAD_MAGIC', 0, `neither a bgsnap nor a QEMU migration stream (starts with ${first.subarray(0, 8).toString('hex')})`);
 }
 
@@ -27,7 +27,7 @@ export type Decoded = StreamEvent[] | { error: Error };
 
 // A transform from byte chunks to arrays of events; the stream's end is checked
 // by the decoder's finish(), which throws unless the stream provably ended.
-export function decodeStream(onBytes?: (n: number) => void) {
+export function decodeStream(onBytes?: (n: number) => void, opts: DecoderOptions = {}) {
   let dec: StreamDecoder | undefined;
   let head = Buffer.alloc(0);
   let failed = false;
@@ -37,7 +37,7 @@ export function decodeStream(onBytes?: (n: number) => void) {
       try {
         if (!dec) {
           head = Buffer.concat([head, chunk]);
-          dec = detectDecoder(head);
+          dec = detectDecoder(head, opts);
           if (!dec) return cb();
           chunk = head;
         }
@@ -64,10 +64,13 @@ export function decodeStream(onBytes?: (n: number) => void) {
 
 // Receives one stream into the sink. Resolves with the summary whenever the sink
 // could be closed; the summary says incomplete, with the reason, if anything broke.
-export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number }): Promise<ReceiveSummary> {
+// A sink that verifies PageBatch.check (the image writer, which checksums every
+// page anyway) gets page frames whose checksum the decoder left to it.
+export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number; checksPages?: boolean }): Promise<ReceiveSummary> {
   let cause: Error | undefined; // the consumer's own error; pipeline may report an AbortError instead
+  const opts = { deferPageChecks: sink.checksPages === true };
   try {
-    await pipeline(input, decodeStream((n) => (sink.streamBytes = n)), async (source: AsyncIterable<Decoded>) => {
+    await pipeline(input, decodeStream((n) => (sink.streamBytes = n), opts), async (source: AsyncIterable<Decoded>) => {
       try {
         for await (const events of source) {
           if (!Array.isArray(events)) throw events.error;

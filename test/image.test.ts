@@ -79,4 +79,24 @@ test('a stream whose pages do not cover every page is incomplete', async () => {
   assert.match(summary.reason, /1 pages of block a never arrived/);
 });
 
+// The image checks page frames itself (the decoder defers to it, so each page is
+// checksummed once); a damaged frame must still never reach the data file.
+test('a PAGES frame with a flipped bit in a page is refused before any of its pages is written', async () => {
+  const enc = new BgsnapEncoder();
+  const two = Uint32Array.from([0, 1]);
+  const frames = [[enc.magic()], enc.header(makeHeader()), enc.blocks([{ name: 'a', length: 8192, address: 0 }]),
+    enc.pages({ block: 0, index: two, zero: new Uint8Array(2), data: Buffer.concat([pageBytes(1, 4096), pageBytes(2, 4096)]) }),
+    enc.pages({ block: 0, index: two, zero: new Uint8Array(2), data: Buffer.concat([pageBytes(3, 4096), pageBytes(4, 4096)]) }), enc.end()];
+  const bytes = Buffer.concat(frames.flat());
+  const second = bytes.length - Buffer.concat(frames[5]).length - Buffer.concat(frames[4]).length;
+  bytes[second + Buffer.concat(frames[4]).length - 100] ^= 4; // inside frame 3's second page
+  const dir = path.join(tmp(), 'img');
+  const summary = await receive(Readable.from([bytes]), await ImageWriter.create(dir));
+  assert.is(summary.status, 'incomplete');
+  assert.match(summary.reason, /bad checksum in PAGES frame 3/);
+  const data = fs.readFileSync(path.join(dir, 'data'));
+  assert.ok(data.subarray(0, 4096).equals(pageBytes(1, 4096)), 'page 0 keeps the version of the intact frame');
+  assert.ok(data.subarray(4096).equals(pageBytes(2, 4096)), 'page 1 keeps the version of the intact frame');
+});
+
 test.run();
