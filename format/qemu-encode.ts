@@ -114,6 +114,22 @@ export class RamPartWriter {
     return out;
   }
 
+  // PAGE records for count consecutive pages from page first, with the page
+  // bytes left unfilled: slots are the views where each page's 4096 bytes go, so
+  // the caller reads the pages straight into place (one copy from the image
+  // into the stream instead of two).
+  pageSlots(block: number, first: number, count: number): { out: Buffer; slots: Buffer[] } {
+    const out = Buffer.allocUnsafe(this.recordsSize(block, count, count));
+    const slots: Buffer[] = [];
+    let p = 0;
+    for (let i = 0; i < count; i++) {
+      p = this.recordHead(out, p, block, first + i, RAM.PAGE);
+      slots.push(out.subarray(p, p + QEMU_PAGE));
+      p += QEMU_PAGE;
+    }
+    return { out, slots };
+  }
+
   // ZERO records (9 bytes each with CONTINUE): cheaper than pages, and safe on a
   // destination whose memory is not known to be zero.
   zeros(block: number, index: Uint32Array): Buffer {

@@ -149,6 +149,28 @@ export class ImageReader {
     return buf.subarray(0, len);
   }
 
+  // Reads count pages of a block starting at page first into the given views,
+  // one page each, with one preadv (the views may sit inside a larger buffer).
+  readPagesInto(block: number, first: number, slots: Buffer[]): void {
+    const blk = this.blocks[block];
+    const ps = this.format.pageSize;
+    if (first + slots.length > blk.pages) throw new Error(`read past the end of block ${blk.name}`);
+    const v = slots.slice();
+    let pos = blk.base + first * ps;
+    let k = 0;
+    while (k < v.length) {
+      let n = fs.readvSync(this.fd, v.slice(k, k + 1024), pos); // IOV_MAX is 1024
+      if (n === 0) throw new Error(`${this.dir}/data is shorter than its block table says`);
+      pos += n;
+      while (n > 0 && k < v.length) {
+        const l = v[k].length;
+        if (n < l) v[k] = v[k].subarray(n); // a short read inside a page: the rest next time
+        else k++;
+        n -= Math.min(n, l);
+      }
+    }
+  }
+
   // Re-reads every stored page: data pages against the CRC32 recorded when they
   // were received, zero pages must read as zeroes.
   async verify(maxReport = 20): Promise<VerifyResult> {
