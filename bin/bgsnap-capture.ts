@@ -3,7 +3,6 @@
 // running QEMU VM (RAM, devices and every writable drive) or any Linux process as a bgsnap stream on stdout (or -o FILE).
 // The target keeps running throughout; if this program dies, it is released.
 import { Command } from 'commander';
-import { BgsnapEncoder } from '../format/bgsnap';
 import { emitStream, type EmitProgress } from '../capture/emit';
 import { captureQemu } from '../capture/qemu-events';
 import { captureProcess } from '../capture/process-source';
@@ -11,7 +10,7 @@ import { addNetOptions, NetOutput, type NetFlags } from '../net/client';
 import type { CaptureSource } from '../capture/source';
 import type { PageBatch } from '../format/events';
 import { Output } from '../io/output';
-import { StreamSink } from '../io/stream-sink';
+import { StreamSink, fastEncoder } from '../io/stream-sink';
 import { main, parseIntArg, writeStats } from './common';
 
 const prog = new Command('bgsnap-capture')
@@ -80,7 +79,7 @@ main('bgsnap-capture', async () => {
   const started = Date.now();
   // Connected and authenticated before the target is touched: a refused capture never freezes it.
   const out = opts.to !== undefined ? await NetOutput.connect(opts) : Output.open(opts.output, { force: opts.force });
-  const sink = new StreamSink(out, new BgsnapEncoder({ compressLevel: level }), opts.to ?? opts.output);
+  const sink = new StreamSink(out, fastEncoder({ compressLevel: level }), opts.to ?? opts.output);
   // A signal while the source opens (QEMU: disks being set up, the VM stopped
   // for the instant) must not kill us half-way: it aborts once open.
   let source: Awaited<ReturnType<typeof openSource>> | undefined;

@@ -52,8 +52,13 @@ function emptyTotals(): StreamTotals {
 
 // ---------------------------------------------------------------- encoder
 
+// zlib's crc32(data, crc); callers with a faster equal function (the fileops
+// addon's, io/native/crc32.cc) pass it in, since format/ does no I/O and loads no addon.
+export type Crc32Fn = (data: Uint8Array, crc?: number) => number;
+
 export interface EncoderOptions {
   compressLevel?: number; // zstd level for PAGES payloads; undefined = no compression
+  crc32?: Crc32Fn;
 }
 
 // Produces frames as Buffer lists (header + payload parts) so page data is written
@@ -61,10 +66,12 @@ export interface EncoderOptions {
 export class BgsnapEncoder {
   readonly totals = emptyTotals();
   private readonly level: number | undefined;
+  private readonly crc: Crc32Fn;
   private pageSizeBytes = 0;
 
   constructor(opts: EncoderOptions = {}) {
     this.level = opts.compressLevel;
+    this.crc = opts.crc32 ?? crc32;
   }
 
   // The page size of the stream, once its header was encoded (0 before).
@@ -90,7 +97,7 @@ export class BgsnapEncoder {
     p.writeBigUInt64LE(BigInt(Math.floor(h.created)), 24);
     p.writeUInt16LE(label.length, 32);
     label.copy(p, 34);
-    return frame(FrameType.HEADER, [p]);
+    return frame(this.crc, FrameType.HEADER, [p]);
   }
 
   blocks(blocks: BlockInfo[]): Buffer[] {
@@ -103,7 +110,7 @@ export class BgsnapEncoder {
       e.writeUInt16LE(name.length, 16);
       parts.push(e, name);
     }
-    return frame(FrameType.BLOCKS, parts);
+    return frame(this.crc, FrameType.BLOCKS, parts);
   }
 
   pages(batch: PageBatch): Buffer[] {
@@ -121,9 +128,9 @@ export class BgsnapEncoder {
     this.totals.pages += n;
     this.totals.zeroPages += zeros;
     this.totals.batches += 1;
-    if (this.level === undefined) return frame(FrameType.PAGES, [meta, batch.data]);
+    if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data]);
     const raw = Buffer.concat([meta, batch.data]);
-    return frame(FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
+    return frame(this.crc, FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
   }
 
   discard(batch: DiscardBatch): Buffer[] {
@@ -133,7 +140,7 @@ export class BgsnapEncoder {
     meta.writeUInt32LE(n, 4);
     Buffer.from(batch.index.buffer, batch.index.byteOffset, n * 4).copy(meta, 8);
     this.totals.discarded += n;
-    return frame(FrameType.DISCARD, [meta]);
+    return frame(this.crc, FrameType.DISCARD, [meta]);
   }
 
   state(s: StateBlob): Buffer[] {
@@ -142,14 +149,14 @@ export class BgsnapEncoder {
     head.writeUInt16LE(kind.length, 0);
     kind.copy(head, 2);
     this.totals.states += 1;
-    return frame(FrameType.STATE, [head, s.data]);
+    return frame(this.crc, FrameType.STATE, [head, s.data]);
   }
 
   end(): Buffer[] {
     const t = this.totals;
     const p = Buffer.alloc(40);
     [t.pages, t.zeroPages, t.discarded, t.batches, t.states].forEach((v, i) => p.writeBigUInt64LE(BigInt(v), i * 8));
-    return frame(FrameType.END, [p]);
+    return frame(this.crc, FrameType.END, [p]);
   }
 }
 
@@ -163,7 +170,7 @@ function pad4(n: number): number {
   return (4 - (n % 4)) % 4;
 }
 
-function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
+function frame(crcFn: Crc32Fn, type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
   const length = parts.reduce((s, p) => s + p.length, 0);
   if (length > MAX_PAYLOAD) throw new Error(`bgsnap frame of ${length} bytes exceeds ${MAX_PAYLOAD}`);
   const h = Buffer.alloc(FRAME_HEADER);
@@ -171,8 +178,8 @@ function frame(type: FrameType, parts: Buffer[], flags = 0, rawLength?: number):
   h.writeUInt8(flags, 1);
   h.writeUInt32LE(length, 4);
   h.writeUInt32LE(rawLength ?? length, 8);
-  let crc = crc32(h.subarray(0, 12));
-  for (const p of parts) crc = crc32(p, crc);
+  let crc = crcFn(h.subarray(0, 12), 0);
+  for (const p of parts) crc = p.length ? crcFn(p, crc) : crc;
   h.writeUInt32LE(crc, 12);
   return [h, ...parts];
 }
@@ -189,10 +196,15 @@ export interface DecoderOptions {
   // checksums each page anyway, so no page is read twice. Only for sinks that
   // verify PageCheck (the image writer); every other frame is verified here.
   deferPageChecks?: boolean;
+  crc32?: Crc32Fn; // a faster equal of zlib's (see EncoderOptions)
 }
 
 export class BgsnapDecoder implements StreamDecoder {
-  constructor(private readonly opts: DecoderOptions = {}) {}
+  constructor(private readonly opts: DecoderOptions = {}) {
+    this.crc = opts.crc32 ?? crc32;
+  }
+
+  private readonly crc: Crc32Fn;
 
   private readonly q = new ChunkQueue();
   private offset = 0; // stream offset of the next unconsumed byte
@@ -269,7 +281,7 @@ export class BgsnapDecoder implements StreamDecoder {
     const plainPages = type === FrameType.PAGES && !(flags & FLAG_ZSTD);
     const check = plainPages && this.opts.deferPageChecks ? this.pageCheck(h, wire) : undefined;
     const pageCrcs = plainPages && !check ? this.pageCrcs(h, wire) : undefined;
-    const crc = check ? check.expected : pageCrcs ? pageCrcs.frame : crc32(wire, crc32(h.subarray(0, 12)));
+    const crc = check ? check.expected : pageCrcs ? pageCrcs.frame : this.crc(wire, this.crc(h.subarray(0, 12)));
     if (crc !== h.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in ${FrameType[type]} frame ${this.frameNo}`);
     const payload = flags & FLAG_ZSTD ? this.inflate(wire, rawLength, type) : wire;
     if (!(flags & FLAG_ZSTD) && rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);
@@ -288,10 +300,10 @@ export class BgsnapDecoder implements StreamDecoder {
     const metaEnd = this.pagesMetaEnd(wire);
     if (metaEnd === undefined) return undefined;
     const ps = this.header!.pageSize;
-    let frame = crc32(wire.subarray(0, metaEnd), crc32(head.subarray(0, 12)));
+    let frame = this.crc(wire.subarray(0, metaEnd), this.crc(head.subarray(0, 12)));
     const pages = new Uint32Array((wire.length - metaEnd) / ps);
     for (let i = 0, o = metaEnd; i < pages.length; i++, o += ps) {
-      pages[i] = crc32(wire.subarray(o, o + ps));
+      pages[i] = this.crc(wire.subarray(o, o + ps));
       frame = crc32Combine(frame, pages[i], ps);
     }
     return { frame, pages };
@@ -303,7 +315,7 @@ export class BgsnapDecoder implements StreamDecoder {
     try {
       return this.decodePayload(FrameType.PAGES, wire);
     } catch (e) {
-      if (crc32(wire, crc32(head.subarray(0, 12))) !== head.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in PAGES frame ${this.frameNo}`);
+      if (this.crc(wire, this.crc(head.subarray(0, 12))) !== head.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in PAGES frame ${this.frameNo}`);
       throw e;
     }
   }
@@ -314,7 +326,7 @@ export class BgsnapDecoder implements StreamDecoder {
   private pageCheck(head: Buffer, wire: Buffer): PageCheck | undefined {
     const metaEnd = this.pagesMetaEnd(wire);
     if (metaEnd === undefined) return undefined;
-    const seed = crc32(wire.subarray(0, metaEnd), crc32(head.subarray(0, 12)));
+    const seed = this.crc(wire.subarray(0, metaEnd), this.crc(head.subarray(0, 12)));
     return { seed, expected: head.readUInt32LE(12), frame: this.frameNo, offset: this.offset };
   }
 

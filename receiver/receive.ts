@@ -10,6 +10,7 @@ import { QemuDecoder, isQemuStream } from '../format/qemu';
 import { StreamError } from '../format/errors';
 import type { StreamDecoder, StreamEvent } from '../format/events';
 import type { ReceiveSummary, SnapshotSink } from '../io/sink';
+import { fileops } from '../io/fileops';
 
 // Chooses the decoder from the first bytes; undefined until 4 bytes have arrived.
 export function detectDecoder(first: Buffer, opts: DecoderOptions = {}): StreamDecoder | undefined {
@@ -68,7 +69,7 @@ export function decodeStream(onBytes?: (n: number) => void, opts: DecoderOptions
 // page anyway) gets page frames whose checksum the decoder left to it.
 export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number; checksPages?: boolean }): Promise<ReceiveSummary> {
   let cause: Error | undefined; // the consumer's own error; pipeline may report an AbortError instead
-  const opts = { deferPageChecks: sink.checksPages === true };
+  const opts = { deferPageChecks: sink.checksPages === true, crc32: (d: Uint8Array, c = 0) => fileops.crc32(d, c) };
   try {
     await pipeline(input, decodeStream((n) => (sink.streamBytes = n), opts), async (source: AsyncIterable<Decoded>) => {
       try {
