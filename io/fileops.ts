@@ -21,15 +21,17 @@ export interface FileOps {
   mapFile(fd: number, offset: number, length: number): Buffer;
   // zlib's CRC-32 of buf continuing from crc (0 to start), at memory speed.
   crc32(buf: Uint8Array, crc?: number): number;
-  // The image's per-page work for one batch, on a pool thread (pagewrite.cc).
-  writePages(job: PageJob): Promise<{ checksumOk: boolean; duplicates: number; zeroRecords: number }>;
+  // The image's per-page work for batches, in order, on a pool thread
+  // (pagewrite.cc). badChecksum: the index of the job whose frame checksum
+  // failed (it and those after it are not written), or -1.
+  writePages(jobs: PageJob[]): Promise<{ badChecksum: number; duplicates: number; zeroRecords: number }>;
 }
 
 // One batch of pages for writePages. The bitmaps (present, dataBits, discarded:
 // one bit per page of the block) are updated in place; crcs and isData (one slot
 // per record) are filled; nothing may touch any of them until the promise settles.
 // check: the frame's CRC before its data pages, and as sent; when it does not
-// match, nothing is written and checksumOk is false.
+// match, nothing of it is written.
 export interface PageJob {
   fd: number;
   pageSize: number;

@@ -8,11 +8,10 @@ import * as fs from 'node:fs';
 import { makePrivateDir, openPrivateFile } from '../io/private-file';
 import { promisify } from 'node:util';
 import * as path from 'node:path';
-import { fileops } from '../io/fileops';
 import type { BlockInfo, PageBatch, DiscardBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
-import { StreamError } from '../format/errors';
 import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
+import { PageQueue, type QueuedBatch } from './page-queue';
 import type { ReceiveSummary, SnapshotSink } from '../io/sink';
 
 export const BLOCK_ALIGN = 2 * 1024 * 1024;
@@ -62,8 +61,8 @@ export class ImageWriter implements SnapshotSink {
   private crcs: PageCrcs[] = [];
   private totals: StreamTotals | undefined;
   private pending: Promise<void>[] = [];
-  private tail: Promise<void> = Promise.resolve(); // the last queued event
-  private readonly counts = { pagesReceived: 0, zeroRecords: 0, duplicatePages: 0, discardedPages: 0, streamBytes: 0 };
+  private readonly queue = new PageQueue();
+  private readonly counts = { discardedPages: 0, streamBytes: 0 };
   private readonly started = Date.now();
 
   private constructor(
@@ -90,18 +89,29 @@ export class ImageWriter implements SnapshotSink {
   // The image verifies the checksum of page frames itself (PageBatch.check).
   readonly checksPages = true;
 
-  // Events apply in order: a page batch settles before the next event touches
-  // the bitmaps, and once one fails every later one fails with it.
-  write(ev: StreamEvent): Promise<void> {
-    this.tail = this.tail.then(() => this.apply(ev));
-    return this.tail;
+  // Any event but pages waits until the queued pages are written, so it sees
+  // (and changes) the bitmaps in stream order. A page batch resolves once it is
+  // written: the caller may then reuse its buffers (the sink contract).
+  write(ev: StreamEvent): void | Promise<void> {
+    if (ev.type !== 'pages') return this.queue.idle().then(() => this.apply(ev));
+    const q = this.job(ev.batch);
+    const written = new Promise<void>((resolve, reject) => (q.onDone = (e) => (e ? reject(e) : resolve())));
+    const wait = this.queue.push(q);
+    return wait ? Promise.all([wait, written]).then(() => undefined) : written;
   }
 
-  private apply(ev: StreamEvent): void | Promise<void> {
+  // For batches whose buffers nobody reuses (the decoder's): queued for the
+  // addon (page-queue.ts) while decoding goes on; a promise only to slow the
+  // input down when the queue is full.
+  writeOwned(ev: StreamEvent): void | Promise<void> {
+    return ev.type === 'pages' ? this.queue.push(this.job(ev.batch)) : this.write(ev);
+  }
+
+  private apply(ev: StreamEvent): void {
     switch (ev.type) {
       case 'header': return this.onHeader(ev.header);
       case 'blocks': return this.onBlocks(ev.blocks);
-      case 'pages': return this.onPages(ev.batch);
+      case 'pages': return; // queued by write()
       case 'discard': return this.onDiscard(ev.batch);
       case 'state': return void this.pending.push(this.index.putBuffer(`state/${ev.state.kind}`, Buffer.from(ev.state.data)));
       case 'end': this.totals = ev.totals;
@@ -136,27 +146,17 @@ export class ImageWriter implements SnapshotSink {
 
   // The per-page work of a batch runs in the file-operations addon on a pool
   // thread (io/native/pagewrite.cc): checksum, zero test, bitmaps, one pwrite per
-  // run of consecutive data pages, holes for pages that became zero. Batches run
-  // one after another (the last version of a page wins), and the bitmaps are
-  // touched by nothing else meanwhile (write() queues every event behind it).
-  private async onPages(batch: PageBatch): Promise<void> {
+  // run of consecutive data pages, holes for pages that became zero.
+  private job(batch: PageBatch): QueuedBatch {
+    if (!this.header) throw new Error('page batch before the stream header');
     const { blk, map, crc } = this.block(batch.block);
     const n = batch.index.length;
-    const crcs = new Uint32Array(n);
-    const isData = new Uint8Array(n);
-    const r = await fileops.writePages({
-      fd: this.fd, pageSize: this.header!.pageSize, base: blk.base, pages: blk.pages, index: batch.index, zero: batch.zero, data: batch.data,
-      present: map.present.bits, dataBits: map.data.bits, discarded: map.discarded.bits, crcs, isData,
+    const job = {
+      fd: this.fd, pageSize: this.header.pageSize, base: blk.base, pages: blk.pages, index: batch.index, zero: batch.zero, data: batch.data,
+      present: map.present.bits, dataBits: map.data.bits, discarded: map.discarded.bits, crcs: new Uint32Array(n), isData: new Uint8Array(n),
       check: batch.check && { seed: batch.check.seed, expected: batch.check.expected },
-    });
-    if (!r.checksumOk) {
-      const c = batch.check!;
-      throw new StreamError('bgsnap', 'BAD_CHECKSUM', c.offset, `bad checksum in PAGES frame ${c.frame}`);
-    }
-    for (let i = 0; i < n; i++) if (isData[i]) crc.set(batch.index[i], crcs[i]);
-    this.counts.pagesReceived += n;
-    this.counts.duplicatePages += r.duplicates;
-    this.counts.zeroRecords += r.zeroRecords;
+    };
+    return { batch, job, crc };
   }
 
   private onDiscard(batch: DiscardBatch): void {
@@ -180,7 +180,7 @@ export class ImageWriter implements SnapshotSink {
   }
 
   async finish(): Promise<ReceiveSummary> {
-    const failed = await this.tail.then(() => undefined, (e: Error) => e);
+    const failed = await this.queue.idle().then(() => undefined, (e: Error) => e);
     const reason = failed ? failed.message : this.incompleteReason();
     return this.close(reason === '' ? 'complete' : 'incomplete', reason);
   }
@@ -197,7 +197,7 @@ export class ImageWriter implements SnapshotSink {
   // does not stall others received by the same process.
   private async close(status: 'complete' | 'incomplete', reason: string): Promise<ReceiveSummary> {
     try {
-      await this.tail.catch(() => undefined); // no page work may still use the fd
+      await this.queue.idle().catch(() => undefined); // no page work may still use the fd
       await Promise.allSettled(this.pending);
       if (status === 'incomplete') await this.putStatus(status, reason);
       await Promise.all(this.pending);
@@ -240,8 +240,8 @@ export class ImageWriter implements SnapshotSink {
     }
     return {
       status, reason, image: this.dir, snapshotId: this.header?.snapshotId ?? '', source: this.header?.source ?? '',
-      pagesReceived: this.counts.pagesReceived, uniquePages: unique, dataPages, zeroPages: unique - dataPages,
-      duplicatePages: this.counts.duplicatePages, discardedPages: this.counts.discardedPages,
+      pagesReceived: this.queue.counts.pages, uniquePages: unique, dataPages, zeroPages: unique - dataPages,
+      duplicatePages: this.queue.counts.duplicates, discardedPages: this.counts.discardedPages,
       streamBytes: this.counts.streamBytes, imageBytes, imageSize: imageSize(this.blocks),
       seconds: (Date.now() - this.started) / 1000,
     };

@@ -44,6 +44,12 @@ export class NamedImageSink implements SnapshotSink {
     if (ev.type === 'end') this.opts.onEnd();
   }
 
+  // The decoder's batches (see ImageWriter.writeOwned).
+  writeOwned(ev: StreamEvent): void | Promise<void> {
+    if (ev.type === 'pages' && this.writer) return this.writer.writeOwned(ev);
+    return this.write(ev);
+  }
+
   private async open(name: string): Promise<ImageWriter> {
     if (!this.opts.claim(name)) throw new Error(`image ${name} is being received by another connection`);
     this.claimed = name;

@@ -67,7 +67,11 @@ export function decodeStream(onBytes?: (n: number) => void, opts: DecoderOptions
 // could be closed; the summary says incomplete, with the reason, if anything broke.
 // A sink that verifies PageBatch.check (the image writer, which checksums every
 // page anyway) gets page frames whose checksum the decoder left to it.
-export async function receive(input: Readable, sink: SnapshotSink & { streamBytes?: number; checksPages?: boolean }): Promise<ReceiveSummary> {
+// Decoded batches own their buffers, so a sink that can keep them (writeOwned)
+// gets them without waiting for each to be written.
+type ReceivingSink = SnapshotSink & { streamBytes?: number; checksPages?: boolean; writeOwned?(ev: StreamEvent): void | Promise<void> };
+
+export async function receive(input: Readable, sink: ReceivingSink): Promise<ReceiveSummary> {
   let cause: Error | undefined; // the consumer's own error; pipeline may report an AbortError instead
   const opts = { deferPageChecks: sink.checksPages === true, crc32: (d: Uint8Array, c = 0) => fileops.crc32(d, c) };
   try {
@@ -76,7 +80,7 @@ export async function receive(input: Readable, sink: SnapshotSink & { streamByte
         for await (const events of source) {
           if (!Array.isArray(events)) throw events.error;
           for (const ev of events) {
-            const r = sink.write(ev);
+            const r = sink.writeOwned ? sink.writeOwned(ev) : sink.write(ev);
             if (r) await r;
           }
         }

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <napi.h>
@@ -72,29 +73,37 @@ struct Batch {
   uint32_t seed = 0, expected = 0;  // frame CRC before the pages, and as sent
 };
 
+// Runs the batches in order; stops at the first whose checksum fails (nothing
+// of it written) or whose write fails.
 class PageWriter : public Napi::AsyncWorker {
  public:
-  PageWriter(Napi::Env env, const Batch& b, Napi::Object keep)
-      : Napi::AsyncWorker(env), b_(b), deferred_(Napi::Promise::Deferred::New(env)) {
+  PageWriter(Napi::Env env, std::vector<Batch> all, Napi::Object keep)
+      : Napi::AsyncWorker(env), all_(std::move(all)), deferred_(Napi::Promise::Deferred::New(env)) {
     keep_ = Napi::Persistent(keep);
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
 
   void Execute() override {
-    if (!Checksum()) return;
-    for (uint32_t i = 0, d = 0; i < b_.n;) i = Record(i, d);
+    for (size_t k = 0; k < all_.size() && !err_; k++) {
+      b_ = all_[k];
+      if (!Checksum()) {
+        badChecksum_ = double(k);
+        return;
+      }
+      for (uint32_t i = 0, d = 0; i < b_.n;) i = Record(i, d);
+    }
   }
 
   void OnOK() override {
     Napi::Env env = Env();
-    Napi::Object r = Napi::Object::New(env);
-    r.Set("checksumOk", Napi::Boolean::New(env, checksumOk_));
-    r.Set("duplicates", Napi::Number::New(env, duplicates_));
-    r.Set("zeroRecords", Napi::Number::New(env, zeroRecords_));
     if (err_) {
       deferred_.Reject(ErrnoError(env, err_, what_).Value());
       return;
     }
+    Napi::Object r = Napi::Object::New(env);
+    r.Set("badChecksum", Napi::Number::New(env, badChecksum_));
+    r.Set("duplicates", Napi::Number::New(env, duplicates_));
+    r.Set("zeroRecords", Napi::Number::New(env, zeroRecords_));
     deferred_.Resolve(r);
   }
 
@@ -116,8 +125,7 @@ class PageWriter : public Napi::AsyncWorker {
       b_.crcs[i] = uint32_t(c);
       frame = crc32_combine_op(frame, c, op);
     }
-    checksumOk_ = !b_.check || uint32_t(frame) == b_.expected;
-    return checksumOk_;
+    return !b_.check || uint32_t(frame) == b_.expected;
   }
 
   unsigned long ZeroCrc() {
@@ -172,10 +180,11 @@ class PageWriter : public Napi::AsyncWorker {
     if (!err_) err_ = err, what_ = what;
   }
 
-  Batch b_;
+  std::vector<Batch> all_;
+  Batch b_;  // the batch being run
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference keep_;
-  bool checksumOk_ = true;
+  double badChecksum_ = -1;
   double duplicates_ = 0, zeroRecords_ = 0;
   int err_ = 0;
   std::string what_;
@@ -226,16 +235,23 @@ bool ParseBatch(Napi::Object job, Batch& b) {
 
 }  // namespace
 
-// writePages(job): Promise<{checksumOk, duplicates, zeroRecords}>; see Batch.
+// writePages(jobs): Promise<{badChecksum, duplicates, zeroRecords}>; see Batch.
+// badChecksum is the index of the job whose frame checksum failed, or -1.
 Napi::Value WritePages(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Batch b;
-  if (!info[0].IsObject() || !ParseBatch(info[0].As<Napi::Object>(), b)) {
+  std::vector<Batch> all;
+  bool ok = info[0].IsArray();
+  if (ok) {
+    Napi::Array jobs = info[0].As<Napi::Array>();
+    all.resize(jobs.Length());
+    for (uint32_t k = 0; ok && k < jobs.Length(); k++) ok = jobs.Get(k).IsObject() && ParseBatch(jobs.Get(k).As<Napi::Object>(), all[k]);
+  }
+  if (!ok) {
     Napi::TypeError::New(env, "writePages: a batch's arrays do not match its page count, page size or block").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  memset(b.isData, 0, b.n);
-  auto* w = new PageWriter(env, b, info[0].As<Napi::Object>());
+  for (Batch& b : all) memset(b.isData, 0, b.n);
+  auto* w = new PageWriter(env, std::move(all), info[0].As<Napi::Object>());
   Napi::Promise p = w->Promise();
   w->Queue();
   return p;
