@@ -1,8 +1,8 @@
 // Receiver throughput on a generated bgsnap stream (default 2 GiB of pages, 10%
-// of them sent twice and 20% zero), next to two baselines run in the same
-// invocation on the same file: reading it (cat > /dev/null) and copying it to a
-// file with dd (conv=fsync, since the receiver fsyncs its image too).
-//   node dist/bench/receive-throughput.js [--gib N] [--dir DIR]
+// of them sent twice and 20% zero), next to baselines run in the same
+// invocation on the same file: reading it (cat > /dev/null), cp to the same
+// directory, and dd to a file with conv=fsync (the receiver fsyncs its image too).
+//   node dist/bench/receive-throughput.js [--gib N] [--dir DIR] [--before OTHER/bin/bgsnap-receive.js]
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -93,6 +93,13 @@ function report(size: number, records: number, rows: [string, number][]): void {
   for (const [name, s] of rows) {
     console.log(`${name.padEnd(20)} ${s.toFixed(2).padStart(9)} ${(mb / s).toFixed(0).padStart(8)} ${(records / s).toExponential(2).padStart(9)} ${(s / base).toFixed(2).padStart(10)}x`);
   }
+  // Speed ratios (time of the baseline / time of the receiver), the issue's goals.
+  const t = (name: string) => rows.find((r) => r[0] === name)?.[1];
+  const rx = t('bgsnap-receive')!;
+  console.log(`receive vs cp: ${(t('cp to the same dir')! / rx).toFixed(2)}x (goal >= 0.80 on tmpfs); receive vs dd conv=fsync: ${(t('dd to file, fsync')! / rx).toFixed(2)}x (goal >= 0.95 on disk)`);
+  const before = t('receive (--before)');
+  if (before) console.log(`receive vs --before: ${(before / rx).toFixed(2)}x faster`);
+  console.log(`load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}`);
 }
 
 main();
