@@ -3,7 +3,6 @@
 import * as fs from 'node:fs';
 import type { Readable } from 'node:stream';
 import { fileops } from '../io/fileops';
-import { mappedFileStream } from '../io/mapped-input';
 
 export function fatal(prog: string, err: unknown): never {
   const e = err as Error & { code?: string };
@@ -36,13 +35,14 @@ export function parseIntArg(name: string) {
   };
 }
 
-// stdin as a stream. A regular file is mapped in 64 MiB windows (io/mapped-input):
-// read() into fresh buffers cost a copy plus the kernel zeroing each buffer, and
-// small chunks split the 1 MiB page frames, which then get copied again.
+// stdin as a stream. A regular file is read in 8 MiB chunks, so few 1 MiB page
+// frames straddle two chunks (those get copied again). It is read, not mapped:
+// a mapped file truncated under us would kill the receiver with SIGBUS, where a
+// read just ends the stream and the image is closed incomplete with its reason.
 // A pipe is grown to 1 MiB (the default pipe-max-size) so the writer runs ahead
 // while we work instead of the two taking turns over 64 KiB.
 export function stdinStream(): Readable {
-  if (fs.fstatSync(0).isFile()) return mappedFileStream(0, fileops.tell(0));
+  if (fs.fstatSync(0).isFile()) return fs.createReadStream('', { fd: 0, start: fileops.tell(0), highWaterMark: 8 << 20, autoClose: false });
   fileops.setPipeSize(0, 1 << 20);
   return process.stdin;
 }

@@ -15,10 +15,6 @@ export interface FileOps {
   setPipeSize(fd: number, bytes: number): number;
   // The file position of fd (lseek SEEK_CUR).
   tell(fd: number): number;
-  // A read-only Buffer over [offset, offset+length) of a regular file (mmap);
-  // offset page-aligned. Unmapped when collected. A file truncated while mapped
-  // raises SIGBUS, so only for input files nobody is rewriting.
-  mapFile(fd: number, offset: number, length: number): Buffer;
   // zlib's CRC-32 of buf continuing from crc (0 to start), at memory speed.
   crc32(buf: Uint8Array, crc?: number): number;
   // The image's per-page work for batches, in order, on a pool thread

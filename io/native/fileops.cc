@@ -93,36 +93,10 @@ static Napi::Value Tell(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(r));
 }
 
-// mapFile(fd, offset, length): a read-only Buffer over that range of a regular
-// file (mmap, pages populated up front), unmapped when the Buffer is collected.
-// Reading a stream file this way skips read()'s copy into fresh buffers, which
-// the kernel must also zero: the receiver's largest cost after writing.
-static Napi::Value MapFile(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  int fd = info[0].As<Napi::Number>().Int32Value();
-  int64_t off = info[1].As<Napi::Number>().Int64Value();
-  size_t len = size_t(info[2].As<Napi::Number>().Int64Value());
-  if (len == 0 || off % sysconf(_SC_PAGESIZE) != 0) {
-    Napi::RangeError::New(env, "mapFile: length must be > 0 and offset page-aligned").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  void* p = mmap(nullptr, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, off);
-  if (p == MAP_FAILED) {
-    ErrnoError(env, errno, "mmap of the input at byte " + std::to_string(off)).ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  madvise(p, len, MADV_SEQUENTIAL);
-  return Napi::Buffer<uint8_t>::New(env, static_cast<uint8_t*>(p), len, [](Napi::Env, uint8_t* data, size_t* n) {
-    munmap(data, *n);
-    delete n;
-  }, new size_t(len));
-}
-
 Napi::Value WritePages(const Napi::CallbackInfo& info);  // pagewrite.cc
 
 Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("tell", Napi::Function::New(env, Tell, "tell"));
-  exports.Set("mapFile", Napi::Function::New(env, MapFile, "mapFile"));
   exports.Set("crc32", Napi::Function::New(env, Crc32Js, "crc32"));
   exports.Set("writePages", Napi::Function::New(env, WritePages, "writePages"));
   exports.Set("setPipeSize", Napi::Function::New(env, SetPipeSize, "setPipeSize"));
