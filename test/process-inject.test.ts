@@ -7,13 +7,11 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { captureProcess, type ProcessCaptureOptions } from '../capture/process-source';
 import {
-  allThreadsProgress, buildTarget, checkInvariant, collect, isAlive, lineReader, startTarget, writeProtectedPages, type Target,
+  allThreadsProgress, buildTarget, checkInvariant, collect, isAlive, killCaptureAt, lineReader, startTarget, writeProtectedPages, type Target,
 } from './process-target';
 
-const CHILD = path.join(__dirname, 'process-capture-child.js');
 const SYSCTL = '/proc/sys/vm/unprivileged_userfaultfd';
 const NOBODY = 65534;
 
@@ -87,28 +85,6 @@ function tracerOf(pid: number): number {
   return Number(/TracerPid:\s*(\d+)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
 }
 
-// SIGKILL the capture child once `marker` shows on its output.
-function killCaptureAt(pid: number, holdAt: string, marker: RegExp): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, String(pid), holdAt, '20000', '0'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let armed = false;
-    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`marker ${marker} never seen: ${out}`)); }, 30_000);
-    const onData = (d: Buffer) => {
-      out += d.toString();
-      if (armed || !marker.test(out)) return;
-      armed = true;
-      setTimeout(() => child.kill('SIGKILL'), 50);
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`capture child ended by itself (${code}): ${out}`));
-      else resolve(out);
-    });
-  });
-}
 
 // Run `body` with vm.unprivileged_userfaultfd at `value` and /dev/userfaultfd
 // at `mode`, both put back afterwards.

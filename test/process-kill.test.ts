@@ -7,38 +7,10 @@
 // is consistent.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn } from 'node:child_process';
-import * as path from 'node:path';
 import { captureProcess } from '../capture/process-source';
 import {
-  allThreadsProgress, checkInvariant, collect, isAlive, startTarget, writeProtectedPages, type Target,
+  allThreadsProgress, checkInvariant, collect, isAlive, killCaptureAt, startTarget, writeProtectedPages, type Target,
 } from './process-target';
-
-const CHILD = path.join(__dirname, 'process-capture-child.js');
-
-// Start a capture child and SIGKILL it once `marker` shows on its stdout/stderr
-// (plus delayMs). Resolves when the child is gone.
-function killCaptureAt(pid: number, holdAt: string, marker: RegExp, delayMs: number, rate = 0): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CHILD, String(pid), holdAt, '20000', String(rate)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let armed = false;
-    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`marker ${marker} never seen: ${out}`)); }, 30_000);
-    const onData = (d: Buffer) => {
-      out += d.toString();
-      if (armed || !marker.test(out)) return;
-      armed = true;
-      setTimeout(() => child.kill('SIGKILL'), delayMs);
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal !== 'SIGKILL') reject(new Error(`capture child ended by itself (${code}): ${out}`));
-      else resolve(out);
-    });
-  });
-}
 
 async function assertRecovered(t: Target, label: string) {
   await new Promise((r) => setTimeout(r, 100));

@@ -275,3 +275,27 @@ export function anonHugeKb(pid: number): number {
   const text = fs.readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
   return Number(/AnonHugePages:\s+(\d+)/.exec(text)?.[1] ?? 0);
 }
+
+// Start a capture child and SIGKILL it once `marker` shows on its stdout/stderr
+// (plus delayMs). Resolves when the child is gone.
+export function killCaptureAt(pid: number, holdAt: string, marker: RegExp, delayMs = 50, rate = 0): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [path.join(__dirname, 'process-capture-child.js'), String(pid), holdAt, '20000', String(rate)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let armed = false;
+    const timer = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`marker ${marker} never seen: ${out}`)); }, 30_000);
+    const onData = (d: Buffer) => {
+      out += d.toString();
+      if (armed || !marker.test(out)) return;
+      armed = true;
+      setTimeout(() => child.kill('SIGKILL'), delayMs);
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      if (signal !== 'SIGKILL') reject(new Error(`capture child ended by itself (${code}): ${out}`));
+      else resolve(out);
+    });
+  });
+}
