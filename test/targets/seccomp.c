@@ -105,13 +105,4 @@ static void Target(const char *mode) {
   _exit(0);
 }
 
-int main(int argc, char **argv) {
-  if (argc < 2) return 2;
-  setvbuf(stdout, NULL, _IOLBF, 0);
-  pid_t child = fork();
-  if (child == 0) Target(argv[1]);
-  int st = 0;
-  waitpid(child, &st, 0);
-  printf("exit status=%d signal=%d\n", WIFEXITED(st) ? WEXITSTATUS(st) : -1, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
-  return 0;
-}
+#include "forked.h"  // main(): fork, run Target(argv[1]), report how it ended
