@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as crypto from 'node:crypto';
+import * as assert from 'uvu/assert';
 import type { StreamEvent, BlockInfo } from '../format/events';
 
 const SRC = path.resolve(__dirname, '..', '..', 'test', 'targets');
@@ -298,4 +299,12 @@ export function killCaptureAt(pid: number, holdAt: string, marker: RegExp, delay
       else resolve(out);
     });
   });
+}
+
+// The target after a capture ended, however it ended: no page left
+// write-protected, every thread making progress, its own memory check passing.
+export async function assertReleased(t: Target): Promise<void> {
+  assert.is(writeProtectedPages(t.pid, t.base, t.size), 0, 'no page left write-protected');
+  assert.ok((await allThreadsProgress(t)).ok, 'every thread progresses');
+  assert.match(await t.command('check'), /^check ok/);
 }
