@@ -277,14 +277,6 @@ bool Helper::Dispatch(const FreezerReq& q) {
   switch (q.op) {
     case kOpFreeze: return OpFreeze(q);
     case kOpInjectUffd: return OpInjectUffd(q);
-    case kOpSyscall: {
-      long r = 0;
-      if (!fz_) f.Set(ESRCH, "syscall before freeze");
-      else Call(static_cast<long>(q.a[0]), {(long)q.a[1], (long)q.a[2], (long)q.a[3],
-                (long)q.a[4], (long)q.a[5], (long)q.a[6]}, &r, &f);
-      v[0] = r;
-      return Reply(f, v, "");
-    }
     case kOpThreads: {
       std::string out;
       if (!fz_) f.Set(ESRCH, "threads before freeze");

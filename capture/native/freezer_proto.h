@@ -19,7 +19,8 @@ enum FreezerOp : uint32_t {
                       // a[4]: step timeout ms; a[5]: test: inject a call that blocks;
                       // a[6]: seccomp may be suspended for our calls
                       // reply: v[0] via (UffdVia), v[2] seccomp suspended; fd as SCM_RIGHTS
-  kOpSyscall = 3,     // a[0] nr, a[1..6] args; reply v[0] raw result
+  // 3 was a generic remote syscall, never used by the engine: removed, so the
+  // helper injects nothing but the userfaultfd calls.
   kOpDetach = 4,      // resume every thread, re-delivering held signals
   kOpThreads = 5,     // every thread's registers as they are now: ThreadRecs
 };
