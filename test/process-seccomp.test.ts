@@ -7,6 +7,8 @@
 // A tracer that cannot suspend it refuses before touching the target.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
 import { captureCli, startForked, statusField, untouched } from './helpers/forked-target';
 
 // What the target sees when it calls userfaultfd itself after the capture.
@@ -56,6 +58,13 @@ test('a tracer that cannot suspend seccomp refuses the target before touching it
 // A real non-root tracer: bgsnap run as nobody on nobody's sandboxed process
 // lacks CAP_SYS_ADMIN, so it refuses before any ptrace request.
 test('non-root: bgsnap as nobody refuses nobody\'s seccomp target before touching it', async () => {
+  // nobody must be able to run this checkout's bgsnap-capture: a clone inside a
+  // 0700 directory (mktemp -d) is out of its reach, and then this cannot be run.
+  const capture = path.resolve(__dirname, '..', 'bin', 'bgsnap-capture.js');
+  if (spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'test', '-r', capture]).status !== 0) {
+    console.log(`  (not run: nobody cannot read ${capture}; clone into a directory others can enter)`);
+    return;
+  }
   const t = await startForked('seccomp', ['trap'], 65534);
   try {
     const r = await captureCli(t.pid, [], 'setpriv --reuid=65534 --regid=65534 --clear-groups');
