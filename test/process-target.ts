@@ -28,7 +28,7 @@ export function buildTarget(name: string): string {
   return out;
 }
 
-export type Mode = 'anon' | 'shared' | 'memfd' | 'thp' | 'churn' | 'storm' | 'wx' | 'selfuffd';
+export type Mode = 'anon' | 'shared' | 'memfd' | 'thp' | 'churn' | 'storm' | 'wx' | 'selfuffd' | 'selffuse';
 
 export interface Target {
   pid: number;

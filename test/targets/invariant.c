@@ -4,6 +4,7 @@
 //
 //   invariant MODE SIZE_MIB WRITERS      MODE: anon | shared | memfd | thp | churn
 //                                        | storm | wx | selfuffd (stress.h)
+//                                        | selffuse (selffuse.h, root)
 //
 // Layout of the region: page 0 holds the header and one journal per thread;
 // pages 1.. hold {value, lock, gen, stamps}. A transfer locks two pages, writes
@@ -139,6 +140,7 @@ static void *reader(void *arg) {
 
 #include "churn.h"
 #include "stress.h"
+#include "selffuse.h"
 
 static void check(void) {
   __atomic_store_n(&paused, 1, __ATOMIC_SEQ_CST);
@@ -215,6 +217,7 @@ int main(int argc, char **argv) {
   if (!strcmp(mode, "churn")) start_churn();
   if (!strcmp(mode, "storm")) start_storm();
   if (!strcmp(mode, "selfuffd")) start_selfuffd();
+  if (!strcmp(mode, "selffuse")) start_selffuse();
   if (!strcmp(mode, "wx")) pthread_create(&th, NULL, wx_flipper, (void *)(intptr_t)(writers + 2));
   printf("ready pid=%d base=0x%llx size=%llu threads=%d\n", getpid(),
          (unsigned long long)(uintptr_t)region, (unsigned long long)size, nthreads);
