@@ -1,7 +1,7 @@
 // What tracking writes between generations costs a writer (issue 10), for one
 // method per run; bench/tracking-cost.ts runs all methods side by side.
 //   tracking-cost MODE SIZE_MIB THP(0|1) INTERVAL_MS INTERVALS RANDOM_THREADS
-// MODE: none (baseline) | sync | sync-fifo | async.
+// MODE: none (baseline) | sync | sync-fifo | sync-64k | async.
 // Workload, over SIZE_MIB of private anonymous memory (2 MiB-aligned, THP or
 // not, every page written first): RANDOM_THREADS threads each writing one
 // 64-byte line of a random page, and one thread rewriting whole pages in order.
@@ -10,7 +10,8 @@
 //   sync:  the pages a handler thread recorded on write faults; it un-protected
 //          each page (2 MiB on THP, to keep huge pages whole) and woke the
 //          writer; the collection re-protects what was recorded. sync-fifo: the
-//          handler runs SCHED_FIFO.
+//          handler runs SCHED_FIFO. sync-64k: it un-protects (and records) the
+//          64 KiB around the page, fewer faults for more pages reported.
 //   async: UFFD_FEATURE_WP_ASYNC; PAGEMAP_SCAN(PAGE_IS_WRITTEN, WP_MATCHING |
 //          CHECK_WPASYNC) lists the written pages and re-protects them.
 // The writers log every page they write per interval; the log is compared with
@@ -26,7 +27,8 @@
 #include <sys/resource.h>
 #include <time.h>
 
-enum { NONE, SYNC, SYNC_FIFO, ASYNC };
+enum { NONE, SYNC, SYNC_FIFO, SYNC_64K, ASYNC, NMODES };
+#define IS_SYNC(m) ((m) == SYNC || (m) == SYNC_FIFO || (m) == SYNC_64K)
 static int mode, thp, nrand;
 static uint8_t *region;
 static uint64_t npages;
@@ -57,7 +59,7 @@ static uint64_t now_ns(void) {
 
 // ---- the sync handler: record, un-protect, wake --------------------------
 static void on_fault(uint64_t addr) {
-  uint64_t unit = thp ? UT_HUGE : UT_PAGE, base = (uint64_t)(uintptr_t)region;
+  uint64_t unit = thp ? UT_HUGE : mode == SYNC_64K ? 16 * UT_PAGE : UT_PAGE, base = (uint64_t)(uintptr_t)region;
   uint64_t start = addr & ~(unit - 1);
   for (uint64_t p = (start - base) / UT_PAGE; p < (start - base + unit) / UT_PAGE; p++) recorded[p] = 1;
   faults++;
@@ -178,7 +180,7 @@ static void arm(void) {
 }
 
 static void start_handler(pthread_t *h) {
-  if (mode != SYNC && mode != SYNC_FIFO) return;
+  if (!IS_SYNC(mode)) return;
   if (pthread_create(h, NULL, handler, NULL) != 0) ut_die("pthread_create handler", 0, 0);
   struct sched_param sp = {.sched_priority = 1};
   if (mode == SYNC_FIFO && pthread_setschedparam(*h, SCHED_FIFO, &sp) != 0) {
@@ -248,10 +250,10 @@ static void report(const char *name, int intervals, struct writer *ws, int nw, s
 }
 
 int main(int argc, char **argv) {
-  if (argc < 7) { fprintf(stderr, "usage: tracking-cost none|sync|sync-fifo|async SIZE_MIB THP INTERVAL_MS INTERVALS RANDOM_THREADS\n"); return 2; }
-  const char *names[] = {"none", "sync", "sync-fifo", "async"};
-  for (mode = 0; mode < 4 && strcmp(argv[1], names[mode]); mode++) {}
-  if (mode == 4) { fprintf(stderr, "unknown mode %s\n", argv[1]); return 2; }
+  if (argc < 7) { fprintf(stderr, "usage: tracking-cost none|sync|sync-fifo|sync-64k|async SIZE_MIB THP INTERVAL_MS INTERVALS RANDOM_THREADS\n"); return 2; }
+  const char *names[] = {"none", "sync", "sync-fifo", "sync-64k", "async"};
+  for (mode = 0; mode < NMODES && strcmp(argv[1], names[mode]); mode++) {}
+  if (mode == NMODES) { fprintf(stderr, "unknown mode %s\n", argv[1]); return 2; }
   npages = ((uint64_t)atol(argv[2]) << 20) / UT_PAGE, thp = atoi(argv[3]), nrand = atoi(argv[6]);
   int interval_ms = atoi(argv[4]), intervals = atoi(argv[5]), nw = nrand + 1;
   if (nw > 64 || npages == 0 || intervals <= 0) { fprintf(stderr, "bad arguments\n"); return 2; }
@@ -269,7 +271,7 @@ int main(int argc, char **argv) {
   struct totals t = {0};
   uint64_t run_ns = 0;
   run(intervals, interval_ms, ws, nw, &t, &run_ns);
-  if (mode == SYNC || mode == SYNC_FIFO) pthread_join(h, NULL);
+  if (IS_SYNC(mode)) pthread_join(h, NULL);
   report(names[mode], intervals, ws, nw, &t, run_ns);
   return 0;
 }
