@@ -3,7 +3,7 @@
 // PAGEMAP_SCAN missing the "written" state of ranges with no page table, which
 // is what a whole THP leaves behind when it is dropped.
 //
-//   thpdrop sync|async REMOVE(0|1)
+//   thpdrop sync|async REMOVE(0|1) [UNPOPULATED(1|0)]
 //
 // Region: 3 THPs (MADV_HUGEPAGE) then 2 MiB of 4 KiB pages (MADV_NOHUGEPAGE),
 // 2 MiB-aligned, every page written (0x11). Tracking armed (all protected),
@@ -18,7 +18,8 @@
 // region was dropped (first line "armed huge=N").
 // sync: faults go to a handler thread that records the page and un-protects
 // its 4 KiB; the collection re-protects what was recorded or removed (with
-// UFFD_FEATURE_WP_UNPOPULATED, so a range with no pages gets protected too).
+// UFFD_FEATURE_WP_UNPOPULATED, so a range with no pages gets protected too;
+// UNPOPULATED=0 leaves that feature out).
 // async: UFFD_FEATURE_WP_ASYNC; the collection is PAGEMAP_SCAN with
 // PM_SCAN_WP_MATCHING. REMOVE=1 asks for UFFD_EVENT_REMOVE, read by the same
 // handler thread (madvise waits until it is read).
@@ -112,13 +113,13 @@ static void drop(uint64_t page, uint64_t n) {
 
 int main(int argc, char **argv) {
   if (argc < 3) { fprintf(stderr, "usage: thpdrop sync|async REMOVE(0|1)\n"); return 2; }
-  int async = strcmp(argv[1], "async") == 0, rm = atoi(argv[2]);
+  int async = strcmp(argv[1], "async") == 0, rm = atoi(argv[2]), unpop = argc > 3 ? atoi(argv[3]) : 1;
   region = ut_region(NPAGES * UT_PAGE, 1);
   if (madvise(region + SMALL * UT_PAGE, UT_HUGE, MADV_NOHUGEPAGE) != 0) ut_die("madvise", (uintptr_t)region, UT_HUGE);
   for (uint64_t i = 0; i < NPAGES; i++) memset(region + i * UT_PAGE, 0x11, UT_PAGE);
   pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
   if (pagemap < 0) ut_die("open /proc/self/pagemap", 0, 0);
-  uint64_t f = (async ? UT_FEATURE_WP_ASYNC : UFFD_FEATURE_PAGEFAULT_FLAG_WP | UT_FEATURE_WP_UNPOPULATED) |
+  uint64_t f = (async ? UT_FEATURE_WP_ASYNC : UFFD_FEATURE_PAGEFAULT_FLAG_WP | (unpop ? UT_FEATURE_WP_UNPOPULATED : 0)) |
                (rm ? UFFD_FEATURE_EVENT_REMOVE : 0);
   uffd = ut_open(f);
   ut_register(uffd, region, NPAGES * UT_PAGE);
