@@ -183,8 +183,9 @@ static void start_handler(pthread_t *h) {
   if (!IS_SYNC(mode)) return;
   if (pthread_create(h, NULL, handler, NULL) != 0) ut_die("pthread_create handler", 0, 0);
   struct sched_param sp = {.sched_priority = 1};
-  if (mode == SYNC_FIFO && pthread_setschedparam(*h, SCHED_FIFO, &sp) != 0) {
-    errno = EPERM;
+  int rc = mode == SYNC_FIFO ? pthread_setschedparam(*h, SCHED_FIFO, &sp) : 0;
+  if (rc != 0) {
+    errno = rc;  // pthread calls return the error rather than set errno
     ut_die("SCHED_FIFO for the handler (needs root or CAP_SYS_NICE)", 0, 0);
   }
 }

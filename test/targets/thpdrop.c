@@ -126,7 +126,8 @@ int main(int argc, char **argv) {
   ut_protect(uffd, (uint64_t)(uintptr_t)region, NPAGES * UT_PAGE, 1);
   printf("armed huge=%llu\n", (unsigned long long)ut_huge_pages(pagemap, region, NPAGES * UT_PAGE));
   pthread_t t;
-  if (pthread_create(&t, NULL, handler, NULL) != 0) ut_die("pthread_create", 0, 0);
+  int rc = pthread_create(&t, NULL, handler, NULL);
+  if (rc != 0) errno = rc, ut_die("pthread_create", 0, 0);
   w(3);
   collect(1, async);
   w(5), drop(512, 512), drop(1024, 512), w(512 + 10), w(512 + 11);
