@@ -1,7 +1,9 @@
-// The bgsnap stream: encoder and decoder. All integers little-endian.
+// The bgsnap stream's decoder (the encoder is bgsnap-encode.ts, re-exported
+// here). All integers little-endian.
 //
 //   stream  = magic frame* ; the END frame must be last
-//   magic   = "BGSNAP" u16 version            (8 bytes; version 1)
+//   magic   = "BGSNAP" u16 version            (8 bytes; version 1, or 2 for a
+//             chain of generations: GENERATION 7 / GENERATION_END 8 frames, chain.ts)
 //
 //   frame header, 16 bytes:
 //   +0  u8  type        1 HEADER 2 BLOCKS 3 PAGES 4 DISCARD 5 STATE 6 END
@@ -22,167 +24,19 @@
 //
 // Pages carry no per-page header beyond 5 bytes of index and flag, so a batch of
 // 256 pages is one frame of ~1 MiB with one checksum. See SPEC.md for the rules.
-import * as zstd from 'zstd-napi';
 import * as zstdBinding from 'zstd-napi/binding';
 import { StreamError } from './errors';
 import { ChunkQueue } from './chunks';
 import { crc32, crc32Combine } from './crc32';
-import type {
-  BlockInfo, DiscardBatch, PageBatch, PageCheck, SourceKind, StateBlob, StreamDecoder, StreamEvent,
-  StreamHeader, StreamTotals,
-} from './events';
+import {
+  CHAIN_VERSION, FLAG_ZSTD, FRAME_HEADER, FrameType, MAGIC, MAX_BLOCKS, MAX_PAYLOAD, READABLE_VERSIONS, SOURCES, emptyTotals, pad4,
+  type Crc32Fn,
+} from './bgsnap-frame';
+import { CHAIN_END_BYTES, ChainRules } from './chain';
+import type { BlockInfo, PageCheck, StreamDecoder, StreamEvent, StreamHeader, StreamTotals } from './events';
 
-export const MAGIC = Buffer.from('BGSNAP', 'latin1');
-export const VERSION = 1;
-export const FRAME_HEADER = 16;
-export const MAX_PAYLOAD = 64 * 1024 * 1024;
-const MAX_BLOCKS = 1 << 20;
-const FLAG_ZSTD = 1;
-
-export enum FrameType { HEADER = 1, BLOCKS = 2, PAGES = 3, DISCARD = 4, STATE = 5, END = 6 }
-const SOURCES: SourceKind[] = ['qemu', 'process'];
-
-export function isBgsnapStream(first: Buffer): boolean {
-  return first.length >= MAGIC.length && first.subarray(0, MAGIC.length).equals(MAGIC);
-}
-
-function emptyTotals(): StreamTotals {
-  return { pages: 0, zeroPages: 0, discarded: 0, batches: 0, states: 0 };
-}
-
-// ---------------------------------------------------------------- encoder
-
-// zlib's crc32(data, crc); callers with a faster equal function (the fileops
-// addon's, io/native/crc32.cc) pass it in, since format/ does no I/O and loads no addon.
-export type Crc32Fn = (data: Uint8Array, crc?: number) => number;
-
-export interface EncoderOptions {
-  compressLevel?: number; // zstd level for PAGES payloads; undefined = no compression
-  crc32?: Crc32Fn;
-}
-
-// Produces frames as Buffer lists (header + payload parts) so page data is written
-// to the sink without being copied; the caller writes them in order.
-export class BgsnapEncoder {
-  readonly totals = emptyTotals();
-  private readonly level: number | undefined;
-  private readonly crc: Crc32Fn;
-  private pageSizeBytes = 0;
-
-  constructor(opts: EncoderOptions = {}) {
-    this.level = opts.compressLevel;
-    this.crc = opts.crc32 ?? crc32;
-  }
-
-  // The page size of the stream, once its header was encoded (0 before).
-  get pageSize(): number {
-    return this.pageSizeBytes;
-  }
-
-  magic(): Buffer {
-    const b = Buffer.alloc(8);
-    MAGIC.copy(b);
-    b.writeUInt16LE(VERSION, 6);
-    return b;
-  }
-
-  header(h: StreamHeader): Buffer[] {
-    if (!/^[0-9a-f]{32}$/.test(h.snapshotId)) throw new Error(`snapshot id must be 32 hex digits: ${h.snapshotId}`);
-    this.pageSizeBytes = h.pageSize;
-    const label = Buffer.from(h.label, 'utf8').subarray(0, 0xffff);
-    const p = Buffer.alloc(34 + label.length);
-    Buffer.from(h.snapshotId, 'hex').copy(p, 0);
-    p.writeUInt8(SOURCES.indexOf(h.source) + 1, 16);
-    p.writeUInt32LE(h.pageSize, 20);
-    p.writeBigUInt64LE(BigInt(Math.floor(h.created)), 24);
-    p.writeUInt16LE(label.length, 32);
-    label.copy(p, 34);
-    return frame(this.crc, FrameType.HEADER, [p]);
-  }
-
-  blocks(blocks: BlockInfo[]): Buffer[] {
-    const parts: Buffer[] = [u32(blocks.length)];
-    for (const b of blocks) {
-      const name = Buffer.from(b.name, 'utf8').subarray(0, 0xffff);
-      const e = Buffer.alloc(18);
-      e.writeBigUInt64LE(BigInt(b.length), 0);
-      e.writeBigUInt64LE(BigInt(b.address), 8);
-      e.writeUInt16LE(name.length, 16);
-      parts.push(e, name);
-    }
-    return frame(this.crc, FrameType.BLOCKS, parts);
-  }
-
-  pages(batch: PageBatch): Buffer[] {
-    const n = batch.index.length;
-    const meta = Buffer.alloc(8 + n * 5 + pad4(n));
-    meta.writeUInt32LE(batch.block, 0);
-    meta.writeUInt32LE(n, 4);
-    Buffer.from(batch.index.buffer, batch.index.byteOffset, n * 4).copy(meta, 8);
-    Buffer.from(batch.zero.buffer, batch.zero.byteOffset, n).copy(meta, 8 + n * 4);
-    let zeros = 0;
-    for (let i = 0; i < n; i++) zeros += batch.zero[i] ? 1 : 0;
-    if (batch.data.length !== (n - zeros) * this.pageSizeBytes) {
-      throw new Error(`page batch carries ${batch.data.length} bytes for ${n - zeros} data pages`);
-    }
-    this.totals.pages += n;
-    this.totals.zeroPages += zeros;
-    this.totals.batches += 1;
-    if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data]);
-    const raw = Buffer.concat([meta, batch.data]);
-    return frame(this.crc, FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
-  }
-
-  discard(batch: DiscardBatch): Buffer[] {
-    const n = batch.index.length;
-    const meta = Buffer.alloc(8 + n * 4);
-    meta.writeUInt32LE(batch.block, 0);
-    meta.writeUInt32LE(n, 4);
-    Buffer.from(batch.index.buffer, batch.index.byteOffset, n * 4).copy(meta, 8);
-    this.totals.discarded += n;
-    return frame(this.crc, FrameType.DISCARD, [meta]);
-  }
-
-  state(s: StateBlob): Buffer[] {
-    const kind = Buffer.from(s.kind, 'utf8');
-    const head = Buffer.alloc(2 + kind.length);
-    head.writeUInt16LE(kind.length, 0);
-    kind.copy(head, 2);
-    this.totals.states += 1;
-    return frame(this.crc, FrameType.STATE, [head, s.data]);
-  }
-
-  end(): Buffer[] {
-    const t = this.totals;
-    const p = Buffer.alloc(40);
-    [t.pages, t.zeroPages, t.discarded, t.batches, t.states].forEach((v, i) => p.writeBigUInt64LE(BigInt(v), i * 8));
-    return frame(this.crc, FrameType.END, [p]);
-  }
-}
-
-function u32(v: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32LE(v, 0);
-  return b;
-}
-
-function pad4(n: number): number {
-  return (4 - (n % 4)) % 4;
-}
-
-function frame(crcFn: Crc32Fn, type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
-  const length = parts.reduce((s, p) => s + p.length, 0);
-  if (length > MAX_PAYLOAD) throw new Error(`bgsnap frame of ${length} bytes exceeds ${MAX_PAYLOAD}`);
-  const h = Buffer.alloc(FRAME_HEADER);
-  h.writeUInt8(type, 0);
-  h.writeUInt8(flags, 1);
-  h.writeUInt32LE(length, 4);
-  h.writeUInt32LE(rawLength ?? length, 8);
-  let crc = crcFn(h.subarray(0, 12), 0);
-  for (const p of parts) crc = p.length ? crcFn(p, crc) : crc;
-  h.writeUInt32LE(crc, 12);
-  return [h, ...parts];
-}
+export { BgsnapEncoder, type EncoderOptions } from './bgsnap-encode';
+export { CHAIN_VERSION, FRAME_HEADER, FrameType, MAGIC, MAX_PAYLOAD, VERSION, isBgsnapStream, type Crc32Fn } from './bgsnap-frame';
 
 // ---------------------------------------------------------------- decoder
 
@@ -210,6 +64,7 @@ export class BgsnapDecoder implements StreamDecoder {
   private offset = 0; // stream offset of the next unconsumed byte
   private sawMagic = false;
   private header: StreamHeader | undefined;
+  private chain: ChainRules | undefined; // set for a chain stream (version 2)
   private blockPages: number[] | undefined;
   private ended = false;
   private frameNo = 0;
@@ -245,7 +100,9 @@ export class BgsnapDecoder implements StreamDecoder {
     if (this.error) throw this.error;
     if (this.ended) return [];
     const what = !this.sawMagic ? 'the stream magic' : this.q.length > 0 ? `frame ${this.frameNo}` : 'the END frame';
-    throw new StreamError(FORMAT, 'TRUNCATED', this.bytesIn, `input ended before ${what} was complete`);
+    const gen = this.chain?.current;
+    const where = gen !== undefined ? ` (in generation ${gen}, before its GENERATION_END)` : this.chain ? ` (after generation ${this.chain.generations})` : '';
+    throw new StreamError(FORMAT, 'TRUNCATED', this.bytesIn, `input ended before ${what} was complete${where}`);
   }
 
   private fail(code: ConstructorParameters<typeof StreamError>[1], detail: string, at = this.offset): never {
@@ -257,7 +114,8 @@ export class BgsnapDecoder implements StreamDecoder {
     const m = this.q.take(8);
     if (!m.subarray(0, 6).equals(MAGIC)) this.fail('BAD_MAGIC', `not a bgsnap stream (magic ${m.subarray(0, 6).toString('hex')})`, 0);
     const v = m.readUInt16LE(6);
-    if (v !== VERSION) this.fail('BAD_VERSION', `bgsnap stream version ${v} is not supported (this build reads version ${VERSION})`, 6);
+    if (!READABLE_VERSIONS.includes(v)) this.fail('BAD_VERSION', `bgsnap stream version ${v} is not supported (this build reads versions ${READABLE_VERSIONS.join(' and ')})`, 6);
+    if (v === CHAIN_VERSION) this.chain = new ChainRules((code, detail) => this.fail(code, `${detail} (frame ${this.frameNo})`));
     this.offset = 8;
     this.sawMagic = true;
     return true;
@@ -270,7 +128,7 @@ export class BgsnapDecoder implements StreamDecoder {
     const length = h.readUInt32LE(4);
     const rawLength = h.readUInt32LE(8);
     if (this.ended) this.fail('MALFORMED', `bytes after the END frame`);
-    if (type < FrameType.HEADER || type > FrameType.END) this.fail('UNKNOWN_FRAME', `unknown frame type ${type} (frame ${this.frameNo})`);
+    if (type < FrameType.HEADER || type > (this.chain ? FrameType.GENERATION_END : FrameType.END)) this.fail('UNKNOWN_FRAME', `unknown frame type ${type} (frame ${this.frameNo})`);
     if (length > MAX_PAYLOAD || rawLength > MAX_PAYLOAD) {
       this.fail('TOO_LARGE', `${FrameType[type]} frame ${this.frameNo} claims ${Math.max(length, rawLength)} bytes, limit ${MAX_PAYLOAD}`);
     }
@@ -362,6 +220,8 @@ export class BgsnapDecoder implements StreamDecoder {
       case FrameType.PAGES: return this.decodePages(p);
       case FrameType.DISCARD: return this.decodeDiscard(p);
       case FrameType.STATE: return this.decodeState(p);
+      case FrameType.GENERATION: return { type: 'generation', generation: this.chain!.start(p) };
+      case FrameType.GENERATION_END: return { type: 'generation-end', totals: this.chain!.end(p) };
       default: return this.decodeEnd(p);
     }
   }
@@ -385,15 +245,18 @@ export class BgsnapDecoder implements StreamDecoder {
       pageSize,
       created: Number(p.readBigUInt64LE(24)),
       label: p.subarray(34, 34 + labelLen).toString('utf8'),
+      ...(this.chain ? { chain: true } : {}),
     };
     this.header = header;
     return { type: 'header', header };
   }
 
   private decodeBlocks(p: Buffer): StreamEvent {
-    if (this.blockPages) this.fail('BLOCK_MISMATCH', `second BLOCKS frame: the block table is fixed once sent`);
+    if (this.blockPages && !this.chain) this.fail('BLOCK_MISMATCH', `second BLOCKS frame: the block table is fixed once sent`);
+    this.chain?.inside('BLOCKS');
     this.need(p, 4, 'BLOCKS');
     const n = p.readUInt32LE(0);
+    if (n * 18 > p.length - 4) this.fail('MALFORMED', `BLOCKS frame ${this.frameNo} claims ${n} blocks in ${p.length} bytes`);
     if (n > MAX_BLOCKS) this.fail('TOO_LARGE', `${n} blocks, limit ${MAX_BLOCKS}`);
     const blocks: BlockInfo[] = [];
     let o = 4;
@@ -409,13 +272,14 @@ export class BgsnapDecoder implements StreamDecoder {
       o += 18 + nameLen;
     }
     this.blockPages = blocks.map((b) => b.length / ps);
+    this.chain?.addBlocks(this.blockPages);
     return { type: 'blocks', blocks };
   }
 
   private checkIndexes(block: number, index: Uint32Array, what: string): void {
-    if (!this.blockPages) this.fail('BLOCK_MISMATCH', `${what} frame ${this.frameNo} before the BLOCKS frame`);
-    const limit = this.blockPages[block];
-    if (limit === undefined) this.fail('BLOCK_MISMATCH', `${what} frame ${this.frameNo} names block ${block}; the table has ${this.blockPages.length}`);
+    if (!this.blockPages && !this.chain) this.fail('BLOCK_MISMATCH', `${what} frame ${this.frameNo} before the BLOCKS frame`);
+    const limit = this.chain ? this.chain.liveBlock(block, what) : this.blockPages![block];
+    if (limit === undefined) this.fail('BLOCK_MISMATCH', `${what} frame ${this.frameNo} names block ${block}; the table has ${this.blockPages!.length}`);
     for (let i = 0; i < index.length; i++) {
       if (index[i] >= limit) this.fail('OUT_OF_BOUNDS', `${what} frame ${this.frameNo}: page ${index[i]} is past the end of block ${block} (${limit} pages)`);
     }
@@ -444,6 +308,9 @@ export class BgsnapDecoder implements StreamDecoder {
     this.counted.pages += n;
     this.counted.zeroPages += zeros;
     this.counted.batches += 1;
+    this.chain?.count('pages', n);
+    this.chain?.count('zeroPages', zeros);
+    this.chain?.count('batches', 1);
     return { type: 'pages', batch: { block, index, zero, data: p.subarray(metaEnd) } };
   }
 
@@ -455,10 +322,13 @@ export class BgsnapDecoder implements StreamDecoder {
     const index = this.readIndexes(p, n);
     this.checkIndexes(block, index, 'DISCARD');
     this.counted.discarded += n;
+    this.chain?.count('discarded', n);
     return { type: 'discard', batch: { block, index } };
   }
 
   private decodeState(p: Buffer): StreamEvent {
+    this.chain?.inside('STATE');
+    this.chain?.count('states', 1);
     this.need(p, 2, 'STATE');
     const kindLen = p.readUInt16LE(0);
     this.need(p, 2 + kindLen, 'STATE kind');
@@ -469,11 +339,16 @@ export class BgsnapDecoder implements StreamDecoder {
   // The END frame carries the sender's totals; the stream counts as ended only
   // when they equal what this decoder saw, so a lost frame can never pass.
   private decodeEnd(p: Buffer): StreamEvent {
-    if (p.length !== 40) this.fail('MALFORMED', `END frame has ${p.length} bytes, expected 40`);
+    const size = this.chain ? CHAIN_END_BYTES : 40;
+    if (p.length !== size) this.fail('MALFORMED', `END frame has ${p.length} bytes, expected ${size}`);
     const v = [0, 1, 2, 3, 4].map((i) => Number(p.readBigUInt64LE(i * 8)));
     const totals: StreamTotals = { pages: v[0], zeroPages: v[1], discarded: v[2], batches: v[3], states: v[4] };
     for (const k of Object.keys(totals) as (keyof StreamTotals)[]) {
       if (totals[k] !== this.counted[k]) this.fail('TOTALS_MISMATCH', `END frame says ${k}=${totals[k]}, stream carried ${this.counted[k]}`);
+    }
+    if (this.chain) {
+      totals.generations = Number(p.readBigUInt64LE(40));
+      this.chain.checkEnd(totals.generations);
     }
     this.ended = true;
     return { type: 'end', totals };

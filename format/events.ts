@@ -13,6 +13,7 @@ export interface StreamHeader {
   pageSize: number; // bytes, a power of two
   created: number; // ms since the epoch, at the snapshot point
   label: string; // free text: the VM's machine type, the process command, ...
+  chain?: boolean; // a chain of generations (stream version 2, SPEC.md section 4)
 }
 
 export interface BlockInfo {
@@ -64,6 +65,29 @@ export interface StreamTotals {
   discarded: number; // pages reported discarded
   batches: number;
   states: number;
+  generations?: number; // chain streams only: generations sent
+}
+
+// Chains (SPEC.md section 4): a generation's start. Blocks are numbered across
+// the whole chain; `removed` lists blocks live until the previous generation
+// that this one no longer has (unmapped, or replaced by a remapped block).
+export interface GenerationStart {
+  generation: number; // 1, 2, ... consecutive
+  instant: number; // ms since the epoch: wall-clock time of this generation's freeze
+  removed: number[];
+}
+
+// What one generation carried, as the sender counted it: its GENERATION_END
+// record, which proves the generation arrived whole.
+export interface GenerationTotals {
+  generation: number;
+  blocksAdded: number;
+  blocksRemoved: number;
+  pages: number;
+  zeroPages: number;
+  discarded: number;
+  batches: number;
+  states: number;
 }
 
 export type StreamEvent =
@@ -72,6 +96,8 @@ export type StreamEvent =
   | { type: 'pages'; batch: PageBatch }
   | { type: 'discard'; batch: DiscardBatch }
   | { type: 'state'; state: StateBlob }
+  | { type: 'generation'; generation: GenerationStart }
+  | { type: 'generation-end'; totals: GenerationTotals }
   | { type: 'end'; totals: StreamTotals };
 
 // Every decoder has this shape: feed bytes as they arrive, collect events; finish()

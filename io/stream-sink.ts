@@ -44,6 +44,8 @@ export class StreamSink implements SnapshotSink {
   async write(ev: StreamEvent): Promise<void> {
     if (!this.started) {
       this.started = true;
+      // A relayed chain stays a chain: the magic says so (version 2).
+      if (ev.type === 'header' && ev.header.chain) this.enc.chain = true;
       await this.out.write(this.enc.magic());
     }
     if (ev.type === 'header') this.header = { snapshotId: ev.header.snapshotId, source: ev.header.source };
@@ -61,6 +63,8 @@ export class StreamSink implements SnapshotSink {
       case 'pages': return this.enc.pages(ev.batch);
       case 'discard': return this.enc.discard(ev.batch);
       case 'state': return this.enc.state(ev.state);
+      case 'generation': return this.enc.generation(ev.generation);
+      case 'generation-end': return this.enc.generationEnd();
       case 'end': return this.enc.end();
     }
   }
