@@ -3,7 +3,8 @@
 // stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -"),
 // as flat memory, as one drive's sparse raw disk (--to disk --drive ID), or
 // (process images) as an ELF core file for gdb. Refuses incomplete
-// images unless --allow-incomplete.
+// images unless --allow-incomplete. A chain image (format/SPEC.md section 4)
+// gives generation K with --generation K, by default its latest complete one.
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
 import { convertToQemu } from '../receiver/convert-qemu';
@@ -11,7 +12,7 @@ import { convertToRaw } from '../receiver/convert-raw';
 import { convertToElfCore } from '../receiver/convert-elf';
 import { convertToDisk } from '../receiver/convert-disk';
 import { Output } from '../io/output';
-import { main } from './common';
+import { main, parseIntArg } from './common';
 import { writePrivateFile } from '../io/private-file';
 
 const prog = new Command('bgsnap-convert')
@@ -21,11 +22,12 @@ const prog = new Command('bgsnap-convert')
   .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
   .option('--block <name>', 'with --to raw: write only this block')
   .option('--drive <id>', 'with --to disk: the drive to write (its -drive id; bgsnap-inspect lists them)')
-  .option('--allow-incomplete', 'convert an image that is marked incomplete')
+  .option('--generation <K>', 'a chain image: materialise generation K (default: the latest complete one)', parseIntArg('--generation'))
+  .option('--allow-incomplete', 'convert an image (or generation) that is marked incomplete')
   .option('--force', 'replace an existing output file (never a symbolic link)')
   .parse();
 
-const opts = prog.opts<{ to: string; output: string; block?: string; drive?: string; allowIncomplete?: boolean; force?: boolean }>();
+const opts = prog.opts<{ to: string; output: string; block?: string; drive?: string; generation?: number; allowIncomplete?: boolean; force?: boolean }>();
 // Outputs hold the snapshot's memory: created 0600, never through a symbolic link.
 const create = { force: opts.force };
 
@@ -50,10 +52,11 @@ async function convert(img: ImageReader): Promise<void> {
 }
 
 main('bgsnap-convert', async () => {
-  const img = await ImageReader.open(prog.args[0]);
+  const img = await ImageReader.open(prog.args[0], { generation: opts.generation });
   try {
+    const what = img.chain ? `generation ${img.chain.generation} of image ${img.dir}` : `image ${img.dir}`;
     if (!img.complete && !opts.allowIncomplete) {
-      throw new Error(`image ${img.dir} is incomplete (${img.status.reason}); pass --allow-incomplete to convert what it holds`);
+      throw new Error(`${what} is incomplete (${img.status.reason}); pass --allow-incomplete to convert what it holds`);
     }
     await convert(img);
   } finally {

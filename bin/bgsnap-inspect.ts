@@ -1,20 +1,24 @@
 #!/usr/bin/env node
 // bgsnap-inspect IMAGE [--json]: what an image holds: status, source, blocks,
-// page counts and sizes. --verify re-reads every stored page against the CRC32
-// recorded when it was received; exits 3 if any differs or the image is incomplete.
+// page counts and sizes; for a chain, every generation (instant, pages and
+// bytes it stored, complete or why not) and the blocks of one of them
+// (--generation K; default the latest complete). --verify re-reads every stored
+// page (of every generation) against the CRC32 recorded when it was received;
+// exits 3 if any differs or the image (generation) is incomplete.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Command } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
-import { main } from './common';
+import { main, parseIntArg } from './common';
 
 const prog = new Command('bgsnap-inspect')
   .description('show what a bgsnap image holds')
   .argument('<image>', 'image directory')
   .option('--json', 'print JSON')
   .option('--verify', 're-check every stored page against its recorded checksum')
+  .option('--generation <K>', 'a chain: show generation K (default: the latest complete one)', parseIntArg('--generation'))
   .parse();
-const opts = prog.opts<{ json?: boolean; verify?: boolean }>();
+const opts = prog.opts<{ json?: boolean; verify?: boolean; generation?: number }>();
 
 async function describe(img: ImageReader) {
   const blocks = [];
@@ -26,12 +30,24 @@ async function describe(img: ImageReader) {
     blocks.push({ name, address, length, pages, present, dataPages: data, zeroPages: present - data, discardedPages: m.discarded.count() });
   }
   const st = fs.statSync(path.join(img.dir, 'data'));
+  const chain = img.chainStatus ?? img.status;
   return {
-    image: img.dir, status: img.status.status, reason: img.status.reason, snapshotId: img.header?.snapshotId, source: img.header?.source,
+    image: img.dir, status: chain.status, reason: chain.reason, ...chainFields(img), snapshotId: img.header?.snapshotId, source: img.header?.source,
     label: img.header?.label, created: img.header ? new Date(img.header.created).toISOString() : undefined, pageSize: img.format.pageSize,
     imageSize: st.size, imageBytesOnDisk: st.blocks * 512, states: await img.stateKinds(), totals: await img.totals(), blocks,
     drives: await img.drives(),
   };
+}
+
+// A chain's generations, and which one `blocks` shows.
+function chainFields(img: ImageReader) {
+  if (!img.chain) return {};
+  const generations = img.generations.map((r) => ({
+    generation: r.generation, instant: new Date(r.instant).toISOString(), instantMs: r.instant, status: r.status, reason: r.reason,
+    pages: r.pages, dataPages: r.dataPages, zeroPages: r.zeroPages, discardedPages: r.discardedPages, dataBytes: r.dataBytes,
+    diskBytes: r.diskBytes, blocksAdded: r.added.length, blocksRemoved: r.removed.length, file: r.file,
+  }));
+  return { generation: img.chain.generation, generations };
 }
 
 function mib(n: number): string {
@@ -47,6 +63,13 @@ function print(d: Awaited<ReturnType<typeof describe>>): void {
     `states    ${d.states.join(', ') || '-'}`,
     `blocks    ${d.blocks.length}`,
   ];
+  if (d.generations) {
+    lines.push(`chain     ${d.generations.length} generations; blocks below are generation ${d.generation}'s`);
+    for (const g of d.generations) {
+      lines.push(`  gen ${String(g.generation).padEnd(4)} ${g.instant}  ${g.status.padEnd(10)} ${String(g.pages).padStart(8)} pages (${g.dataPages} data), ` +
+        `${mib(g.dataBytes)} data, ${mib(g.diskBytes)} on disk, +${g.blocksAdded}/-${g.blocksRemoved} blocks${g.reason ? `  (${g.reason})` : ''}`);
+    }
+  }
   if (d.drives.length) lines.push(`drives    ${d.drives.map((v) => `${v.id} (${mib(v.size)}, ${v.file})`).join(', ')}`);
   for (const b of d.blocks) {
     lines.push(`  ${b.name.padEnd(28)} ${('0x' + b.address.toString(16)).padStart(14)} ${mib(b.length).padStart(12)}  ` +
@@ -65,7 +88,7 @@ async function verify(img: ImageReader): Promise<number> {
 }
 
 main('bgsnap-inspect', async () => {
-  const img = await ImageReader.open(prog.args[0]);
+  const img = await ImageReader.open(prog.args[0], { generation: opts.generation });
   try {
     if (opts.verify) return await verify(img);
     const d = await describe(img);

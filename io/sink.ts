@@ -21,6 +21,8 @@ export interface ReceiveSummary {
   imageBytes: number; // bytes the data file occupies on disk
   imageSize: number; // apparent size of the data file
   seconds: number;
+  generations?: number; // a chain: generations received (complete or not)
+  completeGenerations?: number;
 }
 
 export interface SnapshotSink {

@@ -4,7 +4,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import type { StreamHeader, StreamTotals } from '../format/events';
-import { IndexStore, INDEX_VERSION, PageCrcs, type ImageStatus } from './index-store';
+import { CHAIN_INDEX_VERSION, IndexStore, INDEX_VERSION, PageCrcs, type ImageStatus } from './index-store';
+import { ChainView, loadGenerations, pickGeneration } from './chain-reader';
+import type { ChainBlock, GenerationRecord } from './chain-image';
 import type { ImageBlock } from './image';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
 
@@ -34,8 +36,16 @@ export interface PageRun {
   data: boolean;
 }
 
+export interface OpenOptions {
+  generation?: number; // a chain image: the generation to read (default: the latest complete one)
+}
+
 export class ImageReader {
   private maps = new Map<number, BlockPages>();
+  // A chain image: the generation being read. `status` and `header.created`
+  // are then that generation's; `chainStatus` is the whole chain's.
+  chain: ChainView | undefined;
+  chainStatus: ImageStatus | undefined;
 
   private constructor(
     readonly dir: string,
@@ -47,15 +57,19 @@ export class ImageReader {
     readonly blocks: ImageBlock[],
   ) {}
 
-  static async open(dir: string): Promise<ImageReader> {
+  static async open(dir: string, opts: OpenOptions = {}): Promise<ImageReader> {
     if (!fs.existsSync(path.join(dir, 'index'))) throw new Error(`${dir} is not a bgsnap image (no index)`);
     const index = await IndexStore.open(path.join(dir, 'index'), false);
     try {
       const format = await index.getJson<ImageFormat>('format');
       const status = await index.getJson<ImageStatus>('status');
       if (!format || !status) throw new Error(`${dir}: index has no format record; the stream never started`);
-      if (format.version !== INDEX_VERSION) throw new Error(`${dir}: image version ${format.version} is not supported (this build reads ${INDEX_VERSION})`);
+      if (format.version !== INDEX_VERSION && format.version !== CHAIN_INDEX_VERSION) {
+        throw new Error(`${dir}: image version ${format.version} is not supported (this build reads ${INDEX_VERSION} and ${CHAIN_INDEX_VERSION})`);
+      }
       const header = (await index.getJson<StreamHeader>('header'))!;
+      if (format.version === CHAIN_INDEX_VERSION) return await ImageReader.openChain(dir, index, format, status, header, opts.generation);
+      if (opts.generation !== undefined && opts.generation !== 1) throw new Error(`${dir} is a single snapshot, not a chain: it has no generation ${opts.generation}`);
       const blocks = (await index.getJson<ImageBlock[]>('blocks')) ?? [];
       const fd = fs.openSync(path.join(dir, 'data'), 'r');
       return new ImageReader(dir, index, fd, format, status, header, blocks);
@@ -63,6 +77,23 @@ export class ImageReader {
       await index.close();
       throw e;
     }
+  }
+
+  private static async openChain(dir: string, index: IndexStore, format: ImageFormat, status: ImageStatus, header: StreamHeader, generation?: number): Promise<ImageReader> {
+    const records = await loadGenerations(index);
+    const rec = pickGeneration(dir, records, generation);
+    const view = new ChainView(dir, index, rec, records, (await index.getJson<ChainBlock[]>('blocks')) ?? [], format.pageSize);
+    const genStatus: ImageStatus = { status: rec.status, reason: rec.reason, updated: status.updated };
+    const img = new ImageReader(dir, index, fs.openSync(path.join(dir, 'data'), 'r'), format, genStatus, { ...header, created: rec.instant }, view.blocks);
+    img.chain = view;
+    img.chainStatus = status;
+    for (let b = 0; b < view.blocks.length; b++) img.maps.set(b, await view.pages(b));
+    return img;
+  }
+
+  // A chain image's generations, oldest first (empty for a single snapshot).
+  get generations(): GenerationRecord[] {
+    return this.chain?.records ?? [];
   }
 
   // The largest memory block: guest RAM (pc.ram) in a QEMU image. Disks
@@ -96,11 +127,12 @@ export class ImageReader {
   }
 
   async stateKinds(): Promise<string[]> {
+    if (this.chain) return this.chain.record.states;
     return (await this.index.keysWithPrefix('state/')).map((k) => k.slice('state/'.length));
   }
 
   state(kind: string): Promise<Buffer | undefined> {
-    return this.index.getBuffer(`state/${kind}`);
+    return this.chain ? this.chain.state(kind) : this.index.getBuffer(`state/${kind}`);
   }
 
   async pages(block: number): Promise<BlockPages> {
@@ -136,6 +168,7 @@ export class ImageReader {
 
   // Reads count pages of a block starting at page first into buf (caller's buffer).
   readPages(block: number, first: number, count: number, buf: Buffer): Buffer {
+    if (this.chain) return this.chain.readPages(block, first, count, buf);
     const blk = this.blocks[block];
     const ps = this.format.pageSize;
     if (first + count > blk.pages) throw new Error(`read past the end of block ${blk.name}`);
@@ -152,6 +185,7 @@ export class ImageReader {
   // Reads count pages of a block starting at page first into the given views,
   // one page each, with one preadv (the views may sit inside a larger buffer).
   readPagesInto(block: number, first: number, slots: Buffer[]): void {
+    if (this.chain) return void slots.forEach((s, i) => this.chain!.readPages(block, first + i, 1, s));
     const blk = this.blocks[block];
     const ps = this.format.pageSize;
     if (first + slots.length > blk.pages) throw new Error(`read past the end of block ${blk.name}`);
@@ -175,6 +209,10 @@ export class ImageReader {
   // were received, zero pages must read as zeroes.
   async verify(maxReport = 20): Promise<VerifyResult> {
     const r: VerifyResult = { dataPages: 0, zeroPages: 0, unchecked: 0, bad: [], badCount: 0 };
+    if (this.chain) {
+      const counts = await this.chain.verify((where, problem) => r.badCount++ < maxReport && r.bad.push(`${where}: ${problem}`));
+      return { ...r, ...counts };
+    }
     const ps = this.format.pageSize;
     const buf = Buffer.alloc(256 * ps);
     const zero = Buffer.alloc(ps);
@@ -208,6 +246,7 @@ export class ImageReader {
   }
 
   async close(): Promise<void> {
+    this.chain?.close();
     fs.closeSync(this.fd);
     await this.index.close();
   }

@@ -13,6 +13,7 @@ import { IndexStore, INDEX_VERSION, PageCrcs } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
 import { PageQueue, type QueuedBatch } from './page-queue';
 import type { ReceiveSummary, SnapshotSink } from '../io/sink';
+import { ChainWriter } from './chain-image';
 
 export const BLOCK_ALIGN = 2 * 1024 * 1024;
 
@@ -64,6 +65,7 @@ export class ImageWriter implements SnapshotSink {
   private readonly queue = new PageQueue();
   private readonly counts = { discardedPages: 0, streamBytes: 0 };
   private readonly started = Date.now();
+  private chain: ChainWriter | undefined; // a chain stream: everything after HEADER goes there
 
   private constructor(
     readonly dir: string, private readonly fd: number, private readonly index: IndexStore, private readonly maxImageBytes: number,
@@ -93,7 +95,7 @@ export class ImageWriter implements SnapshotSink {
   // (and changes) the bitmaps in stream order. A page batch resolves once it is
   // written: the caller may then reuse its buffers (the sink contract).
   write(ev: StreamEvent): void | Promise<void> {
-    if (ev.type !== 'pages') return this.queue.idle().then(() => this.apply(ev));
+    if (ev.type !== 'pages') return this.queue.idle().then(() => (this.chain || ev.type === 'generation' ? this.applyChain(ev) : this.apply(ev)));
     const q = this.job(ev.batch);
     const written = new Promise<void>((resolve, reject) => (q.onDone = (e) => (e ? reject(e) : resolve())));
     const wait = this.queue.push(q);
@@ -105,6 +107,17 @@ export class ImageWriter implements SnapshotSink {
   // input down when the queue is full.
   writeOwned(ev: StreamEvent): void | Promise<void> {
     return ev.type === 'pages' ? this.queue.push(this.job(ev.batch)) : this.write(ev);
+  }
+
+  // The first GENERATION makes this image a chain (chain-image.ts).
+  private async applyChain(ev: StreamEvent): Promise<void> {
+    if (!this.chain) {
+      if (!this.header || this.blocks.length) throw new Error('a GENERATION frame must follow the stream header');
+      this.chain = new ChainWriter(this.dir, this.fd, this.index, this.header, this.queue, this.maxImageBytes);
+      await Promise.all(this.pending); // the single-image format record goes first, then the chain's replaces it
+      await this.chain.begin();
+    }
+    return this.chain.apply(ev);
   }
 
   private apply(ev: StreamEvent): void {
@@ -148,6 +161,7 @@ export class ImageWriter implements SnapshotSink {
   // thread (io/native/pagewrite.cc): checksum, zero test, bitmaps, one pwrite per
   // run of consecutive data pages, holes for pages that became zero.
   private job(batch: PageBatch): QueuedBatch {
+    if (this.chain) return this.chain.job(batch);
     if (!this.header) throw new Error('page batch before the stream header');
     const { blk, map, crc } = this.block(batch.block);
     const n = batch.index.length;
@@ -180,13 +194,30 @@ export class ImageWriter implements SnapshotSink {
   }
 
   async finish(): Promise<ReceiveSummary> {
+    if (this.chain) return this.closeChain(undefined);
     const failed = await this.queue.idle().then(() => undefined, (e: Error) => e);
     const reason = failed ? failed.message : this.incompleteReason();
     return this.close(reason === '' ? 'complete' : 'incomplete', reason);
   }
 
   async fail(reason: string): Promise<ReceiveSummary> {
+    if (this.chain) return this.closeChain(reason);
     return this.close('incomplete', reason);
+  }
+
+  // A chain closes its generation in flight itself; then its records and the
+  // chain's status, synced, last.
+  private async closeChain(failure: string | undefined): Promise<ReceiveSummary> {
+    try {
+      const { status, reason } = await this.chain!.end(failure);
+      const summary = { ...this.summary(status, reason, 0), ...this.chain!.summary() };
+      await this.index.putMany(this.chain!.indexRecords(summary), true);
+      await this.putStatus(status, reason);
+      return summary;
+    } finally {
+      fs.closeSync(this.fd);
+      await this.index.close();
+    }
   }
 
   // Data first, fsynced; then bitmaps and totals; the status record last, synced,

@@ -17,6 +17,7 @@ import { Level } from 'level';
 import { CHUNK_PAGES } from './pagemap';
 
 export const INDEX_VERSION = 1;
+export const CHAIN_INDEX_VERSION = 2; // a chain of generations: chain-image.ts
 
 export type ImageStatus = { status: 'incomplete' | 'complete'; reason: string; updated: number };
 

@@ -1,0 +1,168 @@
+// Reads one generation K of a chain image (chain-image.ts) as if it were a
+// single snapshot: its live blocks, each page's newest version among
+// generations 1..K (a discard hides the versions before it; a later page
+// hides the discard), read from the data file of the generation that stored
+// it, and generation K's own state. ImageReader uses this for chain images, so
+// the converters and inspect need not know about chains.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as zlib from 'node:zlib';
+import { decodeProcessState, encodeProcessState, STATE_KIND } from '../format/process-state';
+import type { ChainBlock, GenerationRecord } from './chain-image';
+import type { ImageBlock } from './image';
+import { PageCrcs, type IndexStore } from './index-store';
+import { BlockPages, CHUNK_PAGES } from './pagemap';
+
+export async function loadGenerations(index: IndexStore): Promise<GenerationRecord[]> {
+  const keys = (await index.keysWithPrefix('gen/')).filter((k) => /^gen\/\d+$/.test(k));
+  const recs = await Promise.all(keys.map((k) => index.getJson<GenerationRecord>(k)));
+  return (recs.filter(Boolean) as GenerationRecord[]).sort((a, b) => a.generation - b.generation);
+}
+
+// The generation asked for, or by default the latest complete one (the
+// latest of all when none is complete: it then reads as incomplete).
+export function pickGeneration(dir: string, records: GenerationRecord[], requested?: number): GenerationRecord {
+  const list = records.map((r) => `${r.generation} (${r.status})`).join(', ') || 'none';
+  if (requested === undefined) {
+    const done = records.filter((r) => r.status === 'complete');
+    const rec = done[done.length - 1] ?? records[records.length - 1];
+    if (!rec) throw new Error(`${dir}: the chain has no generation; its stream broke before the first one began`);
+    return rec;
+  }
+  const rec = records.find((r) => r.generation === requested);
+  if (!rec) throw new Error(`${dir}: the chain has no generation ${requested} (generations: ${list})`);
+  return rec;
+}
+
+export class ChainView {
+  readonly blocks: ImageBlock[]; // live at K, by address
+  private readonly ids: number[]; // view block -> chain block
+  private readonly src = new Map<number, Uint16Array>(); // view block -> generation holding each page
+  private readonly fds = new Map<number, number>();
+
+  constructor(
+    private readonly dir: string, private readonly index: IndexStore, readonly record: GenerationRecord,
+    readonly records: GenerationRecord[], chainBlocks: ChainBlock[], private readonly pageSize: number,
+  ) {
+    const k = record.generation;
+    const live = chainBlocks.map((b, id) => ({ b, id })).filter(({ b }) => b.born <= k && (b.died === undefined || b.died > k));
+    live.sort((x, y) => x.b.address - y.b.address || x.id - y.id);
+    this.ids = live.map(({ id }) => id);
+    this.blocks = live.map(({ b }) => ({ name: b.name, length: b.length, address: b.address, base: b.base, pages: b.pages }));
+  }
+
+  get generation(): number {
+    return this.record.generation;
+  }
+
+  // Generation K's page map of a block: each page's newest record in 1..K.
+  async pages(block: number): Promise<BlockPages> {
+    const blk = this.blocks[block];
+    const id = this.ids[block];
+    const m = new BlockPages(blk.pages);
+    const src = new Uint16Array(blk.pages);
+    const g = new BlockPages(blk.pages);
+    for (let gen = 1; gen <= this.generation; gen++) {
+      let any = false;
+      for (let c = 0; c < g.chunks(); c++) {
+        const buf = await this.index.getBuffer(`gbits/${gen}/${id}/${c}`);
+        if (buf) (g.decodeChunk(c, buf), (any = true));
+      }
+      if (!any) continue;
+      overlay(m, g, src, gen);
+      g.present.bits.fill(0), g.data.bits.fill(0), g.discarded.bits.fill(0);
+    }
+    this.src.set(block, src);
+    return m;
+  }
+
+  // count pages from first into buf: data pages from their generation's file,
+  // the rest zero.
+  // ImageReader loads every block's map when it opens a generation, so this is sync like its own.
+  readPages(block: number, first: number, count: number, buf: Buffer): Buffer {
+    const src = this.src.get(block);
+    if (!src) throw new Error(`${this.dir}: block ${block} read before its page map was loaded`);
+    const ps = this.pageSize;
+    const base = this.blocks[block].base;
+    for (let i = 0; i < count; ) {
+      const gen = src[first + i];
+      let n = 1;
+      while (i + n < count && src[first + i + n] === gen) n++;
+      if (gen === 0) buf.fill(0, i * ps, (i + n) * ps);
+      else readFull(this.fd(gen), buf.subarray(i * ps, (i + n) * ps), base + (first + i) * ps, this.dir);
+      i += n;
+    }
+    return buf.subarray(0, count * ps);
+  }
+
+  private fd(gen: number): number {
+    let fd = this.fds.get(gen);
+    if (fd === undefined) this.fds.set(gen, (fd = fs.openSync(path.join(this.dir, this.records[gen - 1].file), 'r')));
+    return fd;
+  }
+
+  // Generation K's state; a process state's block numbers become this view's.
+  async state(kind: string): Promise<Buffer | undefined> {
+    const raw = await this.index.getBuffer(`gstate/${this.generation}/${kind}`);
+    if (!raw || kind !== STATE_KIND) return raw;
+    const s = decodeProcessState(raw);
+    for (const m of s.maps) m.block = m.block >= 0 ? this.ids.indexOf(m.block) : -1;
+    return encodeProcessState(s);
+  }
+
+  // Every page each generation stored, against the CRC recorded when it arrived.
+  async verify(report: (where: string, problem: string) => void): Promise<{ dataPages: number; zeroPages: number; unchecked: number }> {
+    const r = { dataPages: 0, zeroPages: 0, unchecked: 0 };
+    const chain = (await this.index.getJson<ChainBlock[]>('blocks')) ?? [];
+    const ps = this.pageSize;
+    const page = Buffer.alloc(ps);
+    for (const rec of this.records) {
+      for (const key of await this.index.keysWithPrefix(`gbits/${rec.generation}/`)) {
+        const [, , b, c] = key.split('/').map(Number);
+        const m = new BlockPages(chain[b].pages);
+        m.decodeChunk(c, (await this.index.getBuffer(key))!);
+        const crcRaw = await this.index.getBuffer(`gcrc/${rec.generation}/${b}/${c}`);
+        const crcs = crcRaw && PageCrcs.decodeChunk(crcRaw);
+        for (let p = c * CHUNK_PAGES; p < Math.min(m.pages, (c + 1) * CHUNK_PAGES); p++) {
+          if (!m.present.get(p)) continue;
+          readFull(this.fd(rec.generation), page, chain[b].base + p * ps, this.dir);
+          const where = `generation ${rec.generation} ${chain[b].name}:${p}`;
+          if (!m.data.get(p)) (r.zeroPages++, page.some((x) => x !== 0) && report(where, 'zero page reads non-zero'));
+          else if (!crcs) r.unchecked++;
+          else (r.dataPages++, zlib.crc32(page) !== crcs[p - c * CHUNK_PAGES] && report(where, 'crc32 differs from the one recorded'));
+        }
+      }
+    }
+    return r;
+  }
+
+  close(): void {
+    for (const fd of this.fds.values()) fs.closeSync(fd);
+    this.fds.clear();
+  }
+}
+
+// Lays generation gen's own records over the map built from the ones before.
+function overlay(m: BlockPages, g: BlockPages, src: Uint16Array, gen: number): void {
+  const [mp, md, mx] = [m.present.bits, m.data.bits, m.discarded.bits];
+  const [gp, gd, gx] = [g.present.bits, g.data.bits, g.discarded.bits];
+  for (let i = 0; i < mp.length; i++) {
+    const touched = gp[i] | gx[i];
+    if (!touched) continue;
+    mp[i] = (mp[i] & ~touched) | gp[i];
+    md[i] = (md[i] & ~touched) | gd[i];
+    mx[i] = (mx[i] & ~touched) | (gx[i] & ~gp[i]);
+    for (let bit = 0; bit < 8; bit++) {
+      const p = i * 8 + bit;
+      if (touched & (1 << bit)) src[p] = gd[i] & (1 << bit) ? gen : 0;
+    }
+  }
+}
+
+function readFull(fd: number, buf: Buffer, pos: number, dir: string): void {
+  for (let done = 0; done < buf.length; ) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) throw new Error(`${dir}: a generation's data file is shorter than its block table says`);
+    done += n;
+  }
+}

@@ -1,0 +1,135 @@
+// A chain stream (synthetic, from the real encoder: test/helpers/chain-gen.ts)
+// received into one image by the real receiver and read back generation by
+// generation: every generation materialises to exactly its expected pages and
+// state whatever came after it, each stores only its own pages, and a stream
+// cut or damaged in generation 4 loses only generation 4. Chains of real
+// process captures, through the CLIs and gdb: chain-process.test.ts.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Readable } from 'node:stream';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { ImageWriter } from '../receiver/image';
+import { ImageReader } from '../receiver/image-reader';
+import { receive } from '../receiver/receive';
+import { generateChain, type GeneratedChain } from './helpers/chain-gen';
+
+const root = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-chain-img-'));
+test.after(() => fs.rmSync(root, { recursive: true, force: true }));
+let n = 0;
+
+async function store(bytes: Buffer) {
+  const dir = path.join(root, `img${n++}`);
+  const summary = await receive(Readable.from([bytes]), await ImageWriter.create(dir));
+  return { dir, summary };
+}
+
+// Generation K read through ImageReader equals what the generator says.
+async function checkGeneration(dir: string, c: GeneratedChain, k: number): Promise<ImageReader> {
+  const img = await ImageReader.open(dir, { generation: k });
+  const want = c.gens[k - 1];
+  assert.is(img.chain?.generation, k);
+  assert.is(img.header.created, want.instant, 'header.created is the generation instant');
+  assert.equal(img.blocks.map((b) => b.name), want.live.map((b) => c.blocks[b].name), `generation ${k}: live blocks`);
+  const buf = Buffer.alloc(64 * 4096);
+  for (let v = 0; v < img.blocks.length; v++) {
+    const id = want.live[v];
+    const m = await img.pages(v);
+    const bytes = img.readPages(v, 0, m.pages, buf);
+    for (let p = 0; p < m.pages; p++) {
+      const exp = want.pages.get(`${id}:${p}`);
+      const where = `generation ${k} block ${id} page ${p}`;
+      if (exp === 'discarded') assert.ok(!m.present.get(p) && m.discarded.get(p), `${where}: discarded`);
+      else if (exp === null) assert.ok(m.present.get(p) && !m.data.get(p), `${where}: zero`);
+      else {
+        assert.ok(m.present.get(p) && m.data.get(p), `${where}: data`);
+        assert.ok(bytes.subarray(p * 4096, (p + 1) * 4096).equals(exp!), `${where}: bytes`);
+      }
+    }
+  }
+  assert.equal(await img.state('test.state'), want.state, `generation ${k}: its own state`);
+  return img;
+}
+
+test('each generation of a 5-generation chain materialises to its own pages, blocks and state', async () => {
+  for (const seed of [3, 11, 29]) {
+    const c = generateChain(seed);
+    const { dir, summary } = await store(c.stream);
+    assert.is(summary.status, 'complete', summary.reason);
+    assert.is(summary.generations, 5);
+    for (let k = 5; k >= 1; k--) await (await checkGeneration(dir, c, k)).close();
+    const img = await ImageReader.open(dir);
+    assert.is(img.chain?.generation, 5, 'default: the latest complete generation');
+    await img.close();
+  }
+});
+
+test('storage per generation: its own data pages in its own sparse file, nothing inherited', async () => {
+  const c = generateChain(5);
+  const { dir } = await store(c.stream);
+  const img = await ImageReader.open(dir);
+  try {
+    for (const r of img.generations) {
+      const want = c.gens[r.generation - 1].dataPages;
+      assert.is(r.dataPages, want, `generation ${r.generation}: data pages stored`);
+      assert.is(r.dataBytes, want * 4096);
+      assert.ok(r.diskBytes >= want * 4096 && r.diskBytes <= want * 4096 + 64 * 1024, `generation ${r.generation}: ${r.diskBytes} bytes on disk for ${want} pages`);
+      assert.is(fs.statSync(path.join(dir, r.file)).blocks * 512, r.diskBytes);
+    }
+    const v = await img.verify();
+    assert.is(v.badCount, 0, v.bad.join('\n'));
+    assert.is(v.dataPages, c.gens.reduce((s, g) => s + g.dataPages, 0), 'verify checked every generation\'s pages');
+  } finally {
+    await img.close();
+  }
+});
+
+test('a stream cut in generation 4: 1-3 complete and readable, 4 incomplete with the reason', async () => {
+  const c = generateChain(7);
+  const cut = c.stream.subarray(0, c.genStarts[3] + Math.floor((c.genStarts[4] - c.genStarts[3]) / 2));
+  const { dir, summary } = await store(cut);
+  assert.is(summary.status, 'incomplete');
+  assert.match(summary.reason, /generation 4 is incomplete: .*input ended before .*\(in generation 4, before its GENERATION_END\)/, summary.reason);
+  for (let k = 1; k <= 3; k++) {
+    const img = await checkGeneration(dir, c, k);
+    assert.is(img.status.status, 'complete');
+    await img.close();
+  }
+  const img = await ImageReader.open(dir);
+  try {
+    assert.is(img.chain?.generation, 3, 'default: generation 3, the latest complete');
+    assert.equal(img.generations.map((r) => r.status), ['complete', 'complete', 'complete', 'incomplete']);
+    assert.match(img.generations[3].reason, /TRUNCATED|input ended before/);
+    assert.is(img.chainStatus?.status, 'incomplete');
+    assert.is((await img.verify()).badCount, 0, 'what is stored verifies');
+  } finally {
+    await img.close();
+  }
+});
+
+test('a damaged frame in generation 4: nothing of it written, 1-3 intact', async () => {
+  const c = generateChain(9);
+  const bad = Buffer.from(c.stream);
+  const at = c.genStarts[3] + Math.floor((c.genStarts[4] - c.genStarts[3]) * 0.6);
+  bad[at] ^= 0x40;
+  const { dir, summary } = await store(bad);
+  assert.is(summary.status, 'incomplete');
+  assert.match(summary.reason, /generation 4 is incomplete: .*(checksum|MALFORMED|frame)/i);
+  for (let k = 1; k <= 3; k++) await (await checkGeneration(dir, c, k)).close();
+  const img = await ImageReader.open(dir, { generation: 4 });
+  assert.is(img.status.status, 'incomplete');
+  await img.close();
+});
+
+test('a chain ended between generations without END: every generation complete, the chain not', async () => {
+  const c = generateChain(13);
+  const { dir, summary } = await store(c.stream.subarray(0, c.genStarts[3]));
+  assert.is(summary.status, 'incomplete');
+  assert.match(summary.reason, /ended before the END frame was complete \(after generation 3\)/);
+  const img = await checkGeneration(dir, c, 3);
+  assert.equal(img.generations.map((r) => r.status), ['complete', 'complete', 'complete']);
+  await img.close();
+});
+
+test.run();
