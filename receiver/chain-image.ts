@@ -23,7 +23,7 @@ import { promisify } from 'node:util';
 import type { BlockInfo, DiscardBatch, GenerationStart, GenerationTotals, PageBatch, StreamEvent, StreamHeader, StreamTotals } from '../format/events';
 import { openPrivateFile } from '../io/private-file';
 import type { ReceiveSummary } from '../io/sink';
-import { BLOCK_ALIGN, fsyncDir, type ImageBlock } from './image';
+import { BLOCK_ALIGN, fsyncDir, imageSize, type ImageBlock } from './image';
 import { CHAIN_INDEX_VERSION, PageCrcs, type IndexStore } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
 import type { PageQueue, QueuedBatch } from './page-queue';
@@ -72,7 +72,8 @@ export class ChainWriter {
   private readonly records: GenerationRecord[] = [];
   private gen: OpenGeneration | undefined;
   private ended: StreamTotals | undefined;
-  private size = 0; // apparent size of every data file: the whole chain's layout
+  private next = 0; // where the next block added goes (2 MiB aligned)
+  private size = 0; // apparent size of every data file: the end of the chain's last block
   private discards = 0;
 
   constructor(
@@ -119,16 +120,18 @@ export class ChainWriter {
   private addBlocks(blocks: BlockInfo[]): void {
     const g = this.current('block table');
     const ps = this.header.pageSize;
-    let base = this.size;
+    let base = this.next;
     const added = blocks.map((b, i) => {
       const cb: ChainBlock = { ...b, base, pages: b.length / ps, born: g.start.generation };
       base += Math.ceil(b.length / BLOCK_ALIGN) * BLOCK_ALIGN;
-      g.added.push(this.blocks.length + i);
       return cb;
     });
-    if (base > this.maxImageBytes) throw new Error(`the chain's blocks need a ${base}-byte layout, over the limit of ${this.maxImageBytes} bytes`);
+    const size = imageSize([...this.blocks, ...added]);
+    if (size > this.maxImageBytes) throw new Error(`the chain's blocks need a ${size}-byte layout, over the limit of ${this.maxImageBytes} bytes`);
+    added.forEach((_, i) => g.added.push(this.blocks.length + i));
     this.blocks.push(...added);
-    this.size = base;
+    this.next = base;
+    this.size = size;
     fs.ftruncateSync(g.fd, this.size);
   }
 

@@ -41,9 +41,9 @@ async function checkGeneration(dir: string, c: GeneratedChain, k: number): Promi
       const exp = want.pages.get(`${id}:${p}`);
       const where = `generation ${k} block ${id} page ${p}`;
       if (exp === 'discarded') assert.ok(!m.present.get(p) && m.discarded.get(p), `${where}: discarded`);
-      else if (exp === null) assert.ok(m.present.get(p) && !m.data.get(p), `${where}: zero`);
+      else if (exp === null) assert.ok(m.present.get(p) && !m.data.get(p) && !m.discarded.get(p), `${where}: zero`);
       else {
-        assert.ok(m.present.get(p) && m.data.get(p), `${where}: data`);
+        assert.ok(m.present.get(p) && m.data.get(p) && !m.discarded.get(p), `${where}: data`);
         assert.ok(bytes.subarray(p * 4096, (p + 1) * 4096).equals(exp!), `${where}: bytes`);
       }
     }
@@ -82,6 +82,30 @@ test('storage per generation: its own data pages in its own sparse file, nothing
     assert.is(v.dataPages, c.gens.reduce((s, g) => s + g.dataPages, 0), 'verify checked every generation\'s pages');
   } finally {
     await img.close();
+  }
+});
+
+test('verify names the generation whose stored page changed on disk', async () => {
+  const c = generateChain(17);
+  const { dir } = await store(c.stream);
+  const img = await ImageReader.open(dir, { generation: 2 });
+  let at = -1;
+  for (let v = 0; v < img.blocks.length && at < 0; v++) {
+    const m = await img.pages(v);
+    for (let p = 0; p < m.pages && at < 0; p++) if (c.gens[1].pages.get(`${c.gens[1].live[v]}:${p}`) !== c.gens[0].pages.get(`${c.gens[1].live[v]}:${p}`) && m.data.get(p)) at = img.blocks[v].base + p * 4096;
+  }
+  await img.close();
+  assert.ok(at >= 0, 'generation 2 stored a data page');
+  const fd = fs.openSync(path.join(dir, 'data.2'), 'r+');
+  fs.writeSync(fd, Buffer.from([0xff]), 0, 1, at + 100);
+  fs.closeSync(fd);
+  const again = await ImageReader.open(dir);
+  try {
+    const v = await again.verify();
+    assert.is(v.badCount, 1);
+    assert.match(v.bad[0], /^generation 2 blk\d+:\d+: crc32 differs/);
+  } finally {
+    await again.close();
   }
 });
 

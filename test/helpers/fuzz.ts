@@ -19,6 +19,7 @@ import { receive } from '../../receiver/receive';
 import { genStream } from './qemu-gen';
 import { prng, randInt } from './prng';
 import { generate } from './streams';
+import { generateChain } from './chain-gen';
 
 export interface Seed {
   kind: 'bgsnap' | 'qemu';
@@ -32,6 +33,19 @@ export function seeds(): Seed[] {
     const g = generate(100 + s, { compressLevel: s % 2 ? 1 : undefined });
     out.push({ kind: 'bgsnap', bytes: g.stream, frames: g.frames });
     out.push({ kind: 'qemu', bytes: genStream(200 + s, { records: 60 }).bytes });
+    const c = generateChain(300 + s, 3); // chains (version 2): GENERATION frames, blocks added and removed
+    out.push({ kind: 'bgsnap', bytes: c.stream, frames: splitFrames(c.stream) });
+  }
+  return out;
+}
+
+// The magic, then each frame's bytes.
+function splitFrames(stream: Buffer): Buffer[] {
+  const out = [stream.subarray(0, 8)];
+  for (let o = 8; o < stream.length; ) {
+    const end = o + FRAME_HEADER + stream.readUInt32LE(o + 4);
+    out.push(stream.subarray(o, end));
+    o = end;
   }
   return out;
 }
@@ -115,13 +129,16 @@ export async function receiveOnce(rnd: Rnd, bytes: Buffer, dir: string): Promise
   } catch (e) {
     return `receive threw: ${(e as Error).stack}`;
   }
-  const extra = fs.readdirSync(dir).filter((e) => e !== 'data' && e !== 'index');
+  // A chain image has one data file per generation after the first (data.K).
+  const extra = fs.readdirSync(dir).filter((e) => e !== 'data' && e !== 'index' && !/^data\.\d+$/.test(e));
   if (extra.length) return `unexpected files in the image: ${extra.join(', ')}`;
   const idx = await IndexStore.open(path.join(dir, 'index'), false);
   const blocks = (await idx.getJson<ImageBlock[]>('blocks')) ?? [];
   await idx.close();
-  const size = fs.statSync(path.join(dir, 'data')).size;
-  if (size > imageSize(blocks) || size > FUZZ_MAX_IMAGE) return `data file is ${size} bytes, layout allows ${imageSize(blocks)}`;
+  for (const f of fs.readdirSync(dir).filter((e) => e.startsWith('data'))) {
+    const size = fs.statSync(path.join(dir, f)).size;
+    if (size > imageSize(blocks) || size > FUZZ_MAX_IMAGE) return `${f} is ${size} bytes, layout allows ${imageSize(blocks)}`;
+  }
   return '';
 }
 
