@@ -109,6 +109,18 @@ test('verify names the generation whose stored page changed on disk', async () =
   }
 });
 
+test('a block added in a later generation past the image size limit fails that generation, before it is allocated', async () => {
+  const c = generateChain(21);
+  const dir = path.join(root, `img${n++}`);
+  // Generation 1's layout fits in 2 MiB per block; allow exactly that, so the first later block does not fit.
+  const limit = c.gens[0].live.length * 2 * 1024 * 1024;
+  const summary = await receive(Readable.from([c.stream]), await ImageWriter.create(dir, { maxImageBytes: limit }));
+  assert.is(summary.status, 'incomplete');
+  assert.match(summary.reason, /generation \d is incomplete: the chain's blocks need a \d+-byte layout, over the limit of \d+ bytes/);
+  for (const f of fs.readdirSync(dir).filter((e) => e.startsWith('data'))) assert.ok(fs.statSync(path.join(dir, f)).size <= limit, `${f} within the limit`);
+  await (await checkGeneration(dir, c, 1)).close();
+});
+
 test('a stream cut in generation 4: 1-3 complete and readable, 4 incomplete with the reason', async () => {
   const c = generateChain(7);
   const cut = c.stream.subarray(0, c.genStarts[3] + Math.floor((c.genStarts[4] - c.genStarts[3]) / 2));
