@@ -3,7 +3,7 @@
 // stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -"),
 // as flat memory, as one drive's sparse raw disk (--to disk --drive ID), or
 // (process images) as an ELF core file for gdb. Refuses incomplete
-// images unless --allow-incomplete. A chain image (format/SPEC.md section 4)
+// images unless --allow-incomplete. A chain image (format/SPEC.md, "Chains of generations")
 // gives generation K with --generation K, by default its latest complete one.
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';

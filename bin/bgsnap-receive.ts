@@ -55,8 +55,9 @@ main('bgsnap-receive', async () => {
   }
   if (!opts.quiet) {
     const mb = (n: number) => (n / 1048576).toFixed(1);
+    const gens = summary.generations ? `${summary.generations} generations, ` : '';
     process.stderr.write(
-      `bgsnap-receive: ${opts.output ?? `${summary.image} at ${opts.to}`} complete: ${summary.uniquePages} pages (${summary.dataPages} data, ${summary.zeroPages} zero), ` +
+      `bgsnap-receive: ${opts.output ?? `${summary.image} at ${opts.to}`} complete: ${gens}${summary.uniquePages} pages (${summary.dataPages} data, ${summary.zeroPages} zero), ` +
         `${summary.duplicatePages} duplicates dropped, stream ${mb(summary.streamBytes)} MiB -> ${mb(summary.imageBytes)} MiB on disk, ${summary.seconds.toFixed(2)} s\n`,
     );
   }

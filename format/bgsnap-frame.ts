@@ -5,7 +5,7 @@ import type { SourceKind, StreamTotals } from './events';
 
 export const MAGIC = Buffer.from('BGSNAP', 'latin1');
 export const VERSION = 1; // one snapshot
-export const CHAIN_VERSION = 2; // a chain of generations (SPEC.md section 4)
+export const CHAIN_VERSION = 2; // a chain of generations (SPEC.md, "Chains of generations")
 export const READABLE_VERSIONS = [VERSION, CHAIN_VERSION];
 export const FRAME_HEADER = 16;
 export const MAX_PAYLOAD = 64 * 1024 * 1024;

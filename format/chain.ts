@@ -1,4 +1,4 @@
-// Chains of generations in a bgsnap stream (version 2, SPEC.md section 4):
+// Chains of generations in a bgsnap stream (version 2, SPEC.md, "Chains of generations"):
 // the payloads of the GENERATION and GENERATION_END frames, and the rules a
 // decoder applies to a chain. Pure: no I/O.
 //

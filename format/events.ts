@@ -13,7 +13,7 @@ export interface StreamHeader {
   pageSize: number; // bytes, a power of two
   created: number; // ms since the epoch, at the snapshot point
   label: string; // free text: the VM's machine type, the process command, ...
-  chain?: boolean; // a chain of generations (stream version 2, SPEC.md section 4)
+  chain?: boolean; // a chain of generations (stream version 2, SPEC.md, "Chains of generations")
 }
 
 export interface BlockInfo {
@@ -68,7 +68,7 @@ export interface StreamTotals {
   generations?: number; // chain streams only: generations sent
 }
 
-// Chains (SPEC.md section 4): a generation's start. Blocks are numbered across
+// Chains (SPEC.md, "Chains of generations"): a generation's start. Blocks are numbered across
 // the whole chain; `removed` lists blocks live until the previous generation
 // that this one no longer has (unmapped, or replaced by a remapped block).
 export interface GenerationStart {

@@ -1,4 +1,4 @@
-// Writes a chain of generations (a version 2 stream, format/SPEC.md section 4)
+// Writes a chain of generations (a version 2 stream, format/SPEC.md, "Chains of generations")
 // into one image. Every block the chain ever had keeps one fixed base in the
 // data layout (blocks added later are laid out after the earlier ones), and
 // each generation has its own sparse data file at those same offsets: `data`

@@ -1,4 +1,4 @@
-// Chain streams (bgsnap version 2, format/SPEC.md section 4) at the codec level:
+// Chain streams (bgsnap version 2, format/SPEC.md, "Chains of generations") at the codec level:
 // round trips over random chains and random chunking, and a named StreamError
 // for every rule a chain can break. Version 1 streams are covered by
 // bgsnap-codec.test.ts and must still decode as before.
