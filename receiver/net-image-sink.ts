@@ -90,7 +90,8 @@ async function replaceable(dir: string): Promise<boolean> {
     return false;
   }
   if (!st.isDirectory()) throw new Error(`${path.basename(dir)} exists under the receiver's directory and is not an image`);
-  const entries = fs.readdirSync(dir).filter((e) => e !== 'data' && e !== 'index');
+  // A chain image also has one data file per later generation (data.K).
+  const entries = fs.readdirSync(dir).filter((e) => e !== 'data' && e !== 'index' && !/^data\.\d+$/.test(e));
   if (entries.length) throw new Error(`${path.basename(dir)} exists and is not an image; not replacing it`);
   if (!fs.existsSync(path.join(dir, 'index'))) return true;
   // An index that cannot be opened (held by another process, damaged) is refused,

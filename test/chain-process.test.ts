@@ -176,6 +176,13 @@ test('a chain over --listen TCP: the relay sends it, the receiver stores all fiv
   const token = writeToken(dir);
   const rx = await startReceiver(root, ['--insecure', '--token-file', token]);
   try {
+    // A stream cut in generation 4 first: the receiver keeps 1-3, marks 4 incomplete.
+    const cut = await relay(chain.stream.subarray(0, chain.genStarts[3] + 1000), rx.url, ['--insecure', '--token-file', token, '--name', 'chain1']);
+    assert.is(cut.code, 2, cut.stderr);
+    const broken = await inspectJson(path.join(root, 'chain1'));
+    assert.equal(broken.generations.map((g: { status: string }) => g.status), ['complete', 'complete', 'complete', 'incomplete']);
+    assert.match(broken.generations[3].reason, /generation 4/);
+    // Then the whole chain under the same name replaces the incomplete image.
     const r = await relay(chain.stream, rx.url, ['--insecure', '--token-file', token, '--name', 'chain1']);
     assert.is(r.code, 0, `${r.stderr}\n${rx.stderr()}`);
     const d = await inspectJson(path.join(root, 'chain1'));
