@@ -37,7 +37,7 @@ export function pickGeneration(dir: string, records: GenerationRecord[], request
 export class ChainView {
   readonly blocks: ImageBlock[]; // live at K, by address
   private readonly ids: number[]; // view block -> chain block
-  private readonly src = new Map<number, Uint16Array>(); // view block -> generation holding each page
+  private readonly src = new Map<number, Uint32Array>(); // view block -> generation holding each page
   private readonly fds = new Map<number, number>();
 
   constructor(
@@ -60,7 +60,7 @@ export class ChainView {
     const blk = this.blocks[block];
     const id = this.ids[block];
     const m = new BlockPages(blk.pages);
-    const src = new Uint16Array(blk.pages);
+    const src = new Uint32Array(blk.pages);
     const g = new BlockPages(blk.pages);
     for (let gen = 1; gen <= this.generation; gen++) {
       let any = false;
@@ -143,7 +143,7 @@ export class ChainView {
 }
 
 // Lays generation gen's own records over the map built from the ones before.
-function overlay(m: BlockPages, g: BlockPages, src: Uint16Array, gen: number): void {
+function overlay(m: BlockPages, g: BlockPages, src: Uint32Array, gen: number): void {
   const [mp, md, mx] = [m.present.bits, m.data.bits, m.discarded.bits];
   const [gp, gd, gx] = [g.present.bits, g.data.bits, g.discarded.bits];
   for (let i = 0; i < mp.length; i++) {
