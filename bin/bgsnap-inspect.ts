@@ -29,7 +29,10 @@ async function describe(img: ImageReader) {
     const { name, address, length, pages } = img.blocks[b];
     blocks.push({ name, address, length, pages, present, dataPages: data, zeroPages: present - data, discardedPages: m.discarded.count() });
   }
-  const st = fs.statSync(path.join(img.dir, 'data'));
+  // A chain's data is every generation's file: sizes are their sum.
+  const files = img.chain ? img.generations.map((r) => r.file) : ['data'];
+  const stats = files.map((f) => fs.statSync(path.join(img.dir, f)));
+  const st = { size: Math.max(...stats.map((x) => x.size)), blocks: stats.reduce((n, x) => n + x.blocks, 0) };
   const chain = img.chainStatus ?? img.status;
   return {
     image: img.dir, status: chain.status, reason: chain.reason, ...chainFields(img), snapshotId: img.header?.snapshotId, source: img.header?.source,
