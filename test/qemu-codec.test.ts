@@ -344,7 +344,9 @@ test('chunks are not retained: overwriting pushed buffers does not change events
   assert.equal(canon(ev), want);
 });
 
-test('throughput: decode of page data (prints MB/s)', () => {
+// Speed is the benches' business (no timed assertion here): this checks a large
+// stream in big chunks decodes every page, and prints the rate for the log.
+test('decode of 128 MiB of page data in 256 KiB chunks: every page (prints MB/s)', () => {
   const bl = [{ name: 'pc.ram', length: 32768 * 4096 }];
   const w = new RamPartWriter(bl, 2);
   const idx = Uint32Array.from({ length: 32768 }, (_, i) => i);
@@ -364,7 +366,6 @@ test('throughput: decode of page data (prints MB/s)', () => {
     best = Math.max(best, data.length / s / 1e6);
   }
   console.log(`    qemu decode: ${best.toFixed(0)} MB/s of page data (128 MiB, 256 KiB chunks)`);
-  assert.ok(best > 100, `decode too slow: ${best} MB/s`);
 });
 
 test.run();
