@@ -1,9 +1,9 @@
 // The disks of a whole-VM snapshot. With the VM stopped, one QMP `transaction`
 // starts a blockdev-backup (sync=full) of every chosen drive into an NBD node
 // that this process serves (capture/nbd-target.ts) on a private 0700 socket;
-// the background snapshot started next resumes the guest (QEMU 7.2's
-// bg_migration_vm_start_bh calls vm_start() whatever the state before), and
-// copy-before-write keeps each disk copy at the instant while the guest writes on.
+// the background snapshot started next takes RAM and devices, after which the
+// guest runs again (resumeOnceSnapshotRuns), and copy-before-write keeps each
+// disk copy at the instant while the guest writes on.
 //
 // What we add to QEMU (target nodes, jobs) is recorded before it is added, and
 // cleanup() takes all of it away again: jobs cancelled, nodes deleted, the VM
@@ -104,6 +104,7 @@ export class DiskCapture {
   private guard: ChildProcess | null = null;
   private cleaning: Promise<void> | null = null;
   pauseStartedAt = 0;
+  private resuming: Promise<void> | null = null;
   copyStartedAt = 0; // the transaction: the disks' instant
   copyMs: number | null = null; // until every backup completed
 
@@ -152,6 +153,23 @@ export class DiskCapture {
     await this.qmp.execute('transaction', {
       actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job } })),
     });
+  }
+
+  // Called once QEMU's first RAM page reached us. QEMU 7.2 restarts the guest
+  // itself (bg_migration_vm_start_bh: vm_start()); 9.0 and later put back the
+  // state they found (vm_resume(vm_old_state)): paused, since we stopped it, so
+  // it would stay paused to the end. QEMU writes RAM pages only after it saved
+  // the devices, write-protected RAM and scheduled that bottom half; the
+  // query-status round trip lets the main loop run the bottom half before our
+  // `cont` (a `cont` ahead of it would be undone: its vm_resume(paused) marks
+  // the VM paused with its vCPUs running).
+  resumeOnceSnapshotRuns(): Promise<void> {
+    this.resuming ??= (async () => {
+      if (!this.stoppedVm) return;
+      const { status } = await this.qmp.execute<{ status: string }>('query-status');
+      if (status === 'paused') await this.qmp.execute('cont');
+    })();
+    return this.resuming;
   }
 
   // Resolves when every backup completed; rejects on the first that failed.

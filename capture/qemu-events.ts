@@ -87,7 +87,13 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
   const pauseKnown = disks?.pauseStartedAt ? pauseUntilRunning(qmp, disks.pauseStartedAt).then((v) => void (pauseMs = v), () => undefined) : Promise.resolve();
   diskDone.catch((e: Error) => void snap.abort(e.message));
 
+  let resumed: Promise<Error | null> = Promise.resolve(null);
   const onEvent = async (ev: StreamEvent): Promise<void> => {
+    // Not awaited: QEMU may need its stream read on to answer QMP.
+    if (ev.type === 'pages' && disks) {
+      // An error is thrown at the end, not left an unhandled rejection now.
+      resumed = disks.resumeOnceSnapshotRuns().then(() => null, (e: Error) => new Error(`resuming the VM after the snapshot started: ${e.message}`));
+    }
     if (ev.type === 'blocks') {
       firstDiskBlock = ev.blocks.length;
       const blocks: BlockInfo[] = [...ev.blocks, ...diskBlocks(plans, 4096)];
@@ -99,6 +105,8 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
     }
     if (ev.type === 'end') {
       await diskDone; // every backup job completed: each disk copy is whole
+      const notResumed = await resumed;
+      if (notResumed) throw notResumed;
       await pauseKnown;
       await disks?.cleanup();
     }
@@ -142,15 +150,11 @@ function disksState(plans: DiskPlan[], first: number): { kind: string; data: Buf
   return { kind: DISKS_STATE, data: Buffer.from(JSON.stringify(list)) };
 }
 
-// QEMU 7.2 restarts the guest from a bottom half once the snapshot's RAM is
-// write-protected (vm_start() whatever the state before). QEMU 9.0 and later
-// put back the state they found (vm_resume(vm_old_state)): paused, since we
-// stopped it; resuming it ourselves before QEMU's own stop would let the guest
-// run between the disks' instant and RAM's, so there the VM stays paused until
-// the snapshot is over and DiskCapture.cleanup() resumes it (said in README).
+// Polled from our `stop` on, so the figure is an upper bound that does not wait
+// for the stream: QEMU 7.2 restarts the guest itself, later versions once we
+// sent `cont` (DiskCapture.resumeOnceSnapshotRuns).
 async function pauseUntilRunning(qmp: QmpClient, since: number): Promise<number | null> {
-  if (Number(qmp.qemuVersion.split('.')[0]) >= 9) return null;
-  for (let i = 0; i < 30000; i++) {
+  for (const until = since + 120_000; Date.now() < until;) {
     const { status } = await qmp.execute<{ status: string }>('query-status');
     if (status === 'running') return Date.now() - since;
     await new Promise((r) => setTimeout(r, 2));

@@ -1,0 +1,108 @@
+// Whole-VM tests with a virtio disk (vm-disks*.test.ts): booting the test guest
+// with its disk workload (test/guest/disk.h, fs.h), capturing it with --disks
+// while it writes, and restoring vmstate plus a disk in a fresh QEMU. Shared
+// by the QEMU 7.2 and 10.0 tests, so both run the same scenario.
+import { execFileSync } from 'node:child_process';
+import * as assert from 'uvu/assert';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type { Guest } from './guest';
+import type { QemuBinary } from './qemu10';
+import { sleep, startVm, type Vm, type VmOptions } from './vm';
+import { BIN, sh } from './cli';
+
+const DISK_RE = /^disk=(ok|FAIL) last=(\d+) ondisk=(\d+)/;
+
+export interface DiskCheck { ok: boolean; last: number; onDisk: number; text: string }
+
+export function diskChecks(vm: Vm, since = 0, re = DISK_RE): DiskCheck[] {
+  return vm.lines(since).flatMap((l) => {
+    const m = re.exec(l.text);
+    return m ? [{ ok: m[1] === 'ok', last: Number(m[2]), onDisk: Number(m[3]), text: l.text }] : [];
+  });
+}
+
+export class DiskVms {
+  readonly vms: Vm[] = [];
+  constructor(readonly guest: Guest, readonly dir: string, readonly qemu?: QemuBinary, readonly re = DISK_RE) {}
+
+  async boot(drive: string, extra: Partial<VmOptions> = {}): Promise<Vm> {
+    const vm = await startVm({
+      kernel: this.guest.kernel, initrd: this.guest.initrd, memMb: 256, guestMb: 16, append: 'bgsnap.disk=1',
+      extraArgs: ['-drive', drive], startTimeoutMs: 60_000, qemu: this.qemu, ...extra,
+    });
+    this.vms.push(vm);
+    return vm;
+  }
+
+  async waitChecks(vm: Vm, n: number, since = 0): Promise<DiskCheck[]> {
+    const first = new RegExp(this.re.source.split('=')[0] + '=');
+    await vm.waitForLine(first, 180_000, since);
+    for (let i = 0; i < 600 && diskChecks(vm, since, this.re).length < n; i++) await sleep(200);
+    const c = diskChecks(vm, since, this.re);
+    assert.ok(c.length >= n, `only ${c.length} disk checks`);
+    return c;
+  }
+
+  // Captures with --disks while the guest writes; the guest must write on during
+  // and after it, and nothing of ours may be left in QEMU.
+  async capture(vm: Vm, tag: string): Promise<{ image: string; stats: Record<string, unknown>; during: number }> {
+    await this.waitChecks(vm, 2);
+    const image = path.join(this.dir, `${tag}.img`);
+    const stats = path.join(this.dir, `${tag}.json`);
+    const from = vm.lines().length;
+    const r = await sh(`${BIN.capture} --qmp '${vm.qmpPath}' --disks --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
+    assert.is(r.code, 0, r.stderr);
+    const during = diskChecks(vm, from, this.re).length; // checks printed while the capture ran
+    const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
+    assert.is(s.runStateAfter, 'running');
+    await this.waitChecks(vm, 1, from);
+    assert.equal(await ourLeftovers(vm), []);
+    return { image, stats: s, during };
+  }
+
+  // Restores vmstate + disk in a fresh QEMU and returns the restored VM once it
+  // printed `n` checks. The snapshot's run state is "paused" (bgsnap stopped the
+  // VM for the instant), so the restored VM waits for `cont`.
+  async restoreVm(image: string, drive: string, append = 'bgsnap.disk=1', n = 2): Promise<{ vm: Vm; checks: DiskCheck[] }> {
+    const incoming = `exec:${BIN.convert} '${image}' --to qemu -o -`;
+    const vm = await this.boot(drive, { incoming, append });
+    for (let i = 0; i < 600; i++) {
+      const { status } = await vm.qmp.execute<{ status: string }>('query-status');
+      if (status === 'paused') await vm.qmp.execute('cont');
+      if (status === 'running' || status === 'paused') break;
+      await sleep(200);
+    }
+    return { vm, checks: await this.waitChecks(vm, n) };
+  }
+
+  async restore(image: string, disk: string, append = 'bgsnap.disk=1'): Promise<DiskCheck[]> {
+    const { vm, checks } = await this.restoreVm(image, `file=${disk},format=raw,if=virtio,id=d0`, append);
+    await vm.kill();
+    return checks;
+  }
+
+  async killAll(): Promise<void> {
+    for (const vm of this.vms) await vm.kill();
+  }
+}
+
+export function chain(file: string): unknown {
+  const out = execFileSync('qemu-img', ['info', '-U', '--backing-chain', '--output=json', file], { encoding: 'utf8' });
+  // Sizes on disk change as the guest writes; the chain itself must not.
+  return (JSON.parse(out) as Record<string, unknown>[]).map((i) => ({ f: i.filename, fmt: i.format, b: i['backing-filename'], v: i['virtual-size'] }));
+}
+
+export async function ourLeftovers(vm: Vm): Promise<string[]> {
+  const jobs = await vm.qmp.execute<{ device: string }[]>('query-block-jobs');
+  const nodes = await vm.qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes');
+  return [...jobs.map((j) => `job ${j.device}`), ...nodes.filter((n) => n['node-name'].startsWith('bgsnap')).map((n) => `node ${n['node-name']}`)];
+}
+
+// The disk a few seconds on: stop the source, copy its disk, kill it.
+export async function copyLater(vm: Vm, disk: string, to: string, ms = 3000): Promise<void> {
+  await sleep(ms);
+  await vm.qmp.execute('stop');
+  fs.copyFileSync(disk, to);
+  await vm.kill();
+}
