@@ -38,12 +38,18 @@ static void load_module(const char *name) {
   close(fd);
 }
 
-static int disk_setup(long at_mb) {
-  dk.at = (off_t)at_mb << 20;
+// virtio-blk and its transport, and /dev for /dev/vda (also for fs.h).
+static int load_disk_modules(void) {
   const char *mods[] = {"virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk"};
   for (size_t i = 0; i < sizeof mods / sizeof mods[0]; i++) load_module(mods[i]);
   mkdir("/dev", 0755);
   mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+  return 1;
+}
+
+static int disk_setup(long at_mb) {
+  dk.at = (off_t)at_mb << 20;
+  load_disk_modules();
   for (int i = 0; i < 100 && (dk.fd = open("/dev/vda", O_RDWR | O_DIRECT)) < 0; i++) usleep(50000); // probing is async
   dk.buf = mmap(NULL, PAGE_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   dk.all = mmap(NULL, (size_t)DISK_SLOTS * PAGE_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);

@@ -17,8 +17,10 @@
 // (report interval, default 300), bgsnap.rate=N (transfers per second, default
 // unlimited), bgsnap.fault=K / bgsnap.fault_at=N (tests of the check itself),
 // bgsnap.disk=1 (the disk workload of disk.h: RAM and /dev/vda must agree),
-// bgsnap.disk_at=MiB (where on the disk its records go, default 0).
+// bgsnap.disk_at=MiB (where on the disk its records go, default 0),
+// bgsnap.fs=1 (the filesystem workload of fs.h: files in ext4 on /dev/vda).
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -29,6 +31,7 @@
 #include <sys/klog.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -212,6 +215,7 @@ static void ensure_console(void) {
 }
 
 #include "disk.h"
+#include "fs.h"
 
 static void setup_region(long mb) {
   st.npages = (size_t)mb * 1024 * 1024 / PAGE_BYTES;
@@ -241,6 +245,7 @@ int main(void) {
   out("ready pages=%zu mb=%ld tick_ms=%llu\n", st.npages, mb, (unsigned long long)tick_ms);
   long disk_at = cmdline_param(cmdline, "bgsnap.disk_at", 0);
   int disk = cmdline_param(cmdline, "bgsnap.disk", 0) ? disk_setup(disk_at) : 0;
+  if (cmdline_param(cmdline, "bgsnap.fs", 0)) fsw.on = load_disk_modules() && fs_setup();
   long fault = cmdline_param(cmdline, "bgsnap.fault", 0);
   uint64_t fault_at = (uint64_t)cmdline_param(cmdline, "bgsnap.fault_at", 3);
   // bgsnap.rate caps transfers per second (0: as fast as possible). Ordinary
@@ -252,6 +257,7 @@ int main(void) {
       for (int k = 0; k < TRANSFERS_PER_CLOCK_CHECK; k++) transfer();
       done_this_tick += TRANSFERS_PER_CLOCK_CHECK;
       if (disk) disk_write_next();
+      if (fsw.on) fs_write_next();
     } else {
       usleep(1000);
     }
@@ -260,6 +266,7 @@ int main(void) {
     if (fault && st.tick == fault_at) inject_fault(fault);
     report();
     if (disk) disk_report();
+    if (fsw.on) fs_report(), fs_poll_console();
     done_this_tick = 0;
     // After a long pause (snapshot restore, slow host) do not burst ticks.
     next = (next + tick_ms > now) ? next + tick_ms : now + tick_ms;

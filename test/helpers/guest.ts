@@ -22,7 +22,7 @@ const GUEST_SRC = path.join(REPO_ROOT, 'test', 'guest');
 export function guestCacheDir(): string {
   const base = process.env.BGSNAP_CACHE || path.join(REPO_ROOT, '.cache');
   const hash = crypto.createHash('sha256');
-  for (const f of ['init.c', 'disk.h', 'build.sh']) hash.update(f).update(fs.readFileSync(path.join(GUEST_SRC, f)));
+  for (const f of ['init.c', 'disk.h', 'fs.h', 'build.sh']) hash.update(f).update(fs.readFileSync(path.join(GUEST_SRC, f)));
   return path.join(base, 'guest', hash.digest('hex').slice(0, 16));
 }
 

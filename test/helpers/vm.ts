@@ -54,6 +54,7 @@ export interface Vm {
   ticks(since?: number): Tick[];
   waitForTicks(count: number, timeoutMs: number, since?: number): Promise<Tick[]>;
   stderr(): string;
+  console(text: string): void; // typed on the guest's serial console
   readonly running: boolean;
   kill(): Promise<void>;
 }
@@ -198,6 +199,7 @@ function makeVm(h: Harness, qmp: QmpClient): Vm {
     lines,
     ticks,
     stderr: h.stderr,
+    console: (text) => void h.child.stdin?.write(text),
     get running() {
       return h.exitInfo() === null;
     },
