@@ -24,9 +24,11 @@ const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, WRITE_ZEROES: 6 };
 const NBD_EIO = 5;
 const NBD_EINVAL = 22;
 const NBD_ENOTSUP = 95;
-// HAS_FLAGS | SEND_FLUSH | SEND_WRITE_ZEROES: no reads are offered (a backup
-// target is never read) and no TRIM.
-const TRANSMISSION_FLAGS = 1 | 4 | 64;
+// HAS_FLAGS | SEND_WRITE_ZEROES: no reads are offered (a backup target is
+// never read), no TRIM, and no FLUSH: writes are in the stream once answered
+// (durability is the receiver's), and without the flag QEMU's client does not
+// send one, so the flushes in QEMU's stops need no round trip through us.
+const TRANSMISSION_FLAGS = 1 | 64;
 
 export interface NbdExport {
   name: string;

@@ -17,6 +17,16 @@ import type { QmpClient } from './qmp';
 
 export const DISK_BLOCK_PREFIX = 'disk:';
 const MAX_BATCH_PAGES = 65536;
+// QEMU's own stop inside the background snapshot drains block I/O: it waits
+// for every backup write in flight to our NBD target (by default up to 64
+// writes of up to 1 MiB), with the guest paused; that was most of the pause
+// (bench/disk-pause.ts). So the backups start throttled to 1 byte/s (QEMU's
+// rate limit then delays even their first chunk) and run at full speed once
+// the guest runs again: while it is paused nothing is copied, QEMU's stop has
+// no backup write to wait for, and the host's CPUs go to QEMU, not to our NBD
+// server. Copy-before-write is not throttled: it keeps the instant whatever
+// the job's speed.
+const HELD_SPEED = 1;
 
 export interface DiskPlan {
   id: string; // the drive's -drive id, query-block's device
@@ -107,6 +117,8 @@ export class DiskCapture {
   private resuming: Promise<void> | null = null;
   copyStartedAt = 0; // the transaction: the disks' instant
   copyMs: number | null = null; // until every backup completed
+  // When each step of the pause ended (Date.now()), for --stats' pauseSteps.
+  readonly marks: Record<string, number> = {};
 
   constructor(
     private readonly qmp: QmpClient,
@@ -128,9 +140,9 @@ export class DiskCapture {
     this.guard?.stdin?.write(JSON.stringify(m) + '\n');
   }
 
-  // Everything up to the backups running; the VM is left stopped (the
-  // background snapshot resumes it). Undo with cleanup() on any error.
-  async start(runState: string): Promise<void> {
+  // What can be done with the guest running: the guard, our NBD server and
+  // the target nodes. Undo with cleanup() on any error.
+  async prepare(): Promise<void> {
     this.guard = spawnDiskGuard(this.qmp.path);
     await this.server.listen(this.socketPath);
     for (const p of this.plans) {
@@ -140,19 +152,31 @@ export class DiskCapture {
         driver: 'nbd', 'node-name': p.target, export: p.id, server: { type: 'unix', path: this.socketPath },
       });
     }
+  }
+
+  // After prepare(): stops the VM and starts the backups; the VM is left
+  // stopped for the background snapshot. Undo with cleanup() on any error.
+  async start(runState: string): Promise<void> {
     if (runState === 'running') {
       this.pauseStartedAt = Date.now();
       this.stoppedVm = true;
       this.tellGuard({ stopped: true });
       await this.qmp.execute('stop');
+      this.marks.stopped = Date.now();
     }
     this.eventsFrom = this.qmp.events.length;
     this.startedJobs = this.plans.map((p) => p.job);
     for (const job of this.startedJobs) this.tellGuard({ job });
     this.copyStartedAt = Date.now();
     await this.qmp.execute('transaction', {
-      actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job } })),
+      actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job, speed: HELD_SPEED } })),
     });
+    this.marks.transaction = Date.now();
+  }
+
+  // True while the guest is paused by us: from our `stop` until it runs again.
+  get holdingGuest(): boolean {
+    return this.stoppedVm && this.marks.resumed === undefined;
   }
 
   // Called once QEMU's first RAM page reached us. QEMU 7.2 restarts the guest
@@ -163,11 +187,13 @@ export class DiskCapture {
   // query-status round trip lets the main loop run the bottom half before our
   // `cont` (a `cont` ahead of it would be undone: its vm_resume(paused) marks
   // the VM paused with its vCPUs running).
+  // Then the backups, held back until now, run at full speed.
   resumeOnceSnapshotRuns(): Promise<void> {
     this.resuming ??= (async () => {
-      if (!this.stoppedVm) return;
       const { status } = await this.qmp.execute<{ status: string }>('query-status');
-      if (status === 'paused') await this.qmp.execute('cont');
+      if (status === 'paused' && this.stoppedVm) await this.qmp.execute('cont');
+      this.marks.resumed = Date.now();
+      for (const job of this.startedJobs) await this.qmp.execute('block-job-set-speed', { device: job, speed: 0 });
     })();
     return this.resuming;
   }

@@ -29,6 +29,11 @@ export interface QemuCaptureStats {
   qemuStreamBytes: number;
   downtimeMs: number | null; // QEMU's own figure: its stop inside the background snapshot
   pauseMs: number | null; // with disks: from our `stop` until the guest was seen running again (upper bound)
+  // With disks: where the pause went, ms from the step before: stop, transaction
+  // (backups started), migrate (QEMU answered; its own setup and stop follow),
+  // firstPage (QEMU's first RAM page reached us), resumed (our `cont` done on
+  // QEMU >= 9, query-status said running on 7.2), running (the poll saw it).
+  pauseSteps: Record<string, number> | null;
   totalTimeMs: number | null;
   diskCopyMs: number | null; // from the disks' instant until every backup job completed
   runStateAfter: string;
@@ -36,11 +41,17 @@ export interface QemuCaptureStats {
 }
 
 export const DISKS_STATE = 'qemu.disks';
+const PAUSE_HOLD = 64 << 20;
 
 export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = {}): Promise<CaptureSource<QemuCaptureStats>> {
   const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: opts.connectTimeoutMs ?? 5000 });
   const queue = new EventQueue();
-  const pending: PageBatch[] = []; // disk writes that came before the block table
+  const pending: PageBatch[] = []; // disk writes held in memory (see onWrite)
+  let heldBytes = 0;
+  const flushHeld = async () => {
+    for (const b of pending.splice(0)) await queue.push({ type: 'pages', batch: { ...b, block: b.block + firstDiskBlock } });
+    heldBytes = 0;
+  };
   let blocksOut = false;
   let firstDiskBlock = 0;
   let disks: DiskCapture | null = null;
@@ -60,18 +71,26 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
         // Numbered from the first disk block, which is known only once QEMU's
         // RAM block list went by; see onEvent.
         const batches = writeToBatches(plans.indexOf(p), off, len, data, 4096, p.size);
-        // Before QEMU's RAM block list went by, writes are held in memory
-        // without bound: making the backup wait here deadlocks QEMU 7.2 (seen
-        // in the vm-disks test): the snapshot's own stop drains block I/O
-        // before the list is flushed to us. The backup runs that long only
-        // while QEMU sets up, so this holds what it copies in that time.
-        if (!blocksOut) return void pending.push(...batches);
+        // Held in memory and answered at once (1) before QEMU's RAM block list
+        // went by, without bound: making the backup wait there deadlocks QEMU
+        // 7.2 (seen in the vm-disks test): the snapshot's own stop drains block
+        // I/O before the list is flushed to us; the backup runs that long only
+        // while QEMU sets up; (2) while the guest is paused, up to PAUSE_HOLD:
+        // that stop waits for every backup write in flight, so each one we make
+        // wait for the stream lengthens the pause.
+        if (!blocksOut || (disks!.holdingGuest && heldBytes + len <= PAUSE_HOLD)) {
+          heldBytes += len;
+          return void pending.push(...batches);
+        }
+        await flushHeld();
         for (const b of batches) await queue.push({ type: 'pages', batch: { ...b, block: b.block + firstDiskBlock } });
       };
       disks = new DiskCapture(qmp, plans, dir, onWrite);
-      await disks.start(before);
+      await disks.prepare();
     }
-    snap = await openQemuSnapshot(qmpSocket, { ...opts, qmp });
+    const d = disks;
+    snap = await openQemuSnapshot(qmpSocket, { ...opts, qmp, beforeMigrate: d ? () => d.start(before) : undefined });
+    if (disks) disks.marks.migrate = Date.now();
   } catch (err) {
     await disks?.cleanup().catch(() => undefined);
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
@@ -91,8 +110,13 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
   const onEvent = async (ev: StreamEvent): Promise<void> => {
     // Not awaited: QEMU may need its stream read on to answer QMP.
     if (ev.type === 'pages' && disks) {
+      disks.marks.firstPage ??= Date.now();
       // An error is thrown at the end, not left an unhandled rejection now.
-      resumed = disks.resumeOnceSnapshotRuns().then(() => null, (e: Error) => new Error(`resuming the VM after the snapshot started: ${e.message}`));
+      resumed = disks.resumeOnceSnapshotRuns().then(() => null, (e: Error) => {
+        const err = new Error(`resuming the VM and the disk copy after the snapshot started: ${e.message}`);
+        void snap.abort(err.message); // the backups may never finish: give up now
+        return err;
+      });
     }
     if (ev.type === 'blocks') {
       firstDiskBlock = ev.blocks.length;
@@ -100,11 +124,12 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
       await queue.push({ type: 'blocks', blocks });
       if (plans.length) await queue.push({ type: 'state', state: disksState(plans, firstDiskBlock) });
       blocksOut = true;
-      for (const b of pending.splice(0)) await queue.push({ type: 'pages', batch: { ...b, block: b.block + firstDiskBlock } });
+      if (!disks?.holdingGuest) await flushHeld();
       return;
     }
     if (ev.type === 'end') {
       await diskDone; // every backup job completed: each disk copy is whole
+      await flushHeld();
       const notResumed = await resumed;
       if (notResumed) throw notResumed;
       await pauseKnown;
@@ -139,10 +164,22 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
     },
     stats: () => ({
       source: 'qemu', qemuVersion: snap.qemuVersion, qemuStreamBytes: dec.bytesIn,
-      downtimeMs: result?.downtimeMs ?? null, pauseMs, totalTimeMs: result?.totalTimeMs ?? null, diskCopyMs: disks?.copyMs ?? null, runStateAfter: result?.runStateAfter ?? '',
+      downtimeMs: result?.downtimeMs ?? null, pauseMs, pauseSteps: disks && pauseMs !== null ? pauseSteps(disks, pauseMs) : null, totalTimeMs: result?.totalTimeMs ?? null, diskCopyMs: disks?.copyMs ?? null, runStateAfter: result?.runStateAfter ?? '',
       disks: plans.map((p) => ({ id: p.id, size: p.size, file: p.file })),
     }),
   };
+}
+
+function pauseSteps(disks: DiskCapture, pauseMs: number): Record<string, number> {
+  const m: Record<string, number> = { ...disks.marks, running: disks.pauseStartedAt + pauseMs };
+  const steps: Record<string, number> = {};
+  let last = disks.pauseStartedAt;
+  for (const k of ['stopped', 'transaction', 'migrate', 'firstPage', 'resumed', 'running'] as const) {
+    if (m[k] === undefined) continue;
+    steps[k] = m[k] - last;
+    last = m[k];
+  }
+  return steps;
 }
 
 function disksState(plans: DiskPlan[], first: number): { kind: string; data: Buffer } {

@@ -53,6 +53,10 @@ export interface QemuSnapshotOptions {
   // A QMP connection the caller opened and keeps (whole-VM capture: the disk
   // jobs outlive the migration); it is not closed here.
   qmp?: QmpClient;
+  // Runs right before `migrate`, when everything else is ready (settings, the
+  // socket and its guard): a whole-VM capture stops the VM and starts its disk
+  // backups here, so its pause holds no more than it must.
+  beforeMigrate?: () => Promise<void>;
 }
 
 export interface MigrationInfo {
@@ -102,9 +106,11 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
     fs.chmodSync(dir, 0o700); // the socket carries all guest memory
     const sockPath = path.join(dir, 'migration.sock');
     const server = await listen(sockPath);
-    const startedAt = Date.now();
     const session = new Session(qmp, server, dir, changes, opts);
+    let startedAt = 0;
     try {
+      await opts.beforeMigrate?.();
+      startedAt = Date.now();
       await qmp.execute('migrate', { uri: `unix:${sockPath}` });
     } catch (err) {
       session.dropListenGuard();
