@@ -103,7 +103,12 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
   const diskDone = disks ? disks.finished() : Promise.resolve();
   // Measured beside the stream, never before reading it: until its stream is
   // read QEMU may not get to resuming the guest (seen: a deadlock).
-  const pauseKnown = disks?.pauseStartedAt ? pauseUntilRunning(qmp, disks.pauseStartedAt).then((v) => void (pauseMs = v), () => undefined) : Promise.resolve();
+  // The tighter of two upper bounds: the poll saw it running, or our `cont`
+  // (QEMU >= 9) / query-status (7.2) said so (DiskCapture.marks.resumed).
+  const pauseKnown = disks?.pauseStartedAt ? pauseUntilRunning(qmp, disks.pauseStartedAt).then((v) => {
+    const resumed = disks!.marks.resumed === undefined ? null : disks!.marks.resumed - disks!.pauseStartedAt;
+    pauseMs = v === null ? resumed : resumed === null ? v : Math.min(v, resumed);
+  }, () => undefined) : Promise.resolve();
   diskDone.catch((e: Error) => void snap.abort(e.message));
 
   let resumed: Promise<Error | null> = Promise.resolve(null);
