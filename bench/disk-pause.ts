@@ -15,7 +15,7 @@ import { ensureGuest } from '../test/helpers/guest';
 import { ensureQemu10 } from '../test/helpers/qemu10';
 import { sleep, startVm } from '../test/helpers/vm';
 import { BIN, sh } from '../test/helpers/cli';
-import { arg, machine } from './process-common';
+import { arg, machine } from './args';
 
 interface Row { who: string; pauseMs: number; downtimeMs: number; diskCopyMs: number; steps: string }
 
