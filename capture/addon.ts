@@ -16,6 +16,9 @@ export interface Addon {
   captureInfo(handle: number): CaptureInfo;
   abortCapture(handle: number): void;
   closeCapture(handle: number): void;
+  // QEMU before 8.1 (capture/qemu-uffd.ts, capture/native/qemu_uffd.cc).
+  peerPid(fd: number): number; // SO_PEERCRED of a connected Unix socket
+  uffdRelease(pid: number, fd: number, ranges: [number, number][], unregister: boolean): void;
   [name: string]: unknown;
 }
 

@@ -6,52 +6,85 @@
 // capture) and never touches the socket; if that pipe closes without the word
 // "done", the capture died: the guard reads QEMU's stream to its end and
 // throws it away, then puts back the migration settings the capture changed.
+// On QEMU < 8.1 the guard also releases the guest RAM protection QEMU forgets
+// when its snapshot ends early (capture/qemu-uffd.ts): at once if the stream
+// falls silent (a thread may sleep on a page nobody will save, even QEMU's main
+// thread, which stops everything), and for good once QEMU says it stopped.
 // A first guard (mode 'listen') holds the listening socket from `migrate` until
 // the capture holds QEMU's connection, so no moment is left unguarded.
 //   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}' conn|listen
 import * as net from 'node:net';
 import { QmpClient } from './qmp';
 import { ACTIVE_STATES, restore } from './qemu-source';
+import { forgetsWriteProtection, peerPidOf, releaseWriteProtection } from './qemu-uffd';
 
 interface Restore {
   capabilities: [string, boolean][];
   maxBandwidth: number | null;
+  qemuVersion: string;
 }
 
-function drainSocket(s: net.Socket): Promise<void> {
-  return new Promise((resolve) => {
-    s.on('data', () => undefined);
+const SILENT_MS = 2000; // QEMU writes its stream without pause while it is drained
+
+// Resolves when QEMU closed the stream. `pid` (QEMU < 8.1): a stream silent for
+// SILENT_MS gets QEMU's forgotten protection released (unregistering waits for
+// QEMU's word in putBack: while its snapshot runs, it still needs them).
+function drainSocket(s: net.Socket, pid: number | null): Promise<void> {
+  let lastData = Date.now();
+  const watch = setInterval(() => {
+    if (pid !== null && Date.now() - lastData > SILENT_MS) release(pid, false);
+  }, 1000);
+  return new Promise<void>((resolve) => {
+    s.on('data', () => (lastData = Date.now()));
     s.on('error', () => resolve());
     s.on('close', () => resolve());
     s.resume();
-  });
+  }).finally(() => clearInterval(watch));
+}
+
+function release(pid: number, over: boolean): void {
+  try {
+    const r = releaseWriteProtection(pid, over);
+    if (r.ranges) process.stderr.write(`bgsnap-capture guard: released ${r.ranges} guest RAM range(s) QEMU left write-protected${over ? ' and unregistered them' : ''}\n`);
+  } catch (e) {
+    process.stderr.write(`bgsnap-capture guard: releasing QEMU's write protection: ${(e as Error).message}\n`);
+  }
+}
+
+// QEMU's pid if it may forget its protection, else null.
+function qemuPid(fd: number, r: Restore): number | null {
+  return forgetsWriteProtection(r.qemuVersion) ? peerPidOf(fd) : null;
 }
 
 // Mode 'listen': fd 3 is the listening socket. The capture died before it took
 // QEMU's connection; QEMU may have queued one there (or be about to). Take it
 // and drain it; if none comes in `waitMs`, QEMU never connected.
-function acceptAndDrain(waitMs: number): Promise<void> {
+function acceptAndDrain(waitMs: number, r: Restore): Promise<number | null> {
   return new Promise((resolve) => {
     const server = net.createServer((c) => {
       clearTimeout(timer);
       server.close();
-      void drainSocket(c).then(resolve);
+      const pid = qemuPid((c as unknown as { _handle: { fd: number } })._handle.fd, r);
+      void drainSocket(c, pid).then(() => resolve(pid));
     });
-    const timer = setTimeout(() => (server.close(), resolve()), waitMs);
-    server.on('error', () => (clearTimeout(timer), resolve()));
+    const timer = setTimeout(() => (server.close(), resolve(null)), waitMs);
+    server.on('error', () => (clearTimeout(timer), resolve(null)));
     server.listen({ fd: 3 });
   });
 }
 
 // QEMU refuses capability changes until the migration has fully stopped.
-async function putBack(qmpPath: string, r: Restore): Promise<void> {
+// `pid`: QEMU's, if it may have forgotten its protection (see release()).
+async function putBack(qmpPath: string, r: Restore, pid: number | null): Promise<void> {
   const qmp = await QmpClient.connect(qmpPath, { timeoutMs: 10_000 });
   try {
+    let status = '';
     for (let i = 0; i < 600; i++) {
-      const { status } = await qmp.execute<{ status?: string }>('query-migrate');
-      if (!ACTIVE_STATES.has(status ?? '')) break;
+      status = (await qmp.execute<{ status?: string }>('query-migrate')).status ?? '';
+      if (!ACTIVE_STATES.has(status)) break;
       await new Promise((res) => setTimeout(res, 100));
     }
+    if (pid !== null && !ACTIVE_STATES.has(status) && status !== 'completed') release(pid, true);
     await restore(qmp, { capabilities: new Map(r.capabilities), maxBandwidth: r.maxBandwidth });
   } finally {
     qmp.close();
@@ -68,9 +101,12 @@ async function main(): Promise<void> {
   await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
   if (said.includes('done')) return;
   process.stderr.write('bgsnap-capture died mid-snapshot: draining QEMU\'s stream so the guest is not left blocked\n');
-  if (mode === 'listen') await acceptAndDrain(10_000);
-  else await drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }));
-  await putBack(qmpPath, JSON.parse(json) as Restore);
+  const r = JSON.parse(json) as Restore;
+  let pid: number | null = null;
+  if (mode === 'listen') pid = await acceptAndDrain(10_000, r);
+  else await drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }), (pid = qemuPid(3, r)));
+  if (pid !== null) release(pid, false); // the stream is over: nobody serves a fault now
+  await putBack(qmpPath, r, pid);
   process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');
 }
 

@@ -21,6 +21,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
 import { QmpClient } from './qmp';
+import { forgetsWriteProtection, peerPidOf, releaseWriteProtection } from './qemu-uffd';
 
 // Capabilities QEMU 7.x-10.x refuses to combine with background-snapshot
 // (migrate_caps_check); checked first so the user learns every offender at once.
@@ -206,6 +207,7 @@ class Session {
   private resolveDone!: (r: QemuSnapshotResult) => void;
   private rejectDone!: (e: Error) => void;
   private conn: net.Socket | null = null;
+  private qemuPid: number | null = null; // the peer of `conn`
   private connEnded = false;
   private completed: MigrationInfo | null = null;
   private settled = false;
@@ -223,7 +225,7 @@ class Session {
     private readonly changes: Changes,
     private readonly opts: QemuSnapshotOptions,
   ) {
-    this.listenGuard = spawnGuard(listeningFd(server), qmp.path, changes, 'listen');
+    this.listenGuard = spawnGuard(listeningFd(server), qmp.path, qmp.qemuVersion, changes, 'listen');
     this.done = new Promise((resolve, reject) => ((this.resolveDone = resolve), (this.rejectDone = reject)));
     // Every failure is reported by `done`; the stream also errors for pipelines
     // and for-await readers, but must not crash a caller who has not attached
@@ -253,7 +255,8 @@ class Session {
   private onConnection(conn: net.Socket): void {
     if (this.conn) return void conn.destroy(); // exactly one stream
     this.conn = conn;
-    this.guard = spawnGuard(conn, this.qmp.path, this.changes, 'conn');
+    this.qemuPid = socketPid(conn);
+    this.guard = spawnGuard(conn, this.qmp.path, this.qmp.qemuVersion, this.changes, 'conn');
     this.dropListenGuard(); // the connection's own guard took over
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
     this.server.close(); // nobody else may connect
@@ -339,7 +342,10 @@ class Session {
   private async cancelAndRestore(): Promise<void> {
     if (this.qmp.closed) throw new Error('the QMP connection is gone');
     const bounded = { timeoutMs: 10_000 };
-    const status = async () => (await this.qmp.execute<MigrationInfo>('query-migrate', undefined, bounded)).status ?? 'none';
+    const query = async () => (await this.qmp.execute<MigrationInfo>('query-migrate', undefined, bounded)).status ?? 'none';
+    // QMP unanswered: on QEMU < 8.1 its main thread may sleep on a page that a
+    // dead migration thread will never save (see capture/qemu-uffd.ts).
+    const status = () => query().catch((e: Error) => (this.releaseForgotten(false) ? query() : Promise.reject(e)));
     let now = await status();
     if (this.opts.abortBy === 'cancel' && ACTIVE_STATES.has(now)) await this.qmp.execute('migrate_cancel', undefined, bounded);
     const until = Date.now() + (this.opts.abortWaitMs ?? 300_000);
@@ -348,7 +354,18 @@ class Session {
       now = await status();
     }
     if (ACTIVE_STATES.has(now)) throw new Error(`QEMU's snapshot is still '${now}'; capabilities left as they are`);
+    if (now !== 'completed') this.releaseForgotten(true);
     await restore(this.qmp, this.changes);
+  }
+
+  // QEMU < 8.1 leaves guest RAM write-protected when its snapshot ends other
+  // than completed; undo that (capture/qemu-uffd.ts). `over`: QEMU said the
+  // snapshot stopped, so its ranges are also unregistered. Returns whether it ran.
+  private releaseForgotten(over: boolean): boolean {
+    if (this.qemuPid === null || !forgetsWriteProtection(this.qmp.qemuVersion)) return false;
+    const r = releaseWriteProtection(this.qemuPid, over);
+    if (r.ranges) process.stderr.write(`bgsnap-capture: QEMU ${this.qmp.qemuVersion} left ${r.ranges} guest RAM range(s) write-protected after its snapshot ended early; released them\n`);
+    return true;
   }
 
   // `over`: QEMU confirmed its snapshot stopped, so the guard may go. Else the
@@ -382,8 +399,8 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 // Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
 // `socket`: QEMU's connection ('conn'), or the listening socket's fd ('listen').
-function spawnGuard(socket: net.Socket | number, qmpPath: string, changes: Changes, mode: 'conn' | 'listen'): ChildProcess {
-  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth };
+function spawnGuard(socket: net.Socket | number, qmpPath: string, qemuVersion: string, changes: Changes, mode: 'conn' | 'listen'): ChildProcess {
+  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, qemuVersion };
   const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore), mode], {
     stdio: ['pipe', 'ignore', 'inherit', socket],
   });
@@ -391,6 +408,12 @@ function spawnGuard(socket: net.Socket | number, qmpPath: string, changes: Chang
   guard.unref();
   (guard.stdin as net.Socket & { unref?: () => void }).unref?.();
   return guard;
+}
+
+// QEMU's pid, from its migration connection; null if Node hides the fd.
+function socketPid(conn: net.Socket): number | null {
+  const fd = (conn as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? peerPidOf(fd) : null;
 }
 
 // Node keeps a listening Unix socket's fd on its handle; a copy of it in the

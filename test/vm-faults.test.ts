@@ -10,6 +10,7 @@ import { ensureGuest } from './helpers/guest';
 import { sleep, startVm, type Vm } from './helpers/vm';
 import { BIN, sh } from './helpers/cli';
 import { execFileSync } from 'node:child_process';
+import { protectedRanges } from '../capture/qemu-uffd';
 
 type Caps = { capability: string; state: boolean }[];
 const ctx: { vm?: Vm; dir?: string } = {};
@@ -102,6 +103,31 @@ test('a capture that exits before QEMU stopped leaves the draining to its guard'
   }
   assert.is(st, 'completed', 'QEMU wrote its snapshot to the end, into the guard');
   await assertVmFine(ctx.vm!);
+});
+
+// QEMU 7.2 forgets to unprotect guest RAM when a background snapshot ends other
+// than completed (fixed in 8.1): here a migrate_cancel from another client. The
+// capture must see QEMU stopped, release what QEMU left write-protected
+// (capture/qemu-uffd.ts) and fail naming the cancel; the guest runs on and a
+// new snapshot can register the same RAM again. Without the release the guest
+// makes no progress and no range is released.
+test('migrate_cancel from elsewhere mid-snapshot: QEMU\'s forgotten write protection is released', async () => {
+  const rc = path.join(ctx.dir!, 'rc-cancel');
+  const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & p=$!; echo $p > '${rc}.pid'; wait $p; echo $? > '${rc}') | (sleep 3; cat > /dev/null)`;
+  const run = sh(cmd, 120_000);
+  const active = async () => (await ctx.vm!.qmp.execute<{ status?: string }>('query-migrate')).status === 'active';
+  for (let i = 0; i < 600 && !(fs.existsSync(`${rc}.pid`) && (await active())); i++) await sleep(20);
+  assert.ok(await active(), 'the snapshot runs when it is cancelled');
+  await ctx.vm!.qmp.execute('migrate_cancel');
+  const r = await run;
+  assert.is.not(fs.readFileSync(rc, 'utf8').trim(), '0', 'a cancelled capture exits non-zero');
+  assert.match(r.stderr, /QEMU snapshot was cancelled/);
+  await assertVmFine(ctx.vm!);
+  assert.equal(protectedRanges(ctx.vm!.pid), [], 'no guest RAM is left registered for write protection');
+  if (ctx.vm!.args.some((a) => a.includes('pc-i440fx-7.2'))) assert.match(r.stderr, /left \d+ guest RAM range\(s\) write-protected .* released them/);
+  const image = path.join(ctx.dir!, 'img-cancel');
+  const again = await sh(`${BIN.capture} --qmp '${ctx.vm!.qmpPath}' | ${BIN.receive} -q -o '${image}'`, 120_000);
+  assert.is(again.code, 0, again.stderr);
 });
 
 test.run();

@@ -4,6 +4,7 @@
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   bgsnap::InitCapture(env, exports);
+  bgsnap::InitQemuUffd(env, exports);
   return exports;
 }
 

@@ -11,5 +11,6 @@ namespace bgsnap {
 
 // Registration hooks, one per source file, called from addon.cc.
 void InitCapture(Napi::Env env, Napi::Object exports);  // process capture (capture_js.cc)
+void InitQemuUffd(Napi::Env env, Napi::Object exports);  // QEMU 7.2's forgotten write protection (qemu_uffd.cc)
 
 }  // namespace bgsnap
