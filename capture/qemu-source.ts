@@ -258,8 +258,8 @@ class Session {
     this.qemuPid = socketPid(conn);
     this.guard = spawnGuard(conn, this.qmp.path, this.qmp.qemuVersion, this.changes, 'conn');
     this.dropListenGuard(); // the connection's own guard took over
-    if (this.settled) return void drain(conn, null); // QEMU came after an abort
     this.server.close(); // nobody else may connect
+    if (this.settled) return void drain(conn, null); // QEMU came after an abort
     conn.pipe(this.out, { end: false });
     conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
     conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
@@ -323,7 +323,10 @@ class Session {
   private fail(err: Error): Promise<void> {
     if (this.finishing) return this.finishing;
     this.settled = true;
-    this.server.close();
+    // Still listening if QEMU has not connected yet: a connection QEMU queued
+    // (it may already be writing, with the guest write-protected) must be taken
+    // and drained now, not left full while we wait for QEMU to stop (seen: a
+    // SIGTERM during setup stalled QEMU's main thread for the 300 s wait).
     if (this.conn) drain(this.conn, this.out);
     this.out.destroy(err);
     this.finishing = (async () => {
