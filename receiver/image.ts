@@ -62,14 +62,16 @@ export class ImageWriter implements SnapshotSink {
   private crcs: PageCrcs[] = [];
   private totals: StreamTotals | undefined;
   private pending: Promise<void>[] = [];
-  private readonly queue = new PageQueue();
+  private readonly queue: PageQueue;
   private readonly counts = { discardedPages: 0, streamBytes: 0 };
   private readonly started = Date.now();
   private chain: ChainWriter | undefined; // a chain stream: everything after HEADER goes there
 
   private constructor(
     readonly dir: string, private readonly fd: number, private readonly index: IndexStore, private readonly maxImageBytes: number,
-  ) {}
+  ) {
+    this.queue = new PageQueue(path.join(dir, 'data'));
+  }
 
   static async create(dir: string, opts: ImageWriterOptions = {}): Promise<ImageWriter> {
     if (fs.existsSync(dir) && !opts.force) throw Object.assign(new Error(`image ${dir} already exists (use --force to replace it)`), { code: 'EEXIST' });

@@ -36,11 +36,11 @@ export class IndexStore {
   }
 
   putJson(key: string, value: unknown, sync = false): Promise<void> {
-    return this.db.put(key, Buffer.from(JSON.stringify(value)), { sync });
+    return this.db.put(key, Buffer.from(JSON.stringify(value)), { sync }).catch(fsError);
   }
 
   putBuffer(key: string, value: Buffer): Promise<void> {
-    return this.db.put(key, value);
+    return this.db.put(key, value).catch(fsError);
   }
 
   async getJson<T>(key: string): Promise<T | undefined> {
@@ -61,12 +61,19 @@ export class IndexStore {
 
   // Writes many records at once; sync makes LevelDB fsync its log before returning.
   async putMany(entries: [string, Buffer][], sync: boolean): Promise<void> {
-    await this.db.batch(entries.map(([key, value]) => ({ type: 'put' as const, key, value })), { sync });
+    await this.db.batch(entries.map(([key, value]) => ({ type: 'put' as const, key, value })), { sync }).catch(fsError);
   }
 
   close(): Promise<void> {
     return this.db.close();
   }
+}
+
+// LevelDB says "IO error: FILE: No space left on device" (code LEVEL_IO_ERROR);
+// we give a full disk its errno name, as the data file's writes do.
+function fsError(e: Error & { code?: string }): never {
+  if (/No space left on device/.test(e.message)) throw Object.assign(new Error(`image index: ${e.message}`), { code: 'ENOSPC' });
+  throw e;
 }
 
 // CRC32 of every data page, kept per chunk and allocated only for chunks that

@@ -28,6 +28,9 @@ export class PageQueue {
   private failure: Error | undefined;
   readonly counts = { pages: 0, duplicates: 0, zeroRecords: 0 };
 
+  // `file`: the data file, named in write errors (the addon says only which call).
+  constructor(private readonly file = 'the image data file') {}
+
   push(q: QueuedBatch): void | Promise<void> {
     this.check();
     this.queue.push(q);
@@ -65,7 +68,7 @@ export class PageQueue {
         throw new StreamError('bgsnap', 'BAD_CHECKSUM', c.offset, `bad checksum in PAGES frame ${c.frame}`);
       }
     } catch (e) {
-      this.failure ??= e as Error;
+      this.failure ??= named(e as Error & { code?: string }, this.file);
       // The failed batch, and all after it, are never written.
       for (const q of [...take, ...this.queue.splice(0)]) if (!q.settled) q.onDone?.(this.failure);
     }
@@ -81,6 +84,12 @@ export class PageQueue {
     q.settled = true;
     q.onDone?.();
   }
+}
+
+// An errno error from the addon (ENOSPC on a full disk, EIO) with the file's name.
+function named(e: Error & { code?: string }, file: string): Error {
+  if (!e.code || e instanceof StreamError) return e;
+  return Object.assign(new Error(`${file}: ${e.message}`), { code: e.code });
 }
 
 function size(q: QueuedBatch): number {
