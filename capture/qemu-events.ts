@@ -17,6 +17,7 @@ import {
   type QemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult,
 } from './qemu-source';
 import { QmpClient } from './qmp';
+import { peerPidOf, refuseUnlessReleasable } from './qemu-uffd';
 import type { CaptureSource } from './source';
 
 export interface QemuCaptureOptions extends QemuSnapshotOptions {
@@ -62,6 +63,7 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
     // Every refusal comes before anything in QEMU is touched.
     await refuseIfMigrating(qmp);
     refuseIncompatible(await readCapabilities(qmp));
+    refuseUnlessReleasable(qmp.qemuVersion, qmp.fd === null ? null : peerPidOf(qmp.fd));
     const plans = await planDisks(qmp, opts.disks);
     const before = await runState(qmp);
     if (plans.length) {

@@ -79,3 +79,21 @@ export function releaseWriteProtection(pid: number, unregister: boolean): Releas
 export function peerPidOf(fd: number): number {
   return addon.peerPid(fd);
 }
+
+// Refuses, before anything in QEMU is touched, a capture whose failure we could
+// not make safe: on QEMU < 8.1 releasing the forgotten protection needs
+// pidfd_getfd on QEMU (ptrace attach rights). An fd number no process has
+// answers EBADF when the kernel let us that far, EPERM when it would not.
+export function refuseUnlessReleasable(qemuVersion: string, pid: number | null): void {
+  if (!forgetsWriteProtection(qemuVersion) || pid === null) return;
+  try {
+    addon.uffdRelease(pid, 0x3fffffff, [], false);
+  } catch (e) {
+    const code = (e as { code?: string }).code;
+    if (code === 'EBADF') return;
+    throw Object.assign(new Error(
+      `QEMU ${qemuVersion} (pid ${pid}) leaves guest RAM write-protected if a snapshot fails, and bgsnap cannot take its ` +
+        `userfaultfd to undo that (${code}: ${(e as Error).message}); run bgsnap-capture as root or as QEMU's user, or use QEMU 8.1 or later`,
+    ), { code });
+  }
+}

@@ -85,6 +85,12 @@ export class QmpClient {
     return client;
   }
 
+  // The connected socket's fd (for SO_PEERCRED: who serves this monitor), if Node shows it.
+  get fd(): number | null {
+    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    return typeof fd === 'number' && fd >= 0 ? fd : null;
+  }
+
   get qemuVersion(): string {
     const v = this.greeting.QMP.version.qemu;
     return `${v.major}.${v.minor}.${v.micro}`;
