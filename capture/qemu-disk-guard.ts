@@ -40,12 +40,30 @@ async function connect(qmpPath: string): Promise<QmpClient> {
   }
 }
 
+// What the guard is waiting for, said on stderr while QEMU does not answer
+// (seen once on QEMU 10: its main loop stuck in the block layer after the
+// capture's NBD server died with it), so a hang names its step.
+let step = 'connecting to QMP';
+function sayWhileStuck(everyMs = 30_000): NodeJS.Timeout {
+  let last = '';
+  let since = Date.now();
+  return setInterval(() => {
+    if (step !== last) return void ((last = step), (since = Date.now()));
+    process.stderr.write(`bgsnap-capture disk guard: QEMU has not finished ${step} for ${Math.round((Date.now() - since) / 1000)} s\n`);
+  }, everyMs);
+}
+
 async function undoAll(qmpPath: string, u: Undo): Promise<void> {
   const qmp = await connect(qmpPath);
   try {
+    step = `cancelling backup job(s) ${u.jobs.join(', ')}`;
     await cancelJobs(qmp, u.jobs);
-    for (const n of u.nodes) await deleteNode(qmp, n);
+    for (const n of u.nodes) {
+      step = `deleting node ${n}`;
+      await deleteNode(qmp, n);
+    }
     if (!u.stopped) return;
+    step = 'waiting for the migration to end, then resuming the VM';
     // A snapshot that was started resumes the VM itself (QEMU 7.2) and is
     // being drained by the migration guard; wait for it, then resume the VM
     // if it is still stopped.
@@ -69,7 +87,8 @@ async function main(): Promise<void> {
   const { undo, done } = parse(said);
   if (done) return;
   process.stderr.write('bgsnap-capture died with disks in flight: taking its block jobs and nodes away\n');
-  await undoAll(qmpPath, undo);
+  const timer = sayWhileStuck();
+  await undoAll(qmpPath, undo).finally(() => clearInterval(timer));
   process.stderr.write(`bgsnap-capture disk guard: ${undo.jobs.length} job(s) and ${undo.nodes.length} node(s) gone${undo.stopped ? ', VM running' : ''}\n`);
 }
 
