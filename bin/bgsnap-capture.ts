@@ -24,8 +24,8 @@ const prog = new Command('bgsnap-capture')
   .option('--force', 'replace an existing -o file (never a symbolic link)')
   .option('--include-dontdump', 'process only: keep MADV_DONTDUMP ranges, which are left out by default as in kernel core dumps')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
-  .option('--disks', 'QEMU only, experimental: also capture every writable drive (see README: a capture that fails mid-copy can stall QEMU 7.2)')
-  .option('--disk <id>', 'QEMU only, experimental: capture this drive (its -drive id); repeatable; implies --disks for that drive', (v: string, l: string[] = []) => [...l, v])
+  .option('--disks', 'QEMU only: also capture every writable drive at the same instant (opt-in: see README, Known limits)')
+  .option('--disk <id>', 'QEMU only: capture this drive (its -drive id); repeatable; implies --disks for that drive', (v: string, l: string[] = []) => [...l, v])
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--stats <file>', 'write a JSON summary to this file');
 addNetOptions(prog).parse();
@@ -46,8 +46,8 @@ function compressLevel(): number | undefined {
 async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) => void }> {
   if (opts.qmp && opts.pid !== undefined) throw new Error('give one of --qmp and --pid, not both');
   if (opts.qmp) {
-    // Disks are opt-in until a capture that fails mid-copy is proven harmless
-    // to the guest (README, limits): by default RAM and devices only, as before.
+    // Disks are opt-in until every way a capture can fail is proven harmless to
+    // the guest on every QEMU tested (README, Known limits: SIGKILL on QEMU 10).
     const disks = opts.disk ?? (opts.disks ? undefined : []);
     return captureQemu(opts.qmp, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
   }
