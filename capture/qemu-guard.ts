@@ -12,7 +12,7 @@
 // thread, which stops everything), and for good once QEMU says it stopped.
 // A first guard (mode 'listen') holds the listening socket from `migrate` until
 // the capture holds QEMU's connection, so no moment is left unguarded.
-//   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null}' conn|listen
+//   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22"}' conn|listen
 import * as net from 'node:net';
 import { QmpClient } from './qmp';
 import { ACTIVE_STATES, restore } from './qemu-source';
@@ -51,9 +51,16 @@ function release(pid: number, over: boolean): void {
   }
 }
 
-// QEMU's pid if it may forget its protection, else null.
+// QEMU's pid if it may forget its protection, else null. Never throws: the
+// guard drains whatever happens.
 function qemuPid(fd: number, r: Restore): number | null {
-  return forgetsWriteProtection(r.qemuVersion) ? peerPidOf(fd) : null;
+  if (!forgetsWriteProtection(r.qemuVersion)) return null;
+  try {
+    return peerPidOf(fd);
+  } catch (e) {
+    process.stderr.write(`bgsnap-capture guard: cannot tell QEMU's pid: ${(e as Error).message}\n`);
+    return null;
+  }
 }
 
 // Mode 'listen': fd 3 is the listening socket. The capture died before it took

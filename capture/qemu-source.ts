@@ -413,10 +413,15 @@ function spawnGuard(socket: net.Socket | number, qmpPath: string, qemuVersion: s
   return guard;
 }
 
-// QEMU's pid, from its migration connection; null if Node hides the fd.
+// QEMU's pid, from its migration connection; null if Node hides the fd or
+// the socket is already gone (then there is nothing to release through it).
 function socketPid(conn: net.Socket): number | null {
   const fd = (conn as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? peerPidOf(fd) : null;
+  try {
+    return typeof fd === 'number' && fd >= 0 ? peerPidOf(fd) : null;
+  } catch {
+    return null;
+  }
 }
 
 // Node keeps a listening Unix socket's fd on its handle; a copy of it in the
