@@ -1,6 +1,8 @@
 #!/usr/bin/env node
-// bgsnap-convert IMAGE --to qemu|raw|elf-core|disk -o OUT: replays an image as a QEMU migration
+// bgsnap-convert IMAGE --to qemu|qemu-mapped-ram|raw|elf-core|disk -o OUT: replays an image as a QEMU migration
 // stream (OUT "-" is stdout, for -incoming "exec:bgsnap-convert IMAGE --to qemu -o -"),
+// as QEMU's mapped-ram migration file (QEMU >= 9.0: -incoming defer, mapped-ram
+// capability on, migrate-incoming file:OUT),
 // as flat memory, as one drive's sparse raw disk (--to disk --drive ID), or
 // (process images) as an ELF core file for gdb. Refuses incomplete
 // images unless --allow-incomplete. A chain image (format/SPEC.md, "Chains of generations")
@@ -8,6 +10,7 @@
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
 import { convertToQemu } from '../receiver/convert-qemu';
+import { convertToMappedRam } from '../receiver/convert-mapped-ram';
 import { convertToRaw } from '../receiver/convert-raw';
 import { convertToElfCore } from '../receiver/convert-elf';
 import { convertToDisk } from '../receiver/convert-disk';
@@ -17,8 +20,14 @@ import { writePrivateFile } from '../io/private-file';
 
 const prog = new Command('bgsnap-convert')
   .description('convert a bgsnap image into a QEMU migration stream, raw memory or an ELF core file')
+  .addHelpText('after', `
+--to qemu-mapped-ram writes QEMU's mapped-ram migration file (QEMU 9.0 or later), restored with
+  qemu-system-x86_64 ... -incoming defer   then over QMP:
+  migrate-set-capabilities {"capabilities":[{"capability":"mapped-ram","state":true},{"capability":"multifd","state":true}]}
+  migrate-set-parameters {"multifd-channels":4}      (multifd optional: pages load in parallel)
+  migrate-incoming {"uri":"file:OUT"}`)
   .argument('<image>', 'image directory')
-  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'raw', 'elf-core', 'disk']).makeOptionMandatory())
+  .addOption(new Option('--to <format>', 'output format').choices(['qemu', 'qemu-mapped-ram', 'raw', 'elf-core', 'disk']).makeOptionMandatory())
   .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
   .option('--block <name>', 'with --to raw: write only this block')
   .option('--drive <id>', 'with --to disk: the drive to write (its -drive id; bgsnap-inspect lists them)')
@@ -36,6 +45,9 @@ async function convert(img: ImageReader): Promise<void> {
     const out = Output.open(opts.output, create);
     await convertToQemu(img, out);
     await out.close();
+  } else if (opts.to === 'qemu-mapped-ram') {
+    if (opts.output === '-') throw new Error('--to qemu-mapped-ram writes a file QEMU reads at offsets; give a file name, not "-"');
+    await convertToMappedRam(img, opts.output, create);
   } else if (opts.to === 'disk') {
     if (opts.output === '-') throw new Error('--to disk writes a sparse file; give a file name, not "-"');
     if (!opts.drive) throw new Error('--to disk needs --drive ID (bgsnap-inspect lists the drives)');

@@ -11,6 +11,10 @@ export interface FileOps {
   seekData(fd: number, offset: number): number;
   // Next offset >= offset that is a hole (or the file's end).
   seekHole(fd: number, offset: number): number;
+  // Copies length bytes from one file to another at the given offsets, in the
+  // kernel (copy_file_range; pread/pwrite where it cannot). Returns the bytes
+  // copied, fewer only when the input ends.
+  copyRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
   // Grows a pipe (F_SETPIPE_SZ); returns the size granted, or 0 if fd is not a pipe.
   setPipeSize(fd: number, bytes: number): number;
   // The file position of fd (lseek SEEK_CUR).

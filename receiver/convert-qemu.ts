@@ -11,7 +11,7 @@ import { Progress } from '../io/progress';
 
 const RUN = 512; // pages per read and per write: 2 MiB
 
-async function requiredState(img: ImageReader, kind: string): Promise<Buffer> {
+export async function requiredState(img: ImageReader, kind: string): Promise<Buffer> {
   const b = await img.state(kind);
   if (!b) throw new Error(`${img.dir} has no ${kind} state: it was not captured from QEMU (source: ${img.header.source})`);
   return b;

@@ -114,6 +114,12 @@ export class ImageReader {
     return raw ? (JSON.parse(raw.toString('utf8')) as { id: string; block: number; size: number; file: string }[]) : [];
   }
 
+  // The data file, open for reading: converters that copy page ranges file to
+  // file (copy_file_range) read it by descriptor.
+  get dataFd(): number {
+    return this.fd;
+  }
+
   get complete(): boolean {
     return this.status.status === 'complete';
   }
