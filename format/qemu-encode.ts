@@ -77,6 +77,7 @@ export class RamPartWriter {
   private readonly names: Buffer[];
   private lastBlock = -1;
   private open = false;
+  private slotCache = new WeakMap<Buffer, { count: number; shift: number; slots: Buffer[] }>();
 
   constructor(private readonly blocks: readonly RamBlockSpec[], private readonly sectionId = 2) {
     this.names = blocks.map((b) => countedBytes(b.name));
@@ -118,15 +119,24 @@ export class RamPartWriter {
   // bytes left unfilled: slots are the views where each page's 4096 bytes go, so
   // the caller reads the pages straight into place (one copy from the image
   // into the stream instead of two).
-  pageSlots(block: number, first: number, count: number): { out: Buffer; slots: Buffer[] } {
-    const out = Buffer.allocUnsafe(this.recordsSize(block, count, count));
+  // With `into` (a buffer the caller reuses once the previous records were
+  // written), nothing is allocated: a fresh buffer per batch cost the kernel a
+  // page fault and a zeroed page for every page of it, and the slot views for a
+  // given layout are kept, so a 2 GiB replay makes no garbage per page.
+  pageSlots(block: number, first: number, count: number, into?: Buffer): { out: Buffer; slots: Buffer[] } {
+    const size = this.recordsSize(block, count, count);
+    if (into && into.length < size) throw new RangeError(`buffer of ${into.length} bytes for ${size} bytes of records`);
+    const out = into ? into.subarray(0, size) : Buffer.allocUnsafe(size);
+    const shift = size - count * (8 + QEMU_PAGE); // the block name, in the first record only
+    for (let i = 0, p = 0; i < count; i++) p = this.recordHead(out, p, block, first + i, RAM.PAGE) + QEMU_PAGE;
+    const cached = into && this.slotCache.get(into);
+    if (cached && cached.count === count && cached.shift === shift) return { out, slots: cached.slots };
     const slots: Buffer[] = [];
-    let p = 0;
     for (let i = 0; i < count; i++) {
-      p = this.recordHead(out, p, block, first + i, RAM.PAGE);
-      slots.push(out.subarray(p, p + QEMU_PAGE));
-      p += QEMU_PAGE;
+      const at = shift + i * (8 + QEMU_PAGE) + 8;
+      slots.push(out.subarray(at, at + QEMU_PAGE));
     }
+    if (into) this.slotCache.set(into, { count, shift, slots });
     return { out, slots };
   }
 
@@ -162,7 +172,13 @@ export class RamPartWriter {
     if (offset + QEMU_PAGE > this.blocks[block].length) {
       throw new RangeError(`page ${index} past end of block '${this.blocks[block].name}'`);
     }
-    if (block === this.lastBlock) return writeBe64(out, p, offset + flag + RAM.CONTINUE);
+    if (block === this.lastBlock) {
+      // writeBe64 inlined: once per page of a replay, and the value is known valid
+      const v = offset + flag + RAM.CONTINUE;
+      out.writeUInt32BE(Math.floor(v / 0x1_0000_0000), p);
+      out.writeUInt32BE(v >>> 0, p + 4);
+      return p + 8;
+    }
     this.lastBlock = block;
     return writeCounted(out, writeBe64(out, p, offset + flag), this.names[block]);
   }

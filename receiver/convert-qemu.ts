@@ -39,13 +39,20 @@ export async function convertToQemu(img: ImageReader, out: Output): Promise<void
 
 // Data pages are read straight into their records (pageSlots + preadv), so each
 // page is copied once on its way from the image to the stream. Records name the
-// block by its position among the RAM blocks (ramIndex).
+// block by its position among the RAM blocks (ramIndex). Two record buffers take
+// turns: one is being written while the next run is read into the other, and a
+// buffer is refilled only once its write settled.
 async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b: number, ramIndex: number, zeros: boolean, progress: Progress): Promise<void> {
+  const bufs = [Buffer.allocUnsafe(RUN * (8 + 4096) + 256), Buffer.allocUnsafe(RUN * (8 + 4096) + 256)];
+  const inFlight: (Promise<void> | undefined)[] = [undefined, undefined];
+  let turn = 0;
   for await (const run of img.runs(b, RUN)) {
     if (run.data) {
-      const { out: records, slots } = part.pageSlots(ramIndex, run.first, run.count);
+      await inFlight[turn];
+      const { out: records, slots } = part.pageSlots(ramIndex, run.first, run.count, bufs[turn]);
       img.readPagesInto(b, run.first, slots);
-      await out.write(records);
+      inFlight[turn] = out.writeSettled(records);
+      turn ^= 1;
     } else if (zeros) {
       const index = new Uint32Array(run.count);
       for (let i = 0; i < run.count; i++) index[i] = run.first + i;
@@ -53,4 +60,5 @@ async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b:
     }
     progress.add(run.count);
   }
+  await Promise.all(inFlight);
 }
