@@ -17,6 +17,7 @@ import { sleep, startVm, waitForResume, type Vm, type VmOptions, type TickWindow
 import { BIN, run, sh } from './helpers/cli';
 import { lastCopyRam } from './helpers/qemu-ram-oracle';
 import { planMappedRam, withMappedRamCapability } from '../format/qemu-mapped-ram';
+import { configEnd, parseMappedRam } from './helpers/mapped-ram';
 
 const MEM_MB = 128;
 const GUEST_MB = 32;
@@ -47,57 +48,6 @@ async function migrateAndWait(v: Vm, uri: string): Promise<string> {
     await sleep(100);
   }
   return 'timeout';
-}
-
-// An independent reading of a mapped-ram file's head: where the preamble ends,
-// the ram section's ids, and each block's name, length and header.
-interface Parsed {
-  preambleEnd: number;
-  sectionId: number;
-  instanceId: number;
-  blocks: { name: string; length: number; headerAt: number; version: number; pageSize: number; bitmapOffset: number; pagesOffset: number }[];
-  end: number; // where the ram block list ended (EOS)
-}
-
-// Where the file header and CONFIGURATION end (only the capabilities subsection
-// is expected: x86 sends no target-page-bits).
-function configEnd(f: Buffer): number {
-  let p = 8 + 5 + f.readUInt32BE(9); // magic, version, 07 len machine
-  while (f[p] === 0x05) {
-    const name = f.toString('latin1', p + 2, p + 2 + f[p + 1]);
-    p += 2 + f[p + 1] + 4;
-    assert.is(name, 'configuration/capabilities');
-    const n = f.readUInt32BE(p);
-    p += 4;
-    for (let i = 0; i < n; i++) p += 1 + f[p];
-  }
-  return p;
-}
-
-function parseMappedRam(f: Buffer): Parsed {
-  const preambleEnd = configEnd(f);
-  let p = preambleEnd;
-  assert.is(f[p], 0x01, 'START section after the configuration');
-  const sectionId = f.readUInt32BE(p + 1);
-  p += 5 + 1 + f[p + 5];
-  const instanceId = f.readUInt32BE(p);
-  p += 8;
-  let left = Number(f.readBigUInt64BE(p) & ~0xfffn);
-  p += 8;
-  const blocks: Parsed['blocks'] = [];
-  while (left > 0) {
-    const headerAt = p;
-    const name = f.toString('latin1', p + 1, p + 1 + f[p]);
-    p += 1 + f[p];
-    const length = Number(f.readBigUInt64BE(p));
-    p += 8;
-    const b = { name, length, headerAt, version: f.readUInt32BE(p), pageSize: Number(f.readBigUInt64BE(p + 4)),
-      bitmapOffset: Number(f.readBigUInt64BE(p + 12)), pagesOffset: Number(f.readBigUInt64BE(p + 20)) };
-    blocks.push(b);
-    p = b.pagesOffset + length;
-    left -= length;
-  }
-  return { preambleEnd, sectionId, instanceId, blocks, end: p };
 }
 
 test('the layout equals the mapped-ram file QEMU 10 writes itself, preamble included', async () => {
