@@ -51,7 +51,9 @@ async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b:
       await inFlight[turn];
       const { out: records, slots } = part.pageSlots(ramIndex, run.first, run.count, bufs[turn]);
       img.readPagesInto(b, run.first, slots);
-      inFlight[turn] = out.writeSettled(records);
+      const written = out.writeSettled(records);
+      written.catch(() => undefined); // a failed write rejects where it is awaited, not as unhandled
+      inFlight[turn] = written;
       turn ^= 1;
     } else if (zeros) {
       const index = new Uint32Array(run.count);

@@ -94,35 +94,37 @@ static Napi::Value Tell(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(r));
 }
 
+// One step of copyRange: copy_file_range while the kernel can, else (EXDEV,
+// a file system without it) pread/pwrite through buf from then on.
+static ssize_t CopyStep(int in, loff_t* offIn, int out, loff_t* offOut, int64_t left, bool* kernel, std::string* buf) {
+  if (*kernel) {
+    ssize_t n = copy_file_range(in, offIn, out, offOut, static_cast<size_t>(std::min<int64_t>(left, 1 << 30)), 0);
+    if (n >= 0 || (errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL)) return n;
+    *kernel = false;
+  }
+  buf->resize(1 << 20);
+  ssize_t n = pread(in, buf->data(), static_cast<size_t>(std::min<int64_t>(left, 1 << 20)), *offIn);
+  if (n > 0 && pwrite(out, buf->data(), n, *offOut) != n) return -1;
+  if (n > 0) *offIn += n, *offOut += n;
+  return n;
+}
+
 // copyRange(fdIn, offIn, fdOut, offOut, length): copies a byte range between
 // files in the kernel (copy_file_range: a reflink where the file system shares
-// extents, else a copy that never passes through user space). Falls back to
-// pread/pwrite where the kernel cannot (EXDEV and the like), so callers need not
-// care. Returns the bytes copied (short only at the input's end).
+// extents, else a copy that never passes through user space), so converters
+// need not read pages they only move. Returns the bytes copied (short only at
+// the input's end).
 static Napi::Value CopyRange(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int in = info[0].As<Napi::Number>().Int32Value();
   loff_t offIn = info[1].As<Napi::Number>().Int64Value();
   int out = info[2].As<Napi::Number>().Int32Value();
   loff_t offOut = info[3].As<Napi::Number>().Int64Value();
-  int64_t left = info[4].As<Napi::Number>().Int64Value();
-  int64_t done = 0;
+  int64_t left = info[4].As<Napi::Number>().Int64Value(), done = 0;
   bool kernel = true;
   std::string buf;
   while (left > 0) {
-    ssize_t n = -1;
-    if (kernel) {
-      n = copy_file_range(in, &offIn, out, &offOut, static_cast<size_t>(std::min<int64_t>(left, 1 << 30)), 0);
-      if (n < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL)) {
-        kernel = false;
-        continue;
-      }
-    } else {
-      buf.resize(1 << 20);
-      n = pread(in, buf.data(), static_cast<size_t>(std::min<int64_t>(left, 1 << 20)), offIn);
-      if (n > 0 && pwrite(out, buf.data(), n, offOut) != n) n = -1;
-      if (n > 0) offIn += n, offOut += n;
-    }
+    ssize_t n = CopyStep(in, &offIn, out, &offOut, left, &kernel, &buf);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
       ErrnoError(env, errno, kernel ? "copy_file_range" : "pread/pwrite").ThrowAsJavaScriptException();
