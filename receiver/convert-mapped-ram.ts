@@ -4,7 +4,8 @@
 //
 // Images already keep every page at a fixed offset, so each run of data pages is
 // one copy_file_range from the image's data file into the block's page region:
-// no page passes through this process. Zero pages stay holes in the output.
+// no page passes through this process (a chain generation's pages are read and
+// written instead, since they sit in several layers). Zero pages stay holes in the output.
 // The main RAM block's zero pages get a clear bit (QEMU skips them; a fresh
 // destination's RAM is zero, as QEMU's own mapped-ram save assumes); the small
 // blocks (ROMs, ACPI tables), which the destination fills itself when it builds
@@ -60,16 +61,29 @@ async function copyBlock(img: ImageReader, fd: number, b: number, mr: MappedRamB
   else fillBits(bitmap, blk.pages);
   let copied = 0;
   for await (const run of img.runs(b, RUN)) {
-    if (run.data) {
+    if (run.data && img.chain) copyThrough(img, fd, b, mr, run.first, run.count);
+    else if (run.data) {
       const len = run.count * ps;
       const n = fileops.copyRange(img.dataFd, blk.base + run.first * ps, fd, mr.pagesOffset + run.first * ps, len);
       if (n !== len) throw new Error(`${img.dir}/data ends inside block ${blk.name} (page ${run.first}): copied ${n} of ${len} bytes`);
-      copied += len;
     }
+    if (run.data) copied += run.count * ps;
     progress.add(run.count);
   }
   writeAt(fd, bitmap, mr.bitmapOffset);
   return copied;
+}
+
+// A chain generation's pages sit in several layers of the data file, not at
+// the block's own offsets: they are read (ImageReader resolves each page) and
+// written, 1 MiB at a time.
+function copyThrough(img: ImageReader, fd: number, b: number, mr: MappedRamBlock, first: number, count: number): void {
+  const ps = img.format.pageSize;
+  const buf = Buffer.allocUnsafe(256 * ps);
+  for (let p = first; p < first + count; p += 256) {
+    const n = Math.min(256, first + count - p);
+    writeAt(fd, img.readPages(b, p, n, buf), mr.pagesOffset + p * ps);
+  }
 }
 
 function fillBits(bitmap: Buffer, pages: number): void {
