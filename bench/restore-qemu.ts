@@ -21,7 +21,7 @@ import * as path from 'node:path';
 import { ensureGuest, type Guest } from '../test/helpers/guest';
 import { ensureQemu10, type QemuBinary } from '../test/helpers/qemu10';
 import { sleep, startVm, type Vm } from '../test/helpers/vm';
-import { arg, machine, range } from './process-common';
+import { arg, machine, range } from './args';
 
 interface Contender {
   name: string;
