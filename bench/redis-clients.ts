@@ -67,13 +67,14 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string): Window 
   const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img');
   fs.rmSync(img, { recursive: true, force: true });
   fs.rmSync(stats, { force: true });
-  const t0 = now();
+  const t0 = now(), wall0 = Date.now();
   const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid} --buffer-mb ${bufferMb} --stats ${stats} | node ${receive} -q -o ${img}`], { encoding: 'utf8' });
   const t1 = now();
   if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
-  const note = `faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
+  const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
+  const note = `${at}faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
   fs.rmSync(img, { recursive: true, force: true });
   return { contender: root ? 'bgsnap@base' : 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
 }

@@ -51,6 +51,7 @@ export interface ProcessCaptureStats {
   pid: number;
   state: string;
   pauseMs: number; // the target's time stopped: both freezes (arm + snapshot)
+  snapshotTime: number; // the snapshot point, ms since the epoch (0: not reached)
   pause: {
     stops: number; armMs: number; snapshotMs: number; // the two stops (one: armMs 0)
     seizeMs: number; injectMs: number; registerMs: number; protectMs: number; pagemapMs: number; copyMs: number; detachMs: number;
@@ -121,6 +122,7 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
   const captured = [...(info?.blocks ?? []), ...(ro?.blocks ?? [])].reduce((a, b) => a + b.length, 0);
   return {
     source: 'process', pid, state: info?.state ?? 'not started', pauseMs: f?.totalMs ?? 0,
+    snapshotTime: f?.snapshotTime ?? 0,
     pause: {
       stops: f?.stops ?? 0, armMs: f?.armMs ?? 0, snapshotMs: f?.snapshotMs ?? 0,
       preProtectMs: f?.preProtectMs ?? 0, preFaults: f?.preFaults ?? 0, reprotectPages: f?.reprotectPages ?? 0, reprotectRanges: f?.reprotectRanges ?? 0,

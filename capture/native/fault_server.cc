@@ -71,7 +71,7 @@ void Session::FaultServer() {
     if (poll(p, 2, 100) < 0 && errno != EINTR) { f.Set(errno, "poll (fault server)"); break; }
     uint64_t n;
     if ((p[1].revents & POLLIN) && read(kickFd_, &n, sizeof n) < 0) {}  // EAGAIN: raced another read
-    std::lock_guard<std::mutex> lock(saveMu_);
+    std::lock_guard<PiMutex> lock(saveMu_);
     if (p[0].revents & POLLIN) lastLook_ = NowMs();  // a fault's wait counts from its wake-up
     if (!Drain(&f) || !HandleFaults(&f)) break;
   }
@@ -112,7 +112,7 @@ bool Session::WaitScanRoom(Failure* f) {
     // while publishing a batch per fault when it lags would spend a whole
     // batch on a few pages and use up the reserve (Redis: 941 faults, 64 MiB).
     if (pool.ReadyCount() == 0) {
-      std::lock_guard<std::mutex> lock(saveMu_);
+      std::lock_guard<PiMutex> lock(saveMu_);
       if (!open_.empty() || scanBatch_) PublishAll();
     }
     pollfd p{pool.ReleasedFd(), POLLIN, 0};

@@ -38,7 +38,7 @@ bool Session::SaverLoop(Failure* f) {
     if (cb >= blocks.size()) break;
     if (!pool.ScanRoom() && !WaitScanRoom(f)) break;
     {
-      std::lock_guard<std::mutex> lock(saveMu_);
+      std::lock_guard<PiMutex> lock(saveMu_);
       if (!ScanChunk(&cb, &cp, f)) break;
     }
     if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); Stuck(); }
