@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// bgsnap-capture --qmp SOCKET | --pid PID: a live point-in-time snapshot of a
+// bgsnap-capture --qmp SOCKET | --domain NAME | --pid PID: a live point-in-time snapshot of a
 // running QEMU VM (RAM, devices and every writable drive) or any Linux process as a bgsnap stream on stdout (or -o FILE).
 // The target keeps running throughout; if this program dies, it is released.
 import { Command } from 'commander';
@@ -16,6 +16,8 @@ import { main, parseIntArg, writeStats } from './common';
 const prog = new Command('bgsnap-capture')
   .description('take a live point-in-time memory snapshot and write it as a bgsnap stream')
   .option('--qmp <socket>', 'QMP socket of a running QEMU VM')
+  .option('--domain <name>', 'a running libvirt domain (name, id or UUID), through libvirt\'s own interfaces')
+  .option('--connect <uri>', 'with --domain: libvirt connection URI (default: virsh\'s, e.g. qemu:///system)')
   .option('--pid <pid>', 'any running process', parseIntArg('--pid'))
   .option('--buffer-mb <MiB>', 'process only: capture buffer memory; faulting writers wait when it is full', parseIntArg('--buffer-mb'), 64)
   .option('--rate-limit <MBps>', 'process only: pace the linear scan', parseIntArg('--rate-limit'))
@@ -31,7 +33,7 @@ const prog = new Command('bgsnap-capture')
 addNetOptions(prog).parse();
 
 type Opts = {
-  qmp?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
+  qmp?: string; domain?: string; connect?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
   bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean; disks?: boolean; disk?: string[];
 } & NetFlags;
 const opts = prog.opts<Opts>();
@@ -44,12 +46,15 @@ function compressLevel(): number | undefined {
 }
 
 async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) => void }> {
-  if (opts.qmp && opts.pid !== undefined) throw new Error('give one of --qmp and --pid, not both');
-  if (opts.qmp) {
+  const given = [opts.qmp && '--qmp', opts.domain && '--domain', opts.pid !== undefined && '--pid'].filter(Boolean);
+  if (given.length > 1) throw new Error(`give one of --qmp, --domain and --pid, not ${given.join(' and ')}`);
+  if (opts.connect && !opts.domain) throw new Error('--connect goes with --domain');
+  if (opts.qmp || opts.domain) {
     // Disks are opt-in until every way a capture can fail is proven harmless to
     // the guest on every QEMU tested (README, Known limits: SIGKILL on QEMU 10).
     const disks = opts.disk ?? (opts.disks ? undefined : []);
-    return captureQemu(opts.qmp, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
+    const target = opts.domain ? { domain: opts.domain, connect: opts.connect } : opts.qmp!;
+    return captureQemu(target, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
   }
   if (opts.pid !== undefined) {
     return captureProcess(opts.pid, {
@@ -59,7 +64,7 @@ async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) 
       testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
     });
   }
-  throw new Error('say what to capture: --qmp SOCKET or --pid PID');
+  throw new Error('say what to capture: --qmp SOCKET, --domain NAME or --pid PID');
 }
 
 function progress(): ((p: EmitProgress) => void) | undefined {

@@ -7,8 +7,8 @@
 // stopped the VM, makes sure it runs again, so a dead capture never leaves a VM
 // stopped or block nodes behind. (The migration itself has its own guard,
 // capture/qemu-guard.ts.)
-//   node qemu-disk-guard.js QMP_SOCKET
-import { QmpClient } from './qmp';
+//   node qemu-disk-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}'
+import { connectTransport, type QmpTarget, type QmpTransport } from './qmp-transport';
 import { ACTIVE_STATES } from './qemu-source';
 import { cancelJobs, deleteNode, resumeIfPaused } from './qemu-disks';
 
@@ -29,10 +29,10 @@ function parse(said: string): { undo: Undo; done: boolean } {
 }
 
 // The monitor serves one client at a time: retry while the migration guard holds it.
-async function connect(qmpPath: string): Promise<QmpClient> {
+async function connect(target: QmpTarget): Promise<QmpTransport> {
   for (let i = 0; ; i++) {
     try {
-      return await QmpClient.connect(qmpPath, { timeoutMs: 10_000 });
+      return await connectTransport(target, { timeoutMs: 10_000, events: false });
     } catch (e) {
       if (i >= 30) throw e;
       await new Promise((r) => setTimeout(r, 1000));
@@ -53,8 +53,8 @@ function sayWhileStuck(everyMs = 30_000): NodeJS.Timeout {
   }, everyMs);
 }
 
-async function undoAll(qmpPath: string, u: Undo): Promise<void> {
-  const qmp = await connect(qmpPath);
+async function undoAll(target: QmpTarget, u: Undo): Promise<void> {
+  const qmp = await connect(target);
   try {
     step = `cancelling backup job(s) ${u.jobs.join(', ')}`;
     await cancelJobs(qmp, u.jobs);
@@ -79,7 +79,7 @@ async function undoAll(qmpPath: string, u: Undo): Promise<void> {
 }
 
 async function main(): Promise<void> {
-  const qmpPath = process.argv[2];
+  const target = JSON.parse(process.argv[2]) as QmpTarget;
   process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
   let said = '';
   process.stdin.on('data', (c: Buffer) => (said += c.toString()));
@@ -88,7 +88,7 @@ async function main(): Promise<void> {
   if (done) return;
   process.stderr.write('bgsnap-capture died with disks in flight: taking its block jobs and nodes away\n');
   const timer = sayWhileStuck();
-  await undoAll(qmpPath, undo).finally(() => clearInterval(timer));
+  await undoAll(target, undo).finally(() => clearInterval(timer));
   process.stderr.write(`bgsnap-capture disk guard: ${undo.jobs.length} job(s) and ${undo.nodes.length} node(s) gone${undo.stopped ? ', VM running' : ''}\n`);
 }
 

@@ -13,7 +13,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import type { BlockInfo, PageBatch } from '../format/events';
 import { NbdTargetServer } from './nbd-target';
-import type { QmpClient } from './qmp';
+import type { QmpTransport } from './qmp-transport';
 
 export const DISK_BLOCK_PREFIX = 'disk:';
 const MAX_BATCH_PAGES = 65536;
@@ -39,12 +39,13 @@ export interface DiskPlan {
 
 interface QueryBlock {
   device: string;
+  qdev?: string; // "/machine/peripheral/ID/virtio-backend" for a -device with id=ID
   inserted?: { ro: boolean; 'node-name': string; file: string; image: { 'virtual-size': number } };
 }
 
 // `select`: undefined = every writable drive; [] = none; else exactly these ids.
-export async function planDisks(qmp: QmpClient, select?: string[]): Promise<DiskPlan[]> {
-  const blocks = await qmp.execute<QueryBlock[]>('query-block');
+export async function planDisks(qmp: QmpTransport, select?: string[]): Promise<DiskPlan[]> {
+  const blocks = await namedDrives(qmp);
   const writable = blocks.filter((b) => b.device && b.inserted && !b.inserted.ro);
   for (const id of select ?? []) {
     const b = blocks.find((x) => x.device === id);
@@ -54,12 +55,25 @@ export async function planDisks(qmp: QmpClient, select?: string[]): Promise<Disk
   }
   const chosen = select ? writable.filter((b) => select.includes(b.device)) : writable;
   const jobs = await qmp.execute<{ device: string }[]>('query-block-jobs');
-  const busy = chosen.filter((b) => jobs.some((j) => j.device === b.device || j.device === b.inserted!['node-name']));
+  // libvirt names its own jobs KIND-TARGET-NODE ("backup-vda-libvirt-1-format").
+  const busy = chosen.filter((b) => jobs.some((j) => j.device === b.device || j.device.includes(b.inserted!['node-name']) || j.device.includes(`-${b.device}-`)));
   if (busy.length) throw new Error(`drive ${busy.map((b) => `"${b.device}"`).join(', ')} already has a block job; wait for it or pick drives with --disk ID, or capture without --disks`);
   return chosen.map((b, i) => ({
     id: b.device, node: b.inserted!['node-name'], size: b.inserted!.image['virtual-size'], file: b.inserted!.file,
     target: `bgsnap-target-${process.pid}-${i}`, job: `bgsnap-backup-${process.pid}-${i}`,
   }));
+}
+
+// A drive defined with -blockdev and -device (libvirt always does so) has no
+// drive name in query-block, only its device's qdev path: it is named after
+// the device's id, or what the transport calls it (libvirt: the target, "vda").
+async function namedDrives(qmp: QmpTransport): Promise<QueryBlock[]> {
+  const blocks = await qmp.execute<QueryBlock[]>('query-block');
+  const names = qmp.driveNames ? await qmp.driveNames() : new Map<string, string>();
+  return blocks.map((b) => {
+    const alias = /^\/machine\/peripheral\/([^/]+)/.exec(b.qdev ?? '')?.[1];
+    return b.device || !alias ? b : { ...b, device: names.get(alias) ?? alias };
+  });
 }
 
 export function diskBlocks(plans: DiskPlan[], pageSize: number): BlockInfo[] {
@@ -121,7 +135,7 @@ export class DiskCapture {
   readonly marks: Record<string, number> = {};
 
   constructor(
-    private readonly qmp: QmpClient,
+    private readonly qmp: QmpTransport,
     readonly plans: DiskPlan[],
     private readonly dir: string,
     onWrite: (plan: DiskPlan, offset: number, length: number, data: Buffer | null) => Promise<void>,
@@ -143,14 +157,14 @@ export class DiskCapture {
   // What can be done with the guest running: the guard, our NBD server and
   // the target nodes. Undo with cleanup() on any error.
   async prepare(): Promise<void> {
-    this.guard = spawnDiskGuard(this.qmp.path);
+    this.guard = spawnDiskGuard(JSON.stringify(this.qmp.target));
     await this.server.listen(this.socketPath);
     for (const p of this.plans) {
       this.addedNodes.push(p.target);
       this.tellGuard({ node: p.target });
-      await this.qmp.execute('blockdev-add', {
-        driver: 'nbd', 'node-name': p.target, export: p.id, server: { type: 'unix', path: this.socketPath },
-      });
+      const to = await this.qmp.reachSocket(this.socketPath, p.target);
+      await this.qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': p.target, export: p.id, server: to.address })
+        .catch(async (e: Error) => (await to.release(), Promise.reject(e)));
     }
   }
 
@@ -243,8 +257,8 @@ export class DiskCapture {
 
 }
 
-function spawnDiskGuard(qmpPath: string): ChildProcess {
-  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-disk-guard.js'), qmpPath], { stdio: ['pipe', 'ignore', 'inherit'] });
+function spawnDiskGuard(target: string): ChildProcess {
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-disk-guard.js'), target], { stdio: ['pipe', 'ignore', 'inherit'] });
   guard.stdin!.on('error', () => undefined);
   guard.unref();
   (guard.stdin as unknown as { unref?: () => void }).unref?.();
@@ -253,7 +267,7 @@ function spawnDiskGuard(qmpPath: string): ChildProcess {
 
 // Used by cleanup and by capture/qemu-guard.ts. A job cancelled with force
 // stops at once; we wait until it is gone so its target node can be deleted.
-export async function cancelJobs(qmp: QmpClient, jobs: string[]): Promise<void> {
+export async function cancelJobs(qmp: QmpTransport, jobs: string[]): Promise<void> {
   for (let i = 0; i < 300; i++) {
     const live = (await qmp.execute<{ device: string }[]>('query-block-jobs')).filter((j) => jobs.includes(j.device));
     if (!live.length) return;
@@ -263,7 +277,7 @@ export async function cancelJobs(qmp: QmpClient, jobs: string[]): Promise<void> 
   throw new Error(`backup jobs ${jobs.join(', ')} did not go away`);
 }
 
-export async function deleteNode(qmp: QmpClient, node: string): Promise<void> {
+export async function deleteNode(qmp: QmpTransport, node: string): Promise<void> {
   for (let i = 0; ; i++) {
     try {
       return void (await qmp.execute('blockdev-del', { 'node-name': node }));
@@ -276,7 +290,7 @@ export async function deleteNode(qmp: QmpClient, node: string): Promise<void> {
   }
 }
 
-export async function resumeIfPaused(qmp: QmpClient): Promise<void> {
+export async function resumeIfPaused(qmp: QmpTransport): Promise<void> {
   const { status } = await qmp.execute<{ status: string }>('query-status');
   if (status === 'paused') await qmp.execute('cont');
 }

@@ -16,8 +16,8 @@ import {
   openQemuSnapshot, readCapabilities, refuseIfMigrating, refuseIncompatible, runState,
   type QemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult,
 } from './qemu-source';
-import { QmpClient } from './qmp';
-import { peerPidOf, refuseUnlessReleasable } from './qemu-uffd';
+import { qemuPidOf, refuseUnlessReleasable } from './qemu-uffd';
+import { connectTransport, type QmpTarget, type QmpTransport } from './qmp-transport';
 import type { CaptureSource } from './source';
 
 export interface QemuCaptureOptions extends QemuSnapshotOptions {
@@ -44,8 +44,9 @@ export interface QemuCaptureStats {
 export const DISKS_STATE = 'qemu.disks';
 const PAUSE_HOLD = 64 << 20;
 
-export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = {}): Promise<CaptureSource<QemuCaptureStats>> {
-  const qmp = await QmpClient.connect(qmpSocket, { timeoutMs: opts.connectTimeoutMs ?? 5000 });
+// `target`: a QMP socket's path, or where else QMP is (a libvirt domain).
+export async function captureQemu(target: string | QmpTarget, opts: QemuCaptureOptions = {}): Promise<CaptureSource<QemuCaptureStats>> {
+  const qmp = await connectTransport(typeof target === 'string' ? { qmp: target } : target, { timeoutMs: opts.connectTimeoutMs });
   const queue = new EventQueue();
   const pending: PageBatch[] = []; // disk writes held in memory (see onWrite)
   let heldBytes = 0;
@@ -63,7 +64,8 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
     // Every refusal comes before anything in QEMU is touched.
     await refuseIfMigrating(qmp);
     refuseIncompatible(await readCapabilities(qmp));
-    refuseUnlessReleasable(qmp.qemuVersion, qmp.fd === null ? null : peerPidOf(qmp.fd));
+    const qemuPid = await qemuPidOf(qmp);
+    refuseUnlessReleasable(qmp.qemuVersion, qemuPid);
     const plans = await planDisks(qmp, opts.disks);
     const before = await runState(qmp);
     if (plans.length) {
@@ -91,7 +93,7 @@ export async function captureQemu(qmpSocket: string, opts: QemuCaptureOptions = 
       await disks.prepare();
     }
     const d = disks;
-    snap = await openQemuSnapshot(qmpSocket, { ...opts, qmp, beforeMigrate: d ? () => d.start(before) : undefined });
+    snap = await openQemuSnapshot(qmp.path, { ...opts, qmp, qemuPid, beforeMigrate: d ? () => d.start(before) : undefined });
     if (disks) disks.marks.migrate = Date.now();
   } catch (err) {
     await disks?.cleanup().catch(() => undefined);
@@ -197,7 +199,7 @@ function disksState(plans: DiskPlan[], first: number): { kind: string; data: Buf
 // Polled from our `stop` on, so the figure is an upper bound that does not wait
 // for the stream: QEMU 7.2 restarts the guest itself, later versions once we
 // sent `cont` (DiskCapture.resumeOnceSnapshotRuns).
-async function pauseUntilRunning(qmp: QmpClient, since: number): Promise<number | null> {
+async function pauseUntilRunning(qmp: QmpTransport, since: number): Promise<number | null> {
   for (const until = since + 120_000; Date.now() < until;) {
     const { status } = await qmp.execute<{ status: string }>('query-status');
     if (status === 'running') return Date.now() - since;

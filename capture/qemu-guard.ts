@@ -12,16 +12,17 @@
 // thread, which stops everything), and for good once QEMU says it stopped.
 // A first guard (mode 'listen') holds the listening socket from `migrate` until
 // the capture holds QEMU's connection, so no moment is left unguarded.
-//   node qemu-guard.js QMP_SOCKET '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22"}' conn|listen
+//   node qemu-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}' '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22","qemuPid":1234}' conn|listen
 import * as net from 'node:net';
-import { QmpClient } from './qmp';
+import { connectTransport, type QmpTarget } from './qmp-transport';
 import { ACTIVE_STATES, restore } from './qemu-source';
-import { forgetsWriteProtection, peerPidOf, releaseWriteProtection } from './qemu-uffd';
+import { forgetsWriteProtection, releaseWriteProtection } from './qemu-uffd';
 
 interface Restore {
   capabilities: [string, boolean][];
   maxBandwidth: number | null;
   qemuVersion: string;
+  qemuPid: number | null; // QEMU's, found by the capture (QEMU < 8.1 only)
 }
 
 const SILENT_MS = 2000; // QEMU writes its stream without pause while it is drained
@@ -51,39 +52,26 @@ function release(pid: number, over: boolean): void {
   }
 }
 
-// QEMU's pid if it may forget its protection, else null. Never throws: the
-// guard drains whatever happens.
-function qemuPid(fd: number, r: Restore): number | null {
-  if (!forgetsWriteProtection(r.qemuVersion)) return null;
-  try {
-    return peerPidOf(fd);
-  } catch (e) {
-    process.stderr.write(`bgsnap-capture guard: cannot tell QEMU's pid: ${(e as Error).message}\n`);
-    return null;
-  }
-}
-
 // Mode 'listen': fd 3 is the listening socket. The capture died before it took
 // QEMU's connection; QEMU may have queued one there (or be about to). Take it
 // and drain it; if none comes in `waitMs`, QEMU never connected.
-function acceptAndDrain(waitMs: number, r: Restore): Promise<number | null> {
+function acceptAndDrain(waitMs: number, pid: number | null): Promise<void> {
   return new Promise((resolve) => {
     const server = net.createServer((c) => {
       clearTimeout(timer);
       server.close();
-      const pid = qemuPid((c as unknown as { _handle: { fd: number } })._handle.fd, r);
-      void drainSocket(c, pid).then(() => resolve(pid));
+      void drainSocket(c, pid).then(() => resolve());
     });
-    const timer = setTimeout(() => (server.close(), resolve(null)), waitMs);
-    server.on('error', () => (clearTimeout(timer), resolve(null)));
+    const timer = setTimeout(() => (server.close(), resolve()), waitMs);
+    server.on('error', () => (clearTimeout(timer), resolve()));
     server.listen({ fd: 3 });
   });
 }
 
 // QEMU refuses capability changes until the migration has fully stopped.
 // `pid`: QEMU's, if it may have forgotten its protection (see release()).
-async function putBack(qmpPath: string, r: Restore, pid: number | null): Promise<void> {
-  const qmp = await QmpClient.connect(qmpPath, { timeoutMs: 10_000 });
+async function putBack(target: QmpTarget, r: Restore, pid: number | null): Promise<void> {
+  const qmp = await connectTransport(target, { timeoutMs: 10_000, events: false });
   try {
     let status = '';
     for (let i = 0; i < 600; i++) {
@@ -99,7 +87,7 @@ async function putBack(qmpPath: string, r: Restore, pid: number | null): Promise
 }
 
 async function main(): Promise<void> {
-  const [qmpPath, json, mode] = process.argv.slice(2);
+  const [target, json, mode] = process.argv.slice(2);
   // A signal meant for the capture's process group must not end the guard: the
   // capture handles it by draining, and then says "done".
   process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
@@ -109,11 +97,11 @@ async function main(): Promise<void> {
   if (said.includes('done')) return;
   process.stderr.write('bgsnap-capture died mid-snapshot: draining QEMU\'s stream so the guest is not left blocked\n');
   const r = JSON.parse(json) as Restore;
-  let pid: number | null = null;
-  if (mode === 'listen') pid = await acceptAndDrain(10_000, r);
-  else await drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }), (pid = qemuPid(3, r)));
+  const pid = forgetsWriteProtection(r.qemuVersion) ? r.qemuPid : null;
+  if (mode === 'listen') await acceptAndDrain(10_000, pid);
+  else await drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }), pid);
   if (pid !== null) release(pid, false); // the stream is over: nobody serves a fault now
-  await putBack(qmpPath, r, pid);
+  await putBack(JSON.parse(target) as QmpTarget, r, pid);
   process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');
 }
 

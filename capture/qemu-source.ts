@@ -21,7 +21,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
 import { QmpClient } from './qmp';
-import { forgetsWriteProtection, peerPidOf, releaseWriteProtection } from './qemu-uffd';
+import { forgetsWriteProtection, qemuPidOf, releaseWriteProtection } from './qemu-uffd';
+import { migrationUri, type QmpTransport, type SocketHandOver } from './qmp-transport';
 
 // Capabilities QEMU 7.x-10.x refuses to combine with background-snapshot
 // (migrate_caps_check); checked first so the user learns every offender at once.
@@ -53,7 +54,10 @@ export interface QemuSnapshotOptions {
   abortWaitMs?: number; // how long an abort waits for QEMU to stop, default 300000
   // A QMP connection the caller opened and keeps (whole-VM capture: the disk
   // jobs outlive the migration); it is not closed here.
-  qmp?: QmpClient;
+  qmp?: QmpTransport;
+  // QEMU's pid (QEMU < 8.1: to release the protection it forgets if the snapshot
+  // fails; capture/qemu-uffd.ts); found through QMP when not given.
+  qemuPid?: number | null;
   // Runs right before `migrate`, when everything else is ready (settings, the
   // socket and its guard): a whole-VM capture stops the VM and starts its disk
   // backups here, so its pause holds no more than it must.
@@ -107,13 +111,17 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
     fs.chmodSync(dir, 0o700); // the socket carries all guest memory
     const sockPath = path.join(dir, 'migration.sock');
     const server = await listen(sockPath);
-    const session = new Session(qmp, server, dir, changes, opts);
+    const qemuPid = opts.qemuPid !== undefined ? opts.qemuPid : await qemuPidOf(qmp);
+    const session = new Session(qmp, server, dir, changes, { ...opts, qemuPid });
     let startedAt = 0;
+    let handOver: SocketHandOver | null = null;
     try {
+      handOver = await qmp.reachSocket(sockPath, `bgsnap-migration-${process.pid}`);
       await opts.beforeMigrate?.();
       startedAt = Date.now();
-      await qmp.execute('migrate', { uri: `unix:${sockPath}` });
+      await qmp.execute('migrate', { uri: migrationUri(handOver.address) });
     } catch (err) {
+      await handOver?.release();
       session.dropListenGuard();
       server.close();
       throw err;
@@ -129,7 +137,7 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
   }
 }
 
-export async function refuseIfMigrating(qmp: QmpClient): Promise<void> {
+export async function refuseIfMigrating(qmp: QmpTransport): Promise<void> {
   const info = await qmp.execute<MigrationInfo>('query-migrate');
   if (info.status && ACTIVE_STATES.has(info.status)) {
     throw new Error(
@@ -139,7 +147,7 @@ export async function refuseIfMigrating(qmp: QmpClient): Promise<void> {
   }
 }
 
-export async function readCapabilities(qmp: QmpClient): Promise<Map<string, boolean>> {
+export async function readCapabilities(qmp: QmpTransport): Promise<Map<string, boolean>> {
   const list = await qmp.execute<{ capability: string; state: boolean }[]>('query-migrate-capabilities');
   const caps = new Map(list.map((c) => [c.capability, c.state] as const));
   if (!caps.has('background-snapshot')) {
@@ -162,12 +170,12 @@ export function refuseIncompatible(caps: ReadonlyMap<string, boolean>): void {
   );
 }
 
-export async function runState(qmp: QmpClient): Promise<string> {
+export async function runState(qmp: QmpTransport): Promise<string> {
   return (await qmp.execute<{ status: string }>('query-status')).status;
 }
 
 // Records each old value before changing it, so a failure half-way still restores.
-async function applySettings(qmp: QmpClient, caps: Map<string, boolean>, opts: QemuSnapshotOptions, changes: Changes): Promise<void> {
+async function applySettings(qmp: QmpTransport, caps: Map<string, boolean>, opts: QemuSnapshotOptions, changes: Changes): Promise<void> {
   if (opts.maxBandwidth !== undefined) {
     const params = await qmp.execute<{ 'max-bandwidth'?: number }>('query-migrate-parameters');
     changes.maxBandwidth = params['max-bandwidth'] ?? null;
@@ -180,7 +188,7 @@ async function applySettings(qmp: QmpClient, caps: Map<string, boolean>, opts: Q
 }
 
 // Puts back what applySettings changed (also used by capture/qemu-guard.ts).
-export async function restore(qmp: QmpClient, changes: Changes): Promise<void> {
+export async function restore(qmp: QmpTransport, changes: Changes): Promise<void> {
   const capabilities = [...changes.capabilities].map(([capability, state]) => ({ capability, state }));
   if (capabilities.length) await qmp.execute('migrate-set-capabilities', { capabilities });
   changes.capabilities.clear();
@@ -207,7 +215,7 @@ class Session {
   private resolveDone!: (r: QemuSnapshotResult) => void;
   private rejectDone!: (e: Error) => void;
   private conn: net.Socket | null = null;
-  private qemuPid: number | null = null; // the peer of `conn`
+  private readonly qemuPid: number | null; // QEMU < 8.1 only (see release())
   private connEnded = false;
   private completed: MigrationInfo | null = null;
   private settled = false;
@@ -219,13 +227,14 @@ class Session {
   private listenGuard: ChildProcess | null;
 
   constructor(
-    private readonly qmp: QmpClient,
+    private readonly qmp: QmpTransport,
     private readonly server: net.Server,
     private readonly dir: string,
     private readonly changes: Changes,
     private readonly opts: QemuSnapshotOptions,
   ) {
-    this.listenGuard = spawnGuard(listeningFd(server), qmp.path, qmp.qemuVersion, changes, 'listen');
+    this.qemuPid = opts.qemuPid ?? null;
+    this.listenGuard = spawnGuard(listeningFd(server), qmp, changes, 'listen', this.qemuPid);
     this.done = new Promise((resolve, reject) => ((this.resolveDone = resolve), (this.rejectDone = reject)));
     // Every failure is reported by `done`; the stream also errors for pipelines
     // and for-await readers, but must not crash a caller who has not attached
@@ -255,8 +264,7 @@ class Session {
   private onConnection(conn: net.Socket): void {
     if (this.conn) return void conn.destroy(); // exactly one stream
     this.conn = conn;
-    this.qemuPid = socketPid(conn);
-    this.guard = spawnGuard(conn, this.qmp.path, this.qmp.qemuVersion, this.changes, 'conn');
+    this.guard = spawnGuard(conn, this.qmp, this.changes, 'conn', this.qemuPid);
     this.dropListenGuard(); // the connection's own guard took over
     this.server.close(); // nobody else may connect
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
@@ -402,26 +410,15 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 // Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
 // `socket`: QEMU's connection ('conn'), or the listening socket's fd ('listen').
-function spawnGuard(socket: net.Socket | number, qmpPath: string, qemuVersion: string, changes: Changes, mode: 'conn' | 'listen'): ChildProcess {
-  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, qemuVersion };
-  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), qmpPath, JSON.stringify(restore), mode], {
+function spawnGuard(socket: net.Socket | number, qmp: QmpTransport, changes: Changes, mode: 'conn' | 'listen', qemuPid: number | null): ChildProcess {
+  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, qemuVersion: qmp.qemuVersion, qemuPid };
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), JSON.stringify(qmp.target), JSON.stringify(restore), mode], {
     stdio: ['pipe', 'ignore', 'inherit', socket],
   });
   guard.stdin!.on('error', () => undefined);
   guard.unref();
   (guard.stdin as net.Socket & { unref?: () => void }).unref?.();
   return guard;
-}
-
-// QEMU's pid, from its migration connection; null if Node hides the fd or
-// the socket is already gone (then there is nothing to release through it).
-function socketPid(conn: net.Socket): number | null {
-  const fd = (conn as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  try {
-    return typeof fd === 'number' && fd >= 0 ? peerPidOf(fd) : null;
-  } catch {
-    return null;
-  }
 }
 
 // Node keeps a listening Unix socket's fd on its handle; a copy of it in the

@@ -16,6 +16,7 @@
 // until a background snapshot completes and clears it (seen, and said in README).
 import * as fs from 'node:fs';
 import { addon } from './addon';
+import type { QmpTransport } from './qmp-transport';
 
 // Only these QEMUs: 8.1 and later stop tracking on every ending themselves.
 export function forgetsWriteProtection(qemuVersion: string): boolean {
@@ -78,6 +79,18 @@ export function releaseWriteProtection(pid: number, unregister: boolean): Releas
 // QEMU's pid: the peer of its migration connection (the process that connected).
 export function peerPidOf(fd: number): number {
   return addon.peerPid(fd);
+}
+
+// QEMU's pid, only where it is needed (QEMU < 8.1): the peer of its QMP socket
+// when we speak to it directly; through libvirt, whose sockets are its own, the
+// process of a vCPU thread (query-cpus-fast gives the thread's id).
+export async function qemuPidOf(qmp: QmpTransport): Promise<number | null> {
+  if (!forgetsWriteProtection(qmp.qemuVersion)) return null;
+  if (qmp.fd !== undefined) return qmp.fd === null ? null : peerPidOf(qmp.fd);
+  const cpus = await qmp.execute<{ 'thread-id'?: number }[]>('query-cpus-fast');
+  const tid = cpus.find((c) => c['thread-id'])?.['thread-id'];
+  const m = tid ? /^Tgid:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${tid}/status`, 'utf8')) : null;
+  return m ? Number(m[1]) : null;
 }
 
 // Refuses, before anything in QEMU is touched, a capture whose failure we could

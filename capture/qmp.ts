@@ -5,6 +5,7 @@
 // `id`, and asynchronous events arrive interleaved at any time. Commands get an
 // id each so replies are matched even when several are in flight.
 import * as net from 'node:net';
+import type { QmpTarget, QmpTransport, SocketHandOver } from './qmp-transport';
 
 export interface QmpGreeting {
   QMP: { version: { qemu: { major: number; minor: number; micro: number }; package: string }; capabilities: string[] };
@@ -49,7 +50,7 @@ interface EventWaiter {
 
 type Message = Record<string, unknown>;
 
-export class QmpClient {
+export class QmpClient implements QmpTransport {
   readonly path: string;
   readonly greeting: QmpGreeting;
   // Every event received, oldest first, so callers can look back as well as wait.
@@ -89,6 +90,15 @@ export class QmpClient {
   get fd(): number | null {
     const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     return typeof fd === 'number' && fd >= 0 ? fd : null;
+  }
+
+  get target(): QmpTarget {
+    return { qmp: this.path };
+  }
+
+  // QEMU on its own QMP socket runs beside us and reaches our sockets by path.
+  async reachSocket(sockPath: string): Promise<SocketHandOver> {
+    return { address: { type: 'unix', path: sockPath }, release: async () => undefined };
   }
 
   get qemuVersion(): string {

@@ -1,0 +1,140 @@
+// `bgsnap-capture --domain` against a real libvirtd (Debian's, started by this
+// test in its own namespace: helpers/libvirt.ts) managing a TCG domain with a
+// virtio disk. The guest (test/guest/disk.h) writes records to its disk with
+// O_DIRECT and checks every tick that disk and RAM agree. Captured through
+// libvirt with its disk, restored in a plain QEMU from the image's vmstate plus
+// the converted disk, the check must pass; and libvirt's domain must be as
+// before: running, same XML and disk list, no block job, node or fd of ours.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ensureGuest, type Guest } from './helpers/guest';
+import { domainXml, logLines, restoreArgs, startLibvirtd, type Libvirtd } from './helpers/libvirt';
+import { sleep, startVm, type Vm } from './helpers/vm';
+import { BIN, run, sh } from './helpers/cli';
+
+const ctx: { guest?: Guest; dir?: string; lv?: Libvirtd; vms: Vm[] } = { vms: [] };
+const DISK_RE = /^disk=(ok|FAIL) last=(\d+) ondisk=(\d+)/;
+const APPEND = 'bgsnap.disk=1';
+
+const diskChecks = (lines: string[]) => lines.filter((l) => DISK_RE.test(l));
+
+async function waitFor<T>(what: string, ms: number, probe: () => T | undefined): Promise<T> {
+  for (const until = Date.now() + ms; Date.now() < until; await sleep(200)) {
+    const v = probe();
+    if (v !== undefined) return v;
+  }
+  throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+}
+
+// What libvirt says about the domain, which a capture must leave as it was.
+function libvirtView(lv: Libvirtd, name: string): { state: string; blk: string; xml: string } {
+  return { state: lv.virsh(['domstate', name]).trim(), blk: lv.virsh(['domblklist', name, '--details']), xml: lv.virsh(['dumpxml', name]) };
+}
+
+function qmp<T>(lv: Libvirtd, name: string, cmd: string): T {
+  return (JSON.parse(lv.virsh(['qemu-monitor-command', name, JSON.stringify({ execute: cmd })])) as { return: T }).return;
+}
+
+function socketFds(pid: number): number {
+  const fdDir = `/proc/${pid}/fd`;
+  return fs.readdirSync(fdDir).filter((f) => /^socket:/.test(fs.readlinkSync(path.join(fdDir, f)))).length;
+}
+
+test.before(async () => {
+  ctx.guest = await ensureGuest();
+  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-libvirt-'));
+  ctx.lv = await startLibvirtd();
+});
+
+test.after(async () => {
+  for (const vm of ctx.vms) await vm.kill();
+  await ctx.lv?.stop();
+  if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true });
+});
+
+test('--domain with its disk: RAM and disk agree after restore; libvirt\'s domain is as before', async () => {
+  const lv = ctx.lv!;
+  const name = 'bgsnap-test';
+  const disk = path.join(ctx.dir!, 'vda.raw');
+  const serial = path.join(ctx.dir!, 'serial.log');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, '64M']);
+  const xml = path.join(ctx.dir!, 'dom.xml');
+  const { kernel, initrd } = ctx.guest!;
+  const cmdline = `console=ttyS0 quiet panic=-1 bgsnap.mb=16 bgsnap.tick_ms=300 ${APPEND}`;
+  fs.writeFileSync(xml, domainXml({ name, kernel, initrd, cmdline, memMb: 256, disk, serialLog: serial }));
+  lv.virsh(['define', xml]);
+  lv.virsh(['start', name]);
+  await waitFor('two disk checks from the domain', 180_000, () => (diskChecks(logLines(serial)).length >= 2 ? true : undefined));
+  const before = libvirtView(lv, name);
+  assert.is(before.state, 'running');
+  const fdsBefore = socketFds(lv.qemuPid(name));
+
+  const image = path.join(ctx.dir!, 'vm.img');
+  const stats = path.join(ctx.dir!, 'cap.json');
+  const r = await sh(`${BIN.capture} --domain ${name} --connect '${lv.uri}' --disks --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
+  assert.is(r.code, 0, r.stderr);
+  const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
+  assert.is(s.runStateAfter, 'running');
+  assert.equal(s.disks.map((d: { id: string; size: number }) => [d.id, d.size]), [['vda', 64 << 20]]);
+
+  // libvirt's view and QEMU's block layer as before; the guest writes on.
+  const seen = diskChecks(logLines(serial)).length;
+  await waitFor('a disk check after the capture', 60_000, () => (diskChecks(logLines(serial)).length > seen ? true : undefined));
+  assert.equal(libvirtView(lv, name), before);
+  assert.equal(qmp<unknown[]>(lv, name, 'query-block-jobs'), []);
+  const nodes = qmp<{ 'node-name': string }[]>(lv, name, 'query-named-block-nodes').map((n) => n['node-name']);
+  assert.equal(nodes.filter((n) => n.startsWith('bgsnap')), []);
+  assert.is(socketFds(lv.qemuPid(name)), fdsBefore, 'no socket handed to QEMU is left open');
+  const caps = qmp<{ capability: string; state: boolean }[]>(lv, name, 'query-migrate-capabilities');
+  assert.is(caps.find((c) => c.capability === 'background-snapshot')?.state, false);
+  lv.virsh(['destroy', name]);
+
+  const restored = path.join(ctx.dir!, 'restored.raw');
+  const c = await run(BIN.convert, [image, '--to', 'disk', '--drive', 'vda', '-o', restored]);
+  assert.is(c.code, 0, c.stderr);
+  const incoming = `exec:${BIN.convert} '${image}' --to qemu -o -`;
+  const vm = await startVm({
+    kernel, initrd, memMb: 256, guestMb: 16, append: APPEND, incoming, extraArgs: restoreArgs(restored), startTimeoutMs: 60_000,
+  });
+  ctx.vms.push(vm);
+  // The snapshot's run state is "paused" (bgsnap stopped the VM for the instant).
+  for (let i = 0; i < 600; i++) {
+    const { status } = await vm.qmp.execute<{ status: string }>('query-status');
+    if (status === 'paused') await vm.qmp.execute('cont');
+    if (status === 'running' || status === 'paused') break;
+    await sleep(200);
+  }
+  await vm.waitForLine(DISK_RE, 180_000);
+  await waitFor('two disk checks in the restored VM', 60_000, () => (diskChecks(vm.lines().map((l) => l.text)).length >= 2 ? true : undefined));
+  const checks = diskChecks(vm.lines().map((l) => l.text));
+  assert.ok(checks.every((l) => l.startsWith('disk=ok')), `restored guest: ${checks.join(' | ')}`);
+  await vm.kill();
+});
+
+test('--domain refuses an unknown or shut-off domain, before touching anything', async () => {
+  const lv = ctx.lv!;
+  const unknown = await run(BIN.capture, ['--domain', 'no-such-domain', '--connect', lv.uri, '-o', path.join(ctx.dir!, 'x.bgsnap')]);
+  assert.is(unknown.code, 1);
+  assert.match(unknown.stderr, /no libvirt domain "no-such-domain"/);
+  assert.not.ok(fs.existsSync(path.join(ctx.dir!, 'x.bgsnap')) && fs.statSync(path.join(ctx.dir!, 'x.bgsnap')).size > 0, 'nothing written');
+
+  const xml = path.join(ctx.dir!, 'off.xml');
+  const disk = path.join(ctx.dir!, 'off.raw');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, '1M']);
+  const { kernel, initrd } = ctx.guest!;
+  fs.writeFileSync(xml, domainXml({ name: 'bgsnap-off', kernel, initrd, cmdline: '', memMb: 64, disk, serialLog: path.join(ctx.dir!, 'off.log') }));
+  lv.virsh(['define', xml]);
+  const off = await run(BIN.capture, ['--domain', 'bgsnap-off', '--connect', lv.uri, '-o', '/dev/null']);
+  assert.is(off.code, 1);
+  assert.match(off.stderr, /libvirt domain "bgsnap-off".* is shut off; only a running or paused domain/);
+
+  const both = await run(BIN.capture, ['--domain', 'bgsnap-off', '--qmp', '/nonexistent', '-o', '/dev/null']);
+  assert.is(both.code, 1);
+  assert.match(both.stderr, /give one of --qmp, --domain and --pid/);
+});
+
+test.run();
