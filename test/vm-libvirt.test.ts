@@ -44,6 +44,31 @@ function socketFds(pid: number): number {
   return fs.readdirSync(fdDir).filter((f) => /^socket:/.test(fs.readlinkSync(path.join(fdDir, f)))).length;
 }
 
+// A plain QEMU with the domain's devices, from the image's vmstate and `disk`;
+// returns the restored guest's first disk checks.
+async function restore(image: string, disk: string): Promise<string[]> {
+  const { kernel, initrd } = ctx.guest!;
+  const incoming = `exec:${BIN.convert} '${image}' --to qemu -o -`;
+  const vm = await startVm({
+    kernel, initrd, memMb: 256, guestMb: 16, append: APPEND, incoming, extraArgs: restoreArgs(disk), startTimeoutMs: 60_000,
+  });
+  ctx.vms.push(vm);
+  // The snapshot's run state is "paused" (bgsnap stopped the VM for the instant).
+  for (let i = 0; i < 600; i++) {
+    const { status } = await vm.qmp.execute<{ status: string }>('query-status');
+    if (status === 'paused') await vm.qmp.execute('cont');
+    if (status === 'running' || status === 'paused') break;
+    await sleep(200);
+  }
+  await vm.waitForLine(DISK_RE, 180_000);
+  const checks = await waitFor('two disk checks in the restored VM', 60_000, () => {
+    const c = diskChecks(vm.lines().map((l) => l.text));
+    return c.length >= 2 ? c : undefined;
+  });
+  await vm.kill();
+  return checks;
+}
+
 test.before(async () => {
   ctx.guest = await ensureGuest();
   ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-libvirt-'));
@@ -96,23 +121,12 @@ test('--domain with its disk: RAM and disk agree after restore; libvirt\'s domai
   const restored = path.join(ctx.dir!, 'restored.raw');
   const c = await run(BIN.convert, [image, '--to', 'disk', '--drive', 'vda', '-o', restored]);
   assert.is(c.code, 0, c.stderr);
-  const incoming = `exec:${BIN.convert} '${image}' --to qemu -o -`;
-  const vm = await startVm({
-    kernel, initrd, memMb: 256, guestMb: 16, append: APPEND, incoming, extraArgs: restoreArgs(restored), startTimeoutMs: 60_000,
-  });
-  ctx.vms.push(vm);
-  // The snapshot's run state is "paused" (bgsnap stopped the VM for the instant).
-  for (let i = 0; i < 600; i++) {
-    const { status } = await vm.qmp.execute<{ status: string }>('query-status');
-    if (status === 'paused') await vm.qmp.execute('cont');
-    if (status === 'running' || status === 'paused') break;
-    await sleep(200);
-  }
-  await vm.waitForLine(DISK_RE, 180_000);
-  await waitFor('two disk checks in the restored VM', 60_000, () => (diskChecks(vm.lines().map((l) => l.text)).length >= 2 ? true : undefined));
-  const checks = diskChecks(vm.lines().map((l) => l.text));
-  assert.ok(checks.every((l) => l.startsWith('disk=ok')), `restored guest: ${checks.join(' | ')}`);
-  await vm.kill();
+  const good = await restore(image, restored);
+  assert.ok(good.every((l) => l.startsWith('disk=ok')), `restored guest: ${good.join(' | ')}`);
+  // The oracle: the same RAM on the disk as the domain left it, seconds later, fails.
+  const bad = await restore(image, disk);
+  const m = DISK_RE.exec(bad[0])!;
+  assert.ok(m[1] === 'FAIL' && Number(m[3]) > Number(m[2]), `a later disk must fail the check: ${bad[0]}`);
 });
 
 test('--domain refuses an unknown or shut-off domain, before touching anything', async () => {
