@@ -62,6 +62,9 @@ async function undoAll(target: QmpTarget, u: Undo): Promise<void> {
       step = `deleting node ${n}`;
       await deleteNode(qmp, n);
     }
+    // A node's NBD connection is handed to a libvirt domain's QEMU under the
+    // node's name just before blockdev-add; if that never came, close it.
+    for (const n of u.nodes) await qmp.execute('closefd', { fdname: n }).catch(() => undefined);
     if (!u.stopped) return;
     step = 'waiting for the migration to end, then resuming the VM';
     // A snapshot that was started resumes the VM itself (QEMU 7.2) and is

@@ -12,7 +12,7 @@
 // thread, which stops everything), and for good once QEMU says it stopped.
 // A first guard (mode 'listen') holds the listening socket from `migrate` until
 // the capture holds QEMU's connection, so no moment is left unguarded.
-//   node qemu-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}' '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22","qemuPid":1234}' conn|listen
+//   node qemu-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}' '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22","qemuPid":1234}' conn|listen [FDNAME]
 import * as net from 'node:net';
 import { connectTransport, type QmpTarget } from './qmp-transport';
 import { ACTIVE_STATES, restore } from './qemu-source';
@@ -86,8 +86,21 @@ async function putBack(target: QmpTarget, r: Restore, pid: number | null): Promi
   }
 }
 
+// A connection handed to QEMU by name (libvirt: getfd) that `migrate` never
+// used stays open in QEMU's monitor, and draining it would never end. The
+// capture is dead, so no `migrate` can come any more: close the name. An
+// error means QEMU had taken it, and its stream ends as usual.
+async function takeBackFd(target: QmpTarget, name: string): Promise<void> {
+  const qmp = await connectTransport(target, { timeoutMs: 10_000, events: false });
+  try {
+    await qmp.execute('closefd', { fdname: name }).catch(() => undefined);
+  } finally {
+    qmp.close();
+  }
+}
+
 async function main(): Promise<void> {
-  const [target, json, mode] = process.argv.slice(2);
+  const [target, json, mode, fdName] = process.argv.slice(2);
   // A signal meant for the capture's process group must not end the guard: the
   // capture handles it by draining, and then says "done".
   process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
@@ -97,11 +110,16 @@ async function main(): Promise<void> {
   if (said.includes('done')) return;
   process.stderr.write('bgsnap-capture died mid-snapshot: draining QEMU\'s stream so the guest is not left blocked\n');
   const r = JSON.parse(json) as Restore;
+  const tgt = JSON.parse(target) as QmpTarget;
   const pid = forgetsWriteProtection(r.qemuVersion) ? r.qemuPid : null;
   if (mode === 'listen') await acceptAndDrain(10_000, pid);
-  else await drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }), pid);
+  else {
+    const drained = drainSocket(new net.Socket({ fd: 3, readable: true, writable: false }), pid);
+    if (fdName) await takeBackFd(tgt, fdName);
+    await drained;
+  }
   if (pid !== null) release(pid, false); // the stream is over: nobody serves a fault now
-  await putBack(JSON.parse(target) as QmpTarget, r, pid);
+  await putBack(tgt, r, pid);
   process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');
 }
 

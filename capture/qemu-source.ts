@@ -40,6 +40,9 @@ export const ACTIVE_STATES: ReadonlySet<string> = new Set([
   'postcopy-active', 'postcopy-paused', 'postcopy-recover',
 ]);
 
+// The name our migration connection goes by in QEMU's monitor, when handed over.
+const MIGRATION_FD = `bgsnap-migration-${process.pid}`;
+
 export interface QemuSnapshotOptions {
   pollMs?: number; // query-migrate interval, default 100
   connectTimeoutMs?: number; // QMP greeting, default 5000
@@ -116,7 +119,7 @@ export async function openQemuSnapshot(qmpSocketPath: string, opts: QemuSnapshot
     let startedAt = 0;
     let handOver: SocketHandOver | null = null;
     try {
-      handOver = await qmp.reachSocket(sockPath, `bgsnap-migration-${process.pid}`);
+      handOver = await qmp.reachSocket(sockPath, MIGRATION_FD);
       await opts.beforeMigrate?.();
       startedAt = Date.now();
       await qmp.execute('migrate', { uri: migrationUri(handOver.address) });
@@ -410,9 +413,12 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 // Starts capture/qemu-guard.js with a copy of QEMU's socket, so that even a
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
 // `socket`: QEMU's connection ('conn'), or the listening socket's fd ('listen').
+// A libvirt domain's QEMU gets our connection by name (capture/libvirt-qmp.ts):
+// the guard is told the name, to take it back if `migrate` never came.
 function spawnGuard(socket: net.Socket | number, qmp: QmpTransport, changes: Changes, mode: 'conn' | 'listen', qemuPid: number | null): ChildProcess {
   const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, qemuVersion: qmp.qemuVersion, qemuPid };
-  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), JSON.stringify(qmp.target), JSON.stringify(restore), mode], {
+  const fdName = 'domain' in qmp.target ? [MIGRATION_FD] : [];
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), JSON.stringify(qmp.target), JSON.stringify(restore), mode, ...fdName], {
     stdio: ['pipe', 'ignore', 'inherit', socket],
   });
   guard.stdin!.on('error', () => undefined);

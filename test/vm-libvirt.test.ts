@@ -105,6 +105,7 @@ test('--domain with its disk: RAM and disk agree after restore; libvirt\'s domai
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   assert.is(s.runStateAfter, 'running');
   assert.equal(s.disks.map((d: { id: string; size: number }) => [d.id, d.size]), [['vda', 64 << 20]]);
+  if (process.env.BGSNAP_TEST_VERBOSE) console.log(JSON.stringify({ pauseMs: s.pauseMs, downtimeMs: s.downtimeMs, diskCopyMs: s.diskCopyMs, totalTimeMs: s.totalTimeMs, seconds: s.seconds }));
 
   // libvirt's view and QEMU's block layer as before; the guest writes on.
   const seen = diskChecks(logLines(serial)).length;
