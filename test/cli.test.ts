@@ -91,9 +91,9 @@ test('convert: a process-less image cannot become a QEMU stream; a missing image
 test('capture: no source, both sources, a missing QMP socket and a bad PID give clear errors', async () => {
   const none = await run(BIN.capture, ['-o', img('c1')]);
   assert.is(none.code, 1);
-  assert.match(none.stderr, /say what to capture: --qmp SOCKET or --pid PID/);
+  assert.match(none.stderr, /say what to capture: --qmp SOCKET, --domain NAME or --pid PID/);
   const both = await run(BIN.capture, ['--qmp', '/nonexistent', '--pid', '1', '-o', img('c2')]);
-  assert.match(both.stderr, /give one of --qmp and --pid/);
+  assert.match(both.stderr, /give one of --qmp, --domain and --pid, not --qmp and --pid/);
   const sock = await run(BIN.capture, ['--qmp', path.join(dir, 'no.sock'), '-o', img('c3')]);
   assert.is(sock.code, 1);
   assert.match(sock.stderr, /no\.sock/);
