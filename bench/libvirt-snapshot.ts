@@ -11,7 +11,7 @@
 //     as it was, timed apart: bgsnap leaves nothing to merge.
 // Pause is QEMU's own: from its STOP event to its RESUME event (QEMU's
 // timestamps, seen through `virsh qemu-monitor-event`), the same clock for all.
-//   node dist/bench/libvirt-snapshot.js [--mem-mb 2048] [--disk-gib 4] [--data-gib 1] [--rounds 2]
+//   node dist/bench/libvirt-snapshot.js [--mem-mb 2048] [--disk-gib 4] [--data-gib 1] [--rounds 1]
 import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -102,10 +102,12 @@ async function main(): Promise<void> {
   const memMb = Number(arg('--mem-mb', '2048'));
   const diskGib = Number(arg('--disk-gib', '4'));
   const dataGib = Number(arg('--data-gib', '1'));
-  const rounds = Number(arg('--rounds', '2'));
+  const rounds = Number(arg('--rounds', '1'));
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-bench-lv-'));
   const g = await ensureGuest();
   const lv = await startLibvirtd();
+  // Interrupted, the daemon and its QEMU still go (helpers/libvirt.ts, on exit).
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => process.exit(130));
   try {
     const disk = path.join(dir, 'vda.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, `${diskGib}G`]);
@@ -130,6 +132,8 @@ async function main(): Promise<void> {
         await run(rows[i]);
         await new Promise((res) => setTimeout(res, 2000)); // the last events arrive through virsh
         rows[i].pauseMs.push(pauses(events.events, from));
+        // As it goes: a round of the full size takes minutes on a loaded machine.
+        console.log(`round ${r + 1}, ${contenders[i][0]}: pause ${rows[i].pauseMs.at(-1)!.toFixed(0)} ms, total ${rows[i].totalS.at(-1)!.toFixed(2)} s, ${rows[i].extra.at(-1)}`);
       }
     }
     events.close();
