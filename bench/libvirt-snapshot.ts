@@ -22,7 +22,7 @@ import type { QmpEvent } from '../capture/qmp';
 import { ensureGuest } from '../test/helpers/guest';
 import { domainXml, logLines, startLibvirtd, type Libvirtd } from '../test/helpers/libvirt';
 import { BIN } from '../test/helpers/cli';
-import { arg, machine, range } from './process-common';
+import { arg, machine, range } from './args';
 
 interface Row { pauseMs: number[]; totalS: number[]; extra: string[] }
 const NAME = 'bgsnap-bench';
