@@ -14,6 +14,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { QmpError, type QmpEvent } from './qmp';
+import { QmpEventLog } from './qmp-event-log';
 import type { QmpTarget, QmpTransport, SocketHandOver } from './qmp-transport';
 
 interface VirshResult { code: number | null; stdout: string; stderr: string }
@@ -23,9 +24,8 @@ interface VirshResult { code: number | null; stdout: string; stderr: string }
 const SETPRIV = '/usr/bin/setpriv';
 
 export class LibvirtQmp implements QmpTransport {
-  readonly events: QmpEvent[] = [];
   qemuVersion = '';
-  private waiters: { match(ev: QmpEvent): boolean; resolve(ev: QmpEvent): void }[] = [];
+  private readonly log = new QmpEventLog(() => this.path);
   private listener: ChildProcess | null = null;
   private closedError: Error | null = null;
 
@@ -91,18 +91,12 @@ export class LibvirtQmp implements QmpTransport {
     return { address: { type: 'fd', str: name }, release: () => this.execute('closefd', { fdname: name }).then(() => undefined, () => undefined) };
   }
 
-  waitForEvent(name: string, timeoutMs: number, pred: (ev: QmpEvent) => boolean = () => true, sinceIndex = this.events.length): Promise<QmpEvent> {
-    const match = (ev: QmpEvent) => ev.event === name && pred(ev);
-    const seen = this.events.slice(sinceIndex).find(match);
-    if (seen) return Promise.resolve(seen);
-    return new Promise<QmpEvent>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(new Error(`QMP event ${name} not received within ${timeoutMs} ms from ${this.path}`));
-      }, timeoutMs);
-      const waiter = { match, resolve: (ev: QmpEvent) => (clearTimeout(timer), resolve(ev)) };
-      this.waiters.push(waiter);
-    });
+  get events(): QmpEvent[] {
+    return this.log.events;
+  }
+
+  waitForEvent(name: string, timeoutMs: number, pred?: (ev: QmpEvent) => boolean, sinceIndex?: number): Promise<QmpEvent> {
+    return this.log.wait(name, timeoutMs, pred, sinceIndex);
   }
 
   // libvirt names drives by their target ("vda") and QEMU's devices by alias
@@ -158,10 +152,7 @@ export class LibvirtQmp implements QmpTransport {
   }
 
   private onEvent(ev: QmpEvent): void {
-    this.events.push(ev);
-    const ready = this.waiters.filter((w) => w.match(ev));
-    this.waiters = this.waiters.filter((w) => !ready.includes(w));
-    for (const w of ready) w.resolve(ev);
+    this.log.add(ev);
   }
 
   private spawnVirsh(argv: string[], stdio: (string | net.Socket)[]): ChildProcess {

@@ -5,6 +5,7 @@
 // `id`, and asynchronous events arrive interleaved at any time. Commands get an
 // id each so replies are matched even when several are in flight.
 import * as net from 'node:net';
+import { QmpEventLog } from './qmp-event-log';
 import type { QmpTarget, QmpTransport, SocketHandOver } from './qmp-transport';
 
 export interface QmpGreeting {
@@ -43,21 +44,14 @@ interface Pending {
   reject(err: Error): void;
 }
 
-interface EventWaiter {
-  match(ev: QmpEvent): boolean;
-  resolve(ev: QmpEvent): void;
-}
-
 type Message = Record<string, unknown>;
 
 export class QmpClient implements QmpTransport {
   readonly path: string;
   readonly greeting: QmpGreeting;
-  // Every event received, oldest first, so callers can look back as well as wait.
-  readonly events: QmpEvent[] = [];
+  private readonly log = new QmpEventLog(() => this.path);
   private readonly socket: net.Socket;
   private readonly pending = new Map<number, Pending>();
-  private waiters: EventWaiter[] = [];
   private nextId = 1;
   private buffer = '';
   private closedError: Error | null = null;
@@ -127,25 +121,13 @@ export class QmpClient implements QmpTransport {
     });
   }
 
-  // Resolves with the first event named `name` (and matching `pred`) received
-  // after `sinceIndex` in `events` (default: from now on).
-  waitForEvent(
-    name: string,
-    timeoutMs: number,
-    pred: (ev: QmpEvent) => boolean = () => true,
-    sinceIndex = this.events.length,
-  ): Promise<QmpEvent> {
-    const match = (ev: QmpEvent) => ev.event === name && pred(ev);
-    const seen = this.events.slice(sinceIndex).find(match);
-    if (seen) return Promise.resolve(seen);
-    return new Promise<QmpEvent>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(new Error(`QMP event ${name} not received within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const waiter: EventWaiter = { match, resolve: (ev) => (clearTimeout(timer), resolve(ev)) };
-      this.waiters.push(waiter);
-    });
+  // Every event received, oldest first, so callers can look back as well as wait.
+  get events(): QmpEvent[] {
+    return this.log.events;
+  }
+
+  waitForEvent(name: string, timeoutMs: number, pred?: (ev: QmpEvent) => boolean, sinceIndex?: number): Promise<QmpEvent> {
+    return this.log.wait(name, timeoutMs, pred, sinceIndex);
   }
 
   get closed(): boolean {
@@ -169,11 +151,7 @@ export class QmpClient implements QmpTransport {
 
   private onMessage(msg: Message): void {
     if (typeof msg.event === 'string') {
-      const ev = msg as unknown as QmpEvent;
-      this.events.push(ev);
-      const ready = this.waiters.filter((w) => w.match(ev));
-      this.waiters = this.waiters.filter((w) => !ready.includes(w));
-      for (const w of ready) w.resolve(ev);
+      this.log.add(msg as unknown as QmpEvent);
       return;
     }
     const p = typeof msg.id === 'number' ? this.pending.get(msg.id) : undefined;

@@ -6,20 +6,8 @@ import { BgsnapDecoder, BgsnapEncoder } from '../format/bgsnap';
 import { StreamError } from '../format/errors';
 import { crc32, crc32Combine } from '../format/crc32';
 import type { StreamEvent } from '../format/events';
-import { generate, makeHeader, pageBytes } from './helpers/streams';
+import { decodeChunked, generate, makeHeader, pageBytes } from './helpers/streams';
 import { prng, randInt } from './helpers/prng';
-
-function decodeChunked(stream: Buffer, cuts: number[]): StreamEvent[] {
-  const dec = new BgsnapDecoder();
-  const out: StreamEvent[] = [];
-  let last = 0;
-  for (const c of [...cuts, stream.length]) {
-    out.push(...dec.push(stream.subarray(last, c)));
-    last = c;
-  }
-  out.push(...dec.finish());
-  return out;
-}
 
 function applyPages(events: StreamEvent[], pageSize: number): Map<string, Buffer | null> {
   const got = new Map<string, Buffer | null>();

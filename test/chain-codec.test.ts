@@ -10,19 +10,10 @@ import { crc32 } from '../format/crc32';
 import { StreamError } from '../format/errors';
 import type { StreamEvent } from '../format/events';
 import { generateChain } from './helpers/chain-gen';
-import { makeHeader, generate } from './helpers/streams';
+import { decodeChunked, makeHeader, generate } from './helpers/streams';
 import { prng, randInt } from './helpers/prng';
 
-function decode(stream: Buffer, cuts: number[] = []): StreamEvent[] {
-  const dec = new BgsnapDecoder();
-  const out: StreamEvent[] = [];
-  let last = 0;
-  for (const c of [...cuts, stream.length]) {
-    out.push(...dec.push(stream.subarray(last, c)));
-    last = c;
-  }
-  return [...out, ...dec.finish()];
-}
+const decode = (stream: Buffer, cuts: number[] = []) => decodeChunked(stream, cuts);
 
 function expectError(stream: Buffer, code: string, re: RegExp): void {
   try {

@@ -1,8 +1,8 @@
 // Builds bgsnap streams for tests: a random snapshot (blocks, pages sent in random
 // order with duplicates and zero pages) encoded with the real encoder, plus the
 // expected final content of every page (last version wins).
-import { BgsnapEncoder } from '../../format/bgsnap';
-import type { BlockInfo, StreamHeader } from '../../format/events';
+import { BgsnapDecoder, BgsnapEncoder } from '../../format/bgsnap';
+import type { BlockInfo, StreamEvent, StreamHeader } from '../../format/events';
 import { prng, randInt } from './prng';
 
 export interface Generated {
@@ -66,4 +66,17 @@ function randomBatch(
     expect.set(`${block}:${index[i]}`, bytes);
   }
   return enc.pages({ block, index, zero, data: Buffer.concat(data) });
+}
+
+// Decodes a stream fed in pieces cut at `cuts` (offsets): a decoder must not
+// care where reads end.
+export function decodeChunked(stream: Buffer, cuts: number[]): StreamEvent[] {
+  const dec = new BgsnapDecoder();
+  const out: StreamEvent[] = [];
+  let last = 0;
+  for (const c of [...cuts, stream.length]) {
+    out.push(...dec.push(stream.subarray(last, c)));
+    last = c;
+  }
+  return [...out, ...dec.finish()];
 }
