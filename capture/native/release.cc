@@ -18,10 +18,9 @@ namespace bgsnap {
 
 static constexpr uint64_t kMaxUnregisters = 4096;
 
-// Events drained since touched_[from] (a read's mark) that overlap [start, end).
-bool Session::Touched(uint64_t start, uint64_t end, size_t from) const {
-  for (size_t i = from; i < touched_.size(); i++) {
-    if (touched_[i].first < end && start < touched_[i].second) return true;
+bool Session::Touched(uint64_t start, uint64_t end) const {
+  for (const Range& r : touched_) {
+    if (r.first < end && start < r.second) return true;
   }
   return false;
 }
@@ -48,14 +47,12 @@ bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
 // content already in KSM's stable tree is merged again at its next scan: seen
 // in process-ksm), so it is counted and left out (discarded), never saved
 // wrong. Returns how many leading pages are good; 0: the first one is lost.
-// Pages a fault saved during the scan's read lost their protection to us, not
-// to KSM: they are skipped at Commit, so they count as good here.
-uint32_t Session::StillProtected(int b, uint32_t p, uint64_t addr, uint32_t n) {
+uint32_t Session::StillProtected(uint64_t addr, uint32_t n) {
   std::vector<uint64_t> pm(n);
   ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
   if (pread(pagemapFd_, pm.data(), want, static_cast<off_t>(addr / kPage * 8)) != want) return n;
   for (uint32_t i = 0; i < n; i++) {
-    if (pm[i] & (1ull << 57) || blocks[b].done.Test(p + i)) continue;  // still write-protected, or ours
+    if (pm[i] & (1ull << 57)) continue;  // still write-protected
     if (i == 0) counters.lostProtection++;
     return i;
   }
