@@ -204,8 +204,10 @@ test('SIGKILL of the freezer helper with vm.unprivileged_userfaultfd open: the c
 test('signals: a stream of queued signals with payloads during captures, none lost, none invented', async () => {
   const t = await lineTarget('sigstream', ['700']);
   try {
-    let done = 0, refused = 0;
-    for (let i = 0; i < 20; i++) {
+    // At least 20 captures, and more until over 1000 signals were sent during
+    // them: the sender's pace is the machine's, not a constant.
+    let done = 0, refused = 0, sent = 0;
+    for (let i = 0; i < 200 && (i < 20 || sent <= 1000); i++) {
       try {
         await captureOnce(t.pid);
         done++;
@@ -213,6 +215,7 @@ test('signals: a stream of queued signals with payloads during captures, none lo
         assert.is((e as { code?: string }).code, 'EAGAIN', String(e)); // a refusal is clean, nothing else
         refused++;
       }
+      sent = Number(/sent=(\d+)/.exec(await t.command('sent'))![1]);
     }
     const r = await t.command('check');
     console.log(`  sigstream: ${done} captures (${refused} refused): ${r}`);
@@ -221,7 +224,7 @@ test('signals: a stream of queued signals with payloads during captures, none lo
     assert.is(m[3], '0', `missing: ${r}`);
     assert.is(m[4], '0', `duplicated: ${r}`);
     assert.is(m[5], '0', `invented: ${r}`);
-    assert.ok(done >= 15, `${done} of 20 captures done`);
+    assert.ok(done >= 0.75 * (done + refused), `${done} of ${done + refused} captures done`);
   } finally {
     t.kill();
   }

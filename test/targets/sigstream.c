@@ -2,6 +2,8 @@
 // each carrying a sequence number as its payload (sigqueue si_value), from a
 // sender process of its own. The handler counts every payload; "check" on fd 3
 // stops the sender and answers "check sent=N got=M missing=X dup=Y bad=Z":
+// "sent" answers "sent=N" while the stream goes on, so a test can capture until
+// enough signals were in flight whatever the machine's speed. In "check",
 // every payload must arrive exactly once (missing=0 dup=0), and none may come
 // without the sender's payload or identity (bad=0: a re-sent or invented one).
 // Between signals it spins and sleeps, so a freeze finds it in user space, in a
@@ -99,5 +101,9 @@ int main(int argc, char **argv) {
     if (n <= 0) _exit(0);
     line[n] = 0;
     if (!strncmp(line, "check", 5)) check();
+    if (!strncmp(line, "sent", 4)) {
+      printf("sent=%ld\n", sh->sent);
+      fflush(stdout);
+    }
   }
 }
