@@ -5,7 +5,7 @@
 // main's), all in one invocation on one VM. Per capture: pauseMs (our `stop`
 // until the guest was seen running), QEMU's own downtime, and where the pause
 // went (pauseSteps, this build only). Each round also takes a RAM-only
-// snapshot (no --disks): QEMU's downtime without disks on this machine now.
+// snapshot (--no-disks): QEMU's downtime without disks on this machine now.
 //   node dist/bench/disk-pause.js [--runs 3] [--disk-mb 160] [--qemu 7.2|10] [--before MAIN/dist/bin/bgsnap-capture.js]
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -53,7 +53,7 @@ async function main(): Promise<void> {
       await sleep(2000);
       if (before) rows.push(await captureOnce(`'${process.execPath}' '${before}'`, vm.qmpPath, dir, `before-${i}`));
       await sleep(2000);
-      rows.push(await captureOnce(BIN.capture, vm.qmpPath, dir, `ramonly-${i}`, ''));
+      rows.push(await captureOnce(BIN.capture, vm.qmpPath, dir, `ramonly-${i}`, '--no-disks'));
       await sleep(2000);
     }
   } finally {

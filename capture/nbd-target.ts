@@ -75,6 +75,9 @@ export class NbdTargetServer {
   private readonly sockets = new Set<net.Socket>();
   private failure: Error | null = null;
   private discarding = false;
+  // Exports a client opened (handshake done): the disk guard's stand-in waits
+  // on this to know QEMU reconnected to it.
+  readonly opened = new Set<string>();
   onError: (err: Error) => void = () => undefined;
 
   constructor(private readonly exports: NbdExport[], private readonly onWrite: NbdWriteHandler) {}
@@ -109,6 +112,7 @@ export class NbdTargetServer {
     const r = new Reader(sock);
     try {
       const exp = await this.handshake(sock, r);
+      if (exp) this.opened.add(exp.name);
       if (exp) await this.transmit(sock, r, exp);
     } catch (err) {
       const e = err as Error;

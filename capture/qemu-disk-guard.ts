@@ -1,31 +1,74 @@
 // The watchman of a whole-VM capture's disk side, run as a child of
 // bgsnap-capture from before it touches QEMU's block layer until its disk work
 // is over. The capture tells it on stdin, one JSON line each, what it adds
-// ({"node":N}, {"job":J}) and when it stops the VM ({"stopped":true}), then
-// "done" at the end. If stdin closes without "done", the capture died (SIGKILL
-// even): the guard cancels the jobs, deletes the nodes and, if the capture had
-// stopped the VM, makes sure it runs again, so a dead capture never leaves a VM
-// stopped or block nodes behind. (The migration itself has its own guard,
-// capture/qemu-guard.ts.)
+// ({"node":N}, {"job":J,"export":ID}), where QEMU's NBD nodes reconnect
+// ({"standIn":{"path":P,"export":{"name":ID,"size":S}}}) and when it stops the
+// VM ({"stopped":true}), then "done" at the end. If stdin closes without
+// "done", the capture died (SIGKILL even): the guard at once serves the NBD
+// socket path itself as a stand-in that accepts every write and discards it
+// (so copy-before-write never fails a guest write on a dead target: see
+// RECONNECT_DELAY_S in qemu-disks.ts), waits until QEMU's running backups
+// reconnected to it, then cancels the jobs, deletes the nodes and, if the
+// capture had stopped the VM, makes sure it runs again, so a dead capture
+// never leaves a VM stopped, failing writes, or block nodes behind. (The
+// migration itself has its own guard, capture/qemu-guard.ts.)
 //   node qemu-disk-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}'
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { NbdTargetServer, type NbdExport } from './nbd-target';
 import { connectTransport, type QmpTarget, type QmpTransport } from './qmp-transport';
 import { ACTIVE_STATES } from './qemu-source';
-import { cancelJobs, deleteNode, resumeIfPaused } from './qemu-disks';
+import { cancelJobs, deleteNode, resumeIfPaused, RECONNECT_DELAY_S } from './qemu-disks';
 
-interface Undo { nodes: string[]; jobs: string[]; stopped: boolean }
+interface Undo {
+  nodes: string[];
+  jobs: { job: string; export: string }[];
+  stopped: boolean;
+  standIn: { path: string; exports: NbdExport[] } | null;
+}
 
 function parse(said: string): { undo: Undo; done: boolean } {
-  const undo: Undo = { nodes: [], jobs: [], stopped: false };
+  const undo: Undo = { nodes: [], jobs: [], stopped: false, standIn: null };
   let done = false;
   for (const line of said.split('\n')) {
     if (line.trim() === 'done') done = true;
     if (!line.startsWith('{')) continue;
-    const m = JSON.parse(line) as { node?: string; job?: string; stopped?: boolean };
+    const m = JSON.parse(line) as { node?: string; job?: string; export?: string; stopped?: boolean; standIn?: { path: string; export: NbdExport } };
     if (m.node) undo.nodes.push(m.node);
-    if (m.job) undo.jobs.push(m.job);
+    if (m.job) undo.jobs.push({ job: m.job, export: m.export ?? '' });
     if (m.stopped) undo.stopped = true;
+    if (m.standIn) {
+      undo.standIn ??= { path: m.standIn.path, exports: [] };
+      undo.standIn.exports.push(m.standIn.export);
+    }
   }
   return { undo, done };
+}
+
+// Listens where the dead capture's NBD server did (its socket file is left
+// behind: bind needs it gone) and says yes to every write.
+async function serveStandIn(s: { path: string; exports: NbdExport[] }): Promise<NbdTargetServer> {
+  const server = new NbdTargetServer(s.exports, async () => undefined);
+  server.discard();
+  fs.rmSync(s.path, { force: true });
+  await server.listen(s.path);
+  return server;
+}
+
+// Our backups still running must be on the stand-in before they are cancelled:
+// a cancel while QEMU still waits to reconnect ends that wait at once
+// (nbd_cancel_in_flight), failing the guest writes copy-before-write holds.
+// Lifting the throttle makes each job write now, so QEMU finds its dead
+// connection and reconnects without delay.
+async function untilReconnected(qmp: QmpTransport, jobs: Undo['jobs'], standIn: NbdTargetServer): Promise<void> {
+  const deadline = Date.now() + 2 * RECONNECT_DELAY_S * 1000;
+  for (let first = true; Date.now() < deadline; first = false) {
+    const live = (await qmp.execute<{ device: string }[]>('query-block-jobs')).map((j) => j.device);
+    const waiting = jobs.filter((j) => live.includes(j.job) && !standIn.opened.has(j.export));
+    if (!waiting.length) return;
+    if (first) for (const j of waiting) await qmp.execute('block-job-set-speed', { device: j.job, speed: 0 }).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 // The monitor serves one client at a time: retry while the migration guard holds it.
@@ -53,11 +96,16 @@ function sayWhileStuck(everyMs = 30_000): NodeJS.Timeout {
   }, everyMs);
 }
 
-async function undoAll(target: QmpTarget, u: Undo): Promise<void> {
+async function undoAll(target: QmpTarget, u: Undo, standIn: NbdTargetServer | null): Promise<void> {
   const qmp = await connect(target);
   try {
-    step = `cancelling backup job(s) ${u.jobs.join(', ')}`;
-    await cancelJobs(qmp, u.jobs);
+    const jobs = u.jobs.map((j) => j.job);
+    if (standIn) {
+      step = 'waiting for QEMU to reconnect its backup(s) to the stand-in';
+      await untilReconnected(qmp, u.jobs, standIn);
+    }
+    step = `cancelling backup job(s) ${jobs.join(', ')}`;
+    await cancelJobs(qmp, jobs);
     for (const n of u.nodes) {
       step = `deleting node ${n}`;
       await deleteNode(qmp, n);
@@ -90,8 +138,22 @@ async function main(): Promise<void> {
   const { undo, done } = parse(said);
   if (done) return;
   process.stderr.write('bgsnap-capture died with disks in flight: taking its block jobs and nodes away\n');
+  const standIn = undo.standIn ? await serveStandIn(undo.standIn).catch((e: Error) => {
+    process.stderr.write(`bgsnap-capture disk guard: no stand-in NBD server at ${undo.standIn!.path}: ${e.message}\n`);
+    return null;
+  }) : null;
   const timer = sayWhileStuck();
-  await undoAll(target, undo).finally(() => clearInterval(timer));
+  await undoAll(target, undo, standIn).finally(() => {
+    clearInterval(timer);
+    standIn?.close();
+    if (!standIn) return;
+    fs.rmSync(undo.standIn!.path, { force: true });
+    try {
+      fs.rmdirSync(path.dirname(undo.standIn!.path)); // the capture's private folder, if now empty
+    } catch {
+      // not empty, or gone: not ours to force
+    }
+  });
   process.stderr.write(`bgsnap-capture disk guard: ${undo.jobs.length} job(s) and ${undo.nodes.length} node(s) gone${undo.stopped ? ', VM running' : ''}\n`);
 }
 

@@ -20,13 +20,33 @@ const MAX_BATCH_PAGES = 65536;
 // QEMU's own stop inside the background snapshot drains block I/O: it waits
 // for every backup write in flight to our NBD target (by default up to 64
 // writes of up to 1 MiB), with the guest paused; that was most of the pause
-// (bench/disk-pause.ts). So the backups start throttled to 1 byte/s (QEMU's
-// rate limit then delays even their first chunk) and run at full speed once
-// the guest runs again: while it is paused nothing is copied, QEMU's stop has
-// no backup write to wait for, and the host's CPUs go to QEMU, not to our NBD
-// server. Copy-before-write is not throttled: it keeps the instant whatever
-// the job's speed.
-const HELD_SPEED = 1;
+// (bench/disk-pause.ts). So the backups start throttled and run at full speed
+// once the guest runs again: while it is paused little is copied, QEMU's stop
+// has few backup writes to wait for, and the host's CPUs go to QEMU, not to
+// our NBD server. Copy-before-write is not throttled: it keeps the instant
+// whatever the job's speed.
+// Not slower: QEMU's block-copy sleeps out its rate limit for (bytes of the
+// chunk it just sent) / speed, up to 1 MiB per chunk (2 MiB for qcow2's 2 MiB
+// clusters), in a sleep that a cancel or a new speed wakes only if the kick
+// lands while it sleeps; one that lands while it waits for the source's block
+// status is lost (block-copy.c, QEMU 10.0). At the 1 byte/s we used, that
+// sleep was ~21 hours, and QEMU's main loop waited it out in a drain: a
+// capture killed with SIGKILL before it lifted the limit left QEMU 10 stuck
+// (its main loop in aio_poll with a 77193 s timeout, QMP unanswered; 1 in 15
+// SIGKILL runs). At 4 MiB/s the longest such sleep is 0.5 s.
+const HELD_SPEED = 4 << 20;
+// Our NBD server dies with us, even on SIGKILL, while copy-before-write still
+// sends QEMU's guest writes through it: with a dead target, QEMU 7.2 and 10.0
+// fail the guest's write (on-cbw-error=break-guest-write, which blockdev-backup
+// cannot change; seen: "disk write failed: Input/output error" in the guest).
+// So the NBD node reconnects: for this many seconds after losing its server,
+// QEMU holds its requests and retries them on a new connection (nbd.c:
+// reconnect-delay; its connect thread retries after 1, 2, 4 s) instead of
+// failing them, and our disk guard takes over the socket path at once as a
+// stand-in that accepts every write and throws it away, until it has taken
+// the jobs and nodes away. A connection handed over as a file descriptor
+// (libvirt) cannot be reopened, so there is none of this there.
+export const RECONNECT_DELAY_S = 10;
 
 export interface DiskPlan {
   id: string; // the drive's -drive id, query-block's device
@@ -57,7 +77,7 @@ export async function planDisks(qmp: QmpTransport, select?: string[]): Promise<D
   const jobs = await qmp.execute<{ device: string }[]>('query-block-jobs');
   // libvirt names its own jobs KIND-TARGET-NODE ("backup-vda-libvirt-1-format").
   const busy = chosen.filter((b) => jobs.some((j) => j.device === b.device || j.device.includes(b.inserted!['node-name']) || j.device.includes(`-${b.device}-`)));
-  if (busy.length) throw new Error(`drive ${busy.map((b) => `"${b.device}"`).join(', ')} already has a block job; wait for it or pick drives with --disk ID, or capture without --disks`);
+  if (busy.length) throw new Error(`drive ${busy.map((b) => `"${b.device}"`).join(', ')} already has a block job; wait for it, pick drives with --disk ID, or leave the drives out with --no-disks`);
   return chosen.map((b, i) => ({
     id: b.device, node: b.inserted!['node-name'], size: b.inserted!.image['virtual-size'], file: b.inserted!.file,
     target: `bgsnap-target-${process.pid}-${i}`, job: `bgsnap-backup-${process.pid}-${i}`,
@@ -163,8 +183,10 @@ export class DiskCapture {
       this.addedNodes.push(p.target);
       this.tellGuard({ node: p.target });
       const to = await this.qmp.reachSocket(this.socketPath, p.target);
-      await this.qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': p.target, export: p.id, server: to.address })
-        .catch(async (e: Error) => (await to.release(), Promise.reject(e)));
+      const reopens = to.address.type === 'unix';
+      if (reopens) this.tellGuard({ standIn: { path: this.socketPath, export: { name: p.id, size: p.size } } });
+      const args = { driver: 'nbd', 'node-name': p.target, export: p.id, server: to.address, ...(reopens ? { 'reconnect-delay': RECONNECT_DELAY_S } : {}) };
+      await this.qmp.execute('blockdev-add', args).catch(async (e: Error) => (await to.release(), Promise.reject(e)));
     }
   }
 
@@ -180,7 +202,7 @@ export class DiskCapture {
     }
     this.eventsFrom = this.qmp.events.length;
     this.startedJobs = this.plans.map((p) => p.job);
-    for (const job of this.startedJobs) this.tellGuard({ job });
+    for (const p of this.plans) this.tellGuard({ job: p.job, export: p.id });
     this.copyStartedAt = Date.now();
     await this.qmp.execute('transaction', {
       actions: this.plans.map((p) => ({ type: 'blockdev-backup', data: { device: p.node, target: p.target, sync: 'full', 'job-id': p.job, speed: HELD_SPEED } })),
