@@ -100,6 +100,10 @@ test('capture: no source, both sources, a missing QMP socket and a bad PID give 
   const pid = await run(BIN.capture, ['--pid', 'abc', '-o', img('c4')]);
   assert.ok(pid.code !== 0);
   assert.match(pid.stderr, /--pid must be a non-negative number, got "abc"/);
+  // Refused before any socket is tried: the path named does not exist.
+  const disks = await run(BIN.capture, ['--qmp', path.join(dir, 'no.sock'), '--disk', 'd0', '--no-disks', '-o', img('c5')]);
+  assert.is(disks.code, 1);
+  assert.match(disks.stderr, /--disk ID and --no-disks contradict each other/);
 });
 
 test('capture: progress on stderr when it is a terminal, none when it is not', async () => {
