@@ -1,7 +1,7 @@
 // The whole-VM round trip of vm-disks.test.ts on Debian 13's QEMU 10.0
 // (helpers/qemu10.ts), pc-i440fx-10.0: the guest writes O_DIRECT records to
-// its virtio disk and keeps the last completed one in RAM; captured with
-// --disks while it writes, restored into QEMU 10 from the image's vmstate plus
+// its virtio disk and keeps the last completed one in RAM; captured (disks
+// by default) while it writes, restored into QEMU 10 from the image's vmstate plus
 // the converted disk, RAM and disk agree; a disk copied seconds later fails the
 // same check. QEMU 9.0 and later leave a VM that was stopped before the
 // background snapshot stopped (vm_resume(vm_old_state)); bgsnap resumes it once

@@ -147,7 +147,7 @@ test('--domain capture killed mid-way (SIGKILL): the domain runs on, libvirt\'s 
   const before = libvirtView(lv, name);
   const fdsBefore = socketFds(lv.qemuPid(name));
   const pidFile = path.join(ctx.dir!, 'kill.pid');
-  const disks = process.env.BGSNAP_DISK_FAULTS === '1' ? '--disks' : ''; // QEMU 7.2's open bug: see vm-disks-faults
+  const disks = process.env.BGSNAP_DISK_FAULTS === '1' ? '--disks' : ''; // opt-in with --domain (README, Known limits)
   const r = sh(`(${BIN.capture} --domain ${name} --connect '${lv.uri}' ${disks} & echo $! > '${pidFile}'; wait) | (sleep 4; cat > /dev/null)`, 240_000);
   await waitFor('the snapshot under way', 60_000, () => (qmp<{ status?: string }>(lv, name, 'query-migrate').status === 'active' ? true : undefined));
   process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGKILL');

@@ -1,7 +1,8 @@
 // Whole-VM tests with a virtio disk (vm-disks*.test.ts): booting the test guest
-// with its disk workload (test/guest/disk.h, fs.h), capturing it with --disks
-// while it writes, and restoring vmstate plus a disk in a fresh QEMU. Shared
-// by the QEMU 7.2 and 10.0 tests, so both run the same scenario.
+// with its disk workload (test/guest/disk.h, fs.h), capturing it while it
+// writes (with --qmp the disks are in by default), and restoring vmstate plus
+// a disk in a fresh QEMU. Shared by the QEMU 7.2 and 10.0 tests, so both run
+// the same scenario.
 import { execFileSync } from 'node:child_process';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
@@ -44,14 +45,14 @@ export class DiskVms {
     return c;
   }
 
-  // Captures with --disks while the guest writes; the guest must write on during
+  // Captures (disks by default) while the guest writes; the guest must write on during
   // and after it, and nothing of ours may be left in QEMU.
   async capture(vm: Vm, tag: string): Promise<{ image: string; stats: Record<string, unknown>; during: number }> {
     await this.waitChecks(vm, 2);
     const image = path.join(this.dir, `${tag}.img`);
     const stats = path.join(this.dir, `${tag}.json`);
     const from = vm.lines().length;
-    const r = await sh(`${BIN.capture} --qmp '${vm.qmpPath}' --disks --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
+    const r = await sh(`${BIN.capture} --qmp '${vm.qmpPath}' --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
     assert.is(r.code, 0, r.stderr);
     const during = diskChecks(vm, from, this.re).length; // checks printed while the capture ran
     const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
