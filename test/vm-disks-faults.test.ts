@@ -98,7 +98,7 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
   // `act` to it; returns stderr and the capture's exit code.
   // `afterResume`: wait until the guest runs again first (then copy-before-write
   // sends its writes through our NBD target), and `delayMs` more.
-  async function captureThen(act: (pid: number) => void, reader = '(sleep 4; cat > /dev/null)', afterResume = false, delayMs = 0): Promise<{ stderr: string; rc: string }> {
+  async function captureThen(act: (pid: number) => void, reader = '(sleep 4; cat > /dev/null)', afterResume = false, delayMs = 0, then?: () => Promise<void>): Promise<{ stderr: string; rc: string }> {
     const rcFile = path.join(ctx.dir!, `rc-${Date.now()}`);
     const child = spawn('/bin/sh', ['-c', `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${rcFile}.pid'; wait $!; echo $? > '${rcFile}') | ${reader}`]);
     let stderr = '';
@@ -111,6 +111,7 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
     if (afterResume) assert.ok(await running(), 'the guest runs again while the backup goes on');
     await sleep(delayMs);
     act(Number(fs.readFileSync(`${rcFile}.pid`, 'utf8')));
+    await then?.();
     // Bounded: a guard waiting on a stuck QEMU holds our stderr open.
     let timer: NodeJS.Timeout | undefined;
     const bound = new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`the capture and its guards did not end within 300 s: ${stderr}`)), 300_000)));
@@ -128,14 +129,30 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
 
   // Killed in the pause, and once the guest runs again: copy-before-write then
   // sends the guest's writes through the NBD target that died with the capture
-  // (it failed them with EIO before the disk guard's stand-in; checked).
+  // (it failed them with EIO before the disk guard's stand-in; checked with
+  // writeAfterDeath's write).
   // BGSNAP_DISK_KILL_RUNS=N makes it N kills (a soak: the case that once hung
   // QEMU 10), alternating, the later ones at spread moments of the copy.
+  // Once it is dead, a write to drive d0 (QEMU's own qemu-io, through the
+  // drive's BlockBackend, so through copy-before-write as a guest write goes)
+  // to a cluster the backup has not copied yet (the disk's end: the backup
+  // goes from the start and the 4 s reader holds it back) must succeed.
+  async function writeAfterDeath(): Promise<void> {
+    const live = await ctx.vm!.qmp.execute<{ device: string }[]>('query-block-jobs');
+    assert.ok(live.length, 'the backup still runs: the write meets copy-before-write');
+    const since = ctx.vm!.lines().length;
+    await ctx.vm!.qmp.execute('human-monitor-command', { 'command-line': 'qemu-io d0 "write -P 0x5a 155M 64k"' });
+    // qemu-io prints to QEMU's stdout, which the harness reads with the serial.
+    const said = await ctx.vm!.waitForLine(/^(wrote \d+\/\d+ bytes|write failed)/, 60_000, since);
+    assert.is(said.text.replace(/ at offset.*/, ''), 'wrote 65536/65536 bytes', 'a write to d0 after the capture died');
+  }
+
   t('SIGKILL with disks in flight: the guards drain QEMU and take our jobs and nodes away', async () => {
     const runs = Math.max(2, Number(process.env.BGSNAP_DISK_KILL_RUNS || 2));
     for (let i = 1; i <= runs; i++) {
       const from = ctx.vm!.lines().length;
-      const r = await captureThen((pid) => process.kill(pid, 'SIGKILL'), undefined, i % 2 === 0, (Math.floor((i - 1) / 2) % 3) * 300);
+      const resumed = i % 2 === 0;
+      const r = await captureThen((pid) => process.kill(pid, 'SIGKILL'), undefined, resumed, (Math.floor((i - 1) / 2) % 3) * 300, resumed ? writeAfterDeath : undefined);
       assert.ok(/died with disks in flight/.test(r.stderr), `run ${i}: rc ${r.rc}: ${r.stderr}`);
       await assertVmFine(from);
       if (runs > 2) console.log(`  ${name}: SIGKILL run ${i}/${runs} ok`);
