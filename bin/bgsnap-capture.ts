@@ -5,7 +5,8 @@
 import { Command } from 'commander';
 import { emitStream, type EmitProgress } from '../capture/emit';
 import { captureQemu } from '../capture/qemu-events';
-import { captureProcess } from '../capture/process-source';
+import { captureProcess, type ProcessCaptureOptions } from '../capture/process-source';
+import { captureProcessChain } from '../capture/process-chain';
 import { addNetOptions, NetOutput, type NetFlags } from '../net/client';
 import type { CaptureSource } from '../capture/source';
 import type { PageBatch } from '../format/events';
@@ -30,11 +31,14 @@ const prog = new Command('bgsnap-capture')
   .option('--disks', '--domain: also capture every writable drive (opt-in there: README, Known limits); with --qmp the default')
   .option('--disk <id>', 'QEMU only: capture only this drive (its -drive id); repeatable', (v: string, l: string[] = []) => [...l, v])
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
+  .option('--every <seconds>', 'process only: a chain of generations, one every SECONDS (README, "Snapshot chains")', parseFloat)
+  .option('--count <n>', 'with --every: stop after N generations (default: until SIGINT/SIGTERM)', parseIntArg('--count'))
   .option('--stats <file>', 'write a JSON summary to this file');
 addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; domain?: string; connect?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
+  every?: number; count?: number;
   bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean; disks?: boolean; disk?: string[];
 } & NetFlags;
 const opts = prog.opts<Opts>();
@@ -46,7 +50,30 @@ function compressLevel(): number | undefined {
   return level;
 }
 
-async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) => void }> {
+// Tests only: BGSNAP_TEST_HOLD=AT:MS holds the engine there (printing bgsnap-hold AT) in every generation.
+function testHold(): Pick<ProcessCaptureOptions, 'testHoldAt' | 'testHoldMs'> {
+  const [at, ms] = (process.env.BGSNAP_TEST_HOLD ?? '').split(':');
+  return at ? { testHoldAt: at as ProcessCaptureOptions['testHoldAt'], testHoldMs: Number(ms) } : {};
+}
+
+function openChain(pid: number) {
+  if (!(opts.every! > 0)) throw new Error(`--every needs a number of seconds above 0, got ${opts.every}`);
+  if (opts.count !== undefined && opts.count < 1) throw new Error('--count must be at least 1');
+  return captureProcessChain(pid, {
+    everyMs: opts.every! * 1000, count: opts.count, bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true,
+    allowNonDumpable: opts.allowNondumpable, includeDontDump: opts.includeDontdump, ...testHold(),
+    testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
+    onGeneration: (g) => process.stderr.write(
+      `bgsnap-capture: generation ${g.generation}: pause ${g.pauseMs.toFixed(1)} ms, ${g.pages} pages (${g.dataPages} data, ${g.zeroPages} zero), ` +
+      `${g.discarded} discarded, ${g.blocksAdded} blocks added, ${g.blocksRemoved} removed, ${g.faults} faults since the last\n`),
+  });
+}
+
+type Source = CaptureSource & { release?: (b: PageBatch) => void; stop?: (reason: string) => void };
+
+async function openSource(): Promise<Source> {
+  if ((opts.every !== undefined || opts.count !== undefined) && opts.pid === undefined) throw new Error('--every and --count go with --pid');
+  if (opts.count !== undefined && opts.every === undefined) throw new Error('--count goes with --every');
   const given = [opts.qmp && '--qmp', opts.domain && '--domain', opts.pid !== undefined && '--pid'].filter(Boolean);
   if (given.length > 1) throw new Error(`give one of --qmp, --domain and --pid, not ${given.join(' and ')}`);
   if (opts.connect && !opts.domain) throw new Error('--connect goes with --domain');
@@ -55,6 +82,7 @@ async function openSource(): Promise<CaptureSource & { release?: (b: PageBatch) 
     const target = opts.domain ? { domain: opts.domain, connect: opts.connect } : opts.qmp!;
     return captureQemu(target, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
   }
+  if (opts.pid !== undefined && opts.every !== undefined) return openChain(opts.pid);
   if (opts.pid !== undefined) {
     return captureProcess(opts.pid, {
       bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true, allowNonDumpable: opts.allowNondumpable,
@@ -100,10 +128,11 @@ main('bgsnap-capture', async () => {
   // for the instant) must not kill us half-way: it aborts once open.
   let source: Awaited<ReturnType<typeof openSource>> | undefined;
   let signalled: string | undefined;
-  const stop = (sig: string) => (source ? void source.abort(`received ${sig}`) : (signalled = sig));
+  // A chain ends cleanly after the generation in flight; a single capture is aborted.
+  const stop = (sig: string) => (!source ? (signalled = sig) : source.stop ? source.stop(`received ${sig}`) : void source.abort(`received ${sig}`));
   process.once('SIGINT', stop).once('SIGTERM', stop);
   source = await openSource();
-  if (signalled) await source.abort(`received ${signalled}`);
+  if (signalled) await (source.stop ? source.stop(`received ${signalled}`) : source.abort(`received ${signalled}`));
   let totals;
   try {
     totals = await emitStream(source.events, sink, progress(), source.release);

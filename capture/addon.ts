@@ -11,6 +11,9 @@ export interface Addon {
   // A filled page batch, or null once every page was saved. Its arrays are views
   // of native memory: call releaseBuffer(handle, batch.id) when done with them.
   nextBuffer(handle: number): Promise<NativeBatch | null>;
+  // Chains (options.chain; capture/native/generations.cc): nextBuffer returns null at
+  // the end of each generation; this freezes the next one, resolving with its number.
+  nextGeneration(handle: number): Promise<number>;
   releaseBuffer(handle: number, id: number): boolean;
   takeDiscards(handle: number): { block: number; index: Uint32Array }[];
   captureInfo(handle: number): CaptureInfo;
@@ -38,6 +41,7 @@ export interface CaptureOptions {
   testNoSuspendSeccomp?: boolean; // tests: refuse a seccomp target as a non-root tracer must
   injectTimeoutMs?: number; // an injected syscall taking longer is interrupted and undone (2000)
   testStuckInjection?: boolean; // tests: inject a pause() that never returns first
+  chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
 }
 
 export interface NativeBatch {
@@ -58,6 +62,7 @@ export interface NativeBlock {
   map: number;
   protected: boolean;
   thp: boolean;
+  dead: boolean; // chains: gone from the layout (its number is never reused)
 }
 
 // The target stops twice: armMs (plant the userfaultfd) and snapshotMs (the
@@ -122,6 +127,7 @@ export interface CaptureInfo {
   pid: number;
   error?: Error & { code?: string };
   counters: CaptureCounters;
+  generation: number; // chains: the last generation frozen (1 once startCapture resolved)
   // Present once the snapshot point was reached:
   freeze?: FreezeStats;
   maps?: NativeMap[];

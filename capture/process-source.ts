@@ -98,7 +98,7 @@ function splitArgv(cmdline: Buffer): string[] {
   return s === '' ? [] : (s.endsWith('\0') ? s.slice(0, -1) : s).split('\0');
 }
 
-function stateOf(info: CaptureInfo): ProcessState {
+export function stateOf(info: CaptureInfo): ProcessState {
   const threads = [...(info.threads ?? [])].sort((a, b) => (a.tid === info.pid ? -1 : b.tid === info.pid ? 1 : a.tid - b.tid));
   const f = info.freeze!;
   return {
@@ -108,7 +108,7 @@ function stateOf(info: CaptureInfo): ProcessState {
   };
 }
 
-function copyBatch(b: NativeBatch): PageBatch {
+export function copyBatch(b: NativeBatch): PageBatch {
   return { block: b.block, index: Uint32Array.from(b.index), zero: Uint8Array.from(b.zero), data: Buffer.from(b.data) };
 }
 

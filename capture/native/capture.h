@@ -103,6 +103,9 @@ struct Block {
   Bitmap zeroPending;        // untouched at the snapshot: emit as zero, never read
   std::vector<uint8_t> copy; // kCopied: the bytes taken while frozen
   std::string name;
+  // Chains (generations.cc): a block gone from the layout (unmapped, moved,
+  // resized, re-protected) keeps its number, which the chain never reuses.
+  bool dead = false;
 };
 
 // Where a run of a protected block's pages lives now (mremap moves it).
@@ -125,6 +128,9 @@ struct Options {
   bool suspendSeccomp = true;     // tests: false takes the refusal a non-root tracer gets
   uint32_t stepTimeoutMs = 2000;  // an injected syscall taking longer is interrupted and undone
   bool testStuckInjection = false;  // tests: inject a pause() first, which never returns
+  // Chains (generations.cc): keep the userfaultfd armed after the save, saved
+  // pages stay write-protected, and each later generation saves what was written.
+  bool chain = false;
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the

@@ -105,6 +105,7 @@ static Napi::Array BlocksArray(Napi::Env env, Session& s) {
     o.Set("map", b.map);
     o.Set("protected", b.kind == BlockKind::kProtected);
     o.Set("thp", b.thp);
+    o.Set("dead", b.dead);  // chains: gone from the layout
     a.Set(static_cast<uint32_t>(i), o);
   }
   return a;
@@ -145,6 +146,7 @@ Napi::Value CaptureInfo(const Napi::CallbackInfo& info, Session& s) {
     o.Set("error", ErrnoError(env, f.err, f.what).Value());
   }
   o.Set("counters", CountersObject(env, s));
+  o.Set("generation", s.generation());  // chains: the last generation frozen (1 after startCapture)
   if (!s.frozen()) return o;  // the rest is written by the capture thread until then
   o.Set("freeze", FreezeObject(env, s.freeze));
   o.Set("maps", MapsArray(env, s));

@@ -21,6 +21,8 @@ namespace {
 struct Entry {
   std::shared_ptr<Session> session;
   std::unique_ptr<Napi::Promise::Deferred> start, next;
+  std::unique_ptr<Napi::Promise::Deferred> gen;  // chains: nextGeneration's promise
+  int wantGen = 0;
   Napi::ThreadSafeFunction tsfn;
 };
 
@@ -69,16 +71,25 @@ void OnWake(Napi::Env env, uint32_t id) {
   Entry& e = it->second;
   Session& s = *e.session;
   int st = s.state();
+  int genDone = s.generationDone();  // read before TakeReady: set only after the generation's last batch
   if (e.start && (s.frozen() || st >= Session::kDone)) {
     if (s.frozen()) e.start->Resolve(Napi::Number::New(env, id)), e.start.reset();
     else Reject(env, e.start, s.failure());
+  }
+  if (e.gen && s.frozen() && s.generation() >= e.wantGen) {
+    e.gen->Resolve(Napi::Number::New(env, s.generation()));
+    e.gen.reset();
+  } else if (e.gen && st >= Session::kDone) {
+    Failure ended = s.failure();
+    if (!ended.failed()) ended.Set(ECANCELED, "the capture ended before generation " + std::to_string(e.wantGen));
+    Reject(env, e.gen, ended);
   }
   if (!e.next) return;
   if (st == Session::kFailed) return Reject(env, e.next, s.failure());
   if (Batch* bt = s.pool.TakeReady()) {
     e.next->Resolve(BatchObject(env, s, bt));
     e.next.reset();
-  } else if (st == Session::kDone) {
+  } else if (st == Session::kDone || (genDone > 0 && genDone >= s.generation() && s.frozen())) {
     e.next->Resolve(env.Null());
     e.next.reset();
   }
@@ -108,6 +119,7 @@ Options ParseOptions(const Napi::Value& v) {
   if (at.IsString()) o.holdAt = at.As<Napi::String>().Utf8Value();
   o.allowNonDumpable = obj.Get("allowNonDumpable").ToBoolean().Value();
   o.suspendSeccomp = !obj.Get("testNoSuspendSeccomp").ToBoolean().Value();
+  o.chain = obj.Get("chain").ToBoolean().Value();
   return o;
 }
 
@@ -144,6 +156,24 @@ Napi::Value NextBuffer(const Napi::CallbackInfo& info) {
   }
   e->next = std::make_unique<Napi::Promise::Deferred>(env);
   Napi::Promise p = e->next->Promise();
+  OnWake(env, info[0].As<Napi::Number>().Uint32Value());
+  return p;
+}
+
+// Chains: freeze the next generation; resolves with its number at its instant.
+// Call it once nextBuffer returned null for the current one.
+Napi::Value NextGeneration(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Entry* e = Find(info);
+  if (!e) return BadHandle(env);
+  if (e->gen || e->next) {
+    Napi::Error::New(env, "nextGeneration: a call is already pending").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  e->gen = std::make_unique<Napi::Promise::Deferred>(env);
+  e->wantGen = e->session->generation() + 1;
+  Napi::Promise p = e->gen->Promise();
+  e->session->RequestGeneration();
   OnWake(env, info[0].As<Napi::Number>().Uint32Value());
   return p;
 }
@@ -196,6 +226,7 @@ Napi::Value CloseCapture(const Napi::CallbackInfo& info) {
   closed.Set(ECANCELED, "capture closed");
   if (e->next) Reject(env, e->next, closed);
   if (e->start) Reject(env, e->start, closed);
+  if (e->gen) Reject(env, e->gen, closed);
   entries.erase(info[0].As<Napi::Number>().Uint32Value());
   return env.Undefined();
 }
@@ -213,6 +244,7 @@ static Napi::Value CaptureInfoJs(const Napi::CallbackInfo& info) {
 void InitCapture(Napi::Env env, Napi::Object exports) {
   exports.Set("startCapture", Napi::Function::New(env, StartCapture, "startCapture"));
   exports.Set("nextBuffer", Napi::Function::New(env, NextBuffer, "nextBuffer"));
+  exports.Set("nextGeneration", Napi::Function::New(env, NextGeneration, "nextGeneration"));
   exports.Set("releaseBuffer", Napi::Function::New(env, ReleaseBuffer, "releaseBuffer"));
   exports.Set("takeDiscards", Napi::Function::New(env, TakeDiscards, "takeDiscards"));
   exports.Set("captureInfo", Napi::Function::New(env, CaptureInfoJs, "captureInfo"));

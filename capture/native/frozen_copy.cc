@@ -128,7 +128,7 @@ bool Session::CopyFrozen(Failure* f) {
   bool shared = false;
   for (size_t bi = 0; bi < blocks.size(); bi++) {
     const Block& b = blocks[bi];
-    if (b.kind != BlockKind::kCopied) continue;
+    if (b.kind != BlockKind::kCopied || b.dead) continue;
     job->pieces.push_back({static_cast<int>(bi), b.start, b.pages, b.zeroPending, maps[b.map].perms[3] == 's'});
     shared |= job->pieces.back().shared;
   }

@@ -104,6 +104,7 @@ static void SortSegs(std::vector<Segment>* v) {
 // theirs: they were zero at the snapshot point, whatever happens now.
 void Session::OnRemove(uint64_t start, uint64_t end, bool unmapped) {
   epoch_++;
+  NoteLayout(start, end);  // chains: re-read there at the next generation
   touched_.push_back({start, end});
   std::vector<Segment> cut;
   CutSegments(start, end, &cut);
@@ -120,6 +121,8 @@ void Session::OnRemap(uint64_t from, uint64_t to, uint64_t len) {
   touched_.push_back({from, from + len});
   touched_.push_back({to, to + len});
   remapTo_.push_back({to, to + len});
+  NoteLayout(from, from + len);  // chains: re-read there at the next generation
+  NoteLayout(to, to + len);
   std::vector<Segment> replaced, moved;
   CutSegments(to, to + len, &replaced);
   for (const Segment& s : replaced) {
@@ -198,7 +201,14 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   uint64_t hi = std::min(s->end, (ft.addr & ~(g - 1)) + g);
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
   uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
-  if (!SavePages(b, p0, p1, f) || !Unprotect(b, p0, p1, f)) return false;
+  if (!SavePages(b, p0, p1, f)) return false;
+  if (opts_.chain) {  // chains: only the page written loses its protection: it is dirty now
+    uint64_t len = ChainUnprotectLen(ft.addr);
+    if (!Release(ft.addr & ~(len - 1), len, f)) return false;
+    Wake(ft.addr);
+  } else if (!Unprotect(b, p0, p1, f)) {
+    return false;
+  }
   if (epoch_ != e0) Wake(ft.addr);  // the pages moved: wake the old address too
   float us = static_cast<float>((NowMs() - ft.since) * 1000);
   std::lock_guard<std::mutex> lock(mu_);
@@ -357,7 +367,7 @@ void Session::Wake(uint64_t addr) {
 
 bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
   Block& blk = blocks[*cb];
-  if (*cp >= blk.pages) {
+  if (*cp >= blk.pages || blk.dead) {  // dead: a chain's block gone from the layout
     (*cb)++;
     *cp = 0;
     return true;
@@ -372,7 +382,8 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
     p1 = NextSegPage(static_cast<int>(*cb), p0);  // unmapped stretch
   }
   int b = static_cast<int>(*cb);
-  if (!SavePages(b, p0, p1, f) || !Unprotect(b, p0, p1, f)) return false;
+  // Chains: saved pages keep their protection, so a later write shows as dirty.
+  if (!SavePages(b, p0, p1, f) || (!opts_.chain && !Unprotect(b, p0, p1, f))) return false;
   scannedBytes_ += uint64_t(p1 - p0) * kPage;
   *cp = p1;
   return true;

@@ -133,7 +133,7 @@ void Session::UnregisterAll() {
 // mid-freeze stretched the pause from 0.3 ms to 230 ms. Run it real-time (it
 // lasts milliseconds and sleeps while waiting), then the saver at a raised
 // nice level, since faulting writers wait on it. Both need root; best effort.
-static void RealTime(bool on) {
+void RealTime(bool on) {
   sched_param sp{on ? sched_get_priority_min(SCHED_FIFO) : 0};
   pthread_setschedparam(pthread_self(), on ? SCHED_FIFO : SCHED_OTHER, &sp);
   if (!on) setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), -10);
@@ -288,10 +288,11 @@ void Session::Run() {
     }
     std::sort(segs_.begin(), segs_.end(),
               [](const Segment& a, const Segment& b) { return a.start < b.start; });
+    gen_ = 1;
     frozen_ = true;
     state_ = kRunning;
     notify_();
-    SaverLoop(&f);
+    if (SaverLoop(&f) && opts_.chain) Chain(&f);  // chains: generations.cc
   }
   seconds = (NowMs() - t0) / 1000;
   Finish(f);

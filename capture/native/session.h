@@ -13,6 +13,8 @@
 namespace bgsnap {
 
 bool CheckBlockSize(const MapEntry& m, Failure* f);  // preflight.cc
+void RealTime(bool on);
+std::string BlockName(const MapEntry& m);  // uffd_capture.cc: "START-END PERMS [PATH]" (hex)                              // session.cc: the freezes run SCHED_FIFO
 
 class Session {
  public:
@@ -43,6 +45,13 @@ class Session {
   std::vector<Block> blocks;  // JS reads only the fixed fields
   std::string auxv, cmdline, exe, status, mapsText, environ;
   double seconds = 0;
+
+  // --- Chains (generations.cc) ---
+  // The generation frozen last (1 after startCapture), and the last one whose
+  // pages are all published (JavaScript's nextBuffer then returns null).
+  int generation() const { return gen_.load(); }
+  int generationDone() const { return genDone_.load(); }
+  void RequestGeneration();  // JS thread: freeze the next generation now
 
  private:
   struct Fault {
@@ -157,6 +166,26 @@ class Session {
   std::vector<VmaFlags> smaps_;     // MADV_DONTDUMP by VMA (ReadSmaps)
   int pagemapFd_ = -1;              // the target's /proc/PID/pagemap, for PAGEMAP_SCAN
   std::vector<uint64_t> preFaults_;  // pre-phase faults still to release (EAGAIN)
+
+  // --- Chains (generations.cc) ---
+  bool Chain(Failure* f);
+  bool WaitForRequest(Failure* f);
+  bool ServeBetween(Failure* f);
+  void NoteLayout(uint64_t start, uint64_t end);
+  bool NextFreeze(Failure* f);
+  bool FrozenNext(Failure* f);
+  bool Relayout(Failure* f);
+  bool PlanBlock(size_t mapIndex, Failure* f);  // uffd_capture.cc
+  bool MarkDirty(Failure* f);
+  void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, std::vector<Range>* todo);
+  void KeepUnchangedCopies(std::vector<std::vector<uint8_t>>* prev);
+  void RebuildSegments();
+  size_t firstNew_ = 0;  // blocks from here on were added by the generation being frozen
+  uint64_t ChainUnprotectLen(uint64_t addr);
+  std::atomic<int> gen_{0}, genDone_{0};
+  std::atomic<bool> genWanted_{false};
+  int genFd_ = -1;                 // eventfd: JavaScript wants the next generation
+  std::vector<Range> layoutSince_;  // removed, unmapped or remapped since the last freeze
 };
 
 }  // namespace bgsnap

@@ -161,8 +161,22 @@ bool Session::DontDump(const MapEntry& m) const {
 // file mappings (EINVAL) and ranges the target registered itself (EBUSY): those
 // are copied while frozen instead; they are small (a library's .data).
 bool Session::PlanAndRegister(Failure* f) {
-  int fd = uffd_.load();
   for (size_t i = 0; i < maps.size(); i++) {
+    if (!PlanBlock(i, f)) return false;
+  }
+  return true;
+}
+
+std::string BlockName(const MapEntry& m) {
+  char name[64];
+  snprintf(name, sizeof name, "%llx-%llx ", (unsigned long long)m.start, (unsigned long long)m.end);
+  return name + m.perms + (m.path.empty() ? "" : " " + m.path);
+}
+
+// One mapping: skipped, or a new block, registered when the kernel lets us.
+bool Session::PlanBlock(size_t i, Failure* f) {
+  int fd = uffd_.load();
+  {
     MapEntry& m = maps[i];
     if (Skippable(m, &m.how)) {
       // The pre-protection may have registered it before it was found to be
@@ -170,7 +184,7 @@ bool Session::PlanAndRegister(Failure* f) {
       uffdio_range r{m.start, m.end - m.start};
       if (m.how == "MADV_DONTDUMP") ioctl(fd, UFFDIO_UNREGISTER, &r);
       m.how = "skipped: " + m.how;
-      continue;
+      return true;
     }
     if (!CheckBlockSize(m, f)) return false;
     Block b;
@@ -178,10 +192,7 @@ bool Session::PlanAndRegister(Failure* f) {
     b.length = m.end - m.start;
     b.pages = static_cast<uint32_t>(b.length / kPage);
     b.map = static_cast<int>(i);
-    char name[64];
-    snprintf(name, sizeof name, "%llx-%llx ", (unsigned long long)m.start,
-             (unsigned long long)m.end);
-    b.name = name + m.perms + (m.path.empty() ? "" : " " + m.path);
+    b.name = BlockName(m);
     b.done.Resize(b.pages);
     b.zeroPending.Resize(b.pages);
     uffdio_register reg{{m.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
@@ -208,7 +219,7 @@ bool Session::PlanAndRegister(Failure* f) {
 bool Session::ScanUntouched(Failure* f) {
   double t0 = NowMs();
   for (Block& b : blocks) {
-    if (!b.anonPrivate || b.kind != BlockKind::kCopied) continue;
+    if (!b.anonPrivate || b.kind != BlockKind::kCopied || b.dead) continue;
     b.zeroPending.SetRange(0, b.pages);
     bool ok = ScanTouched(pagemapFd_, b.start, b.start + b.length, [&b](uint64_t s, uint64_t e, bool) {
       b.zeroPending.ClearRange((s - b.start) / kPage, (e - b.start) / kPage);
@@ -228,8 +239,8 @@ bool Session::ScanUntouched(Failure* f) {
 bool Session::ShmemHoles(Failure*) {
   double t0 = NowMs();
   for (Block& b : blocks) {
+    if (b.dead || b.kind != BlockKind::kProtected || maps[b.map].perms[3] != 's') continue;
     const MapEntry& m = maps[b.map];
-    if (b.kind != BlockKind::kProtected || m.perms[3] != 's') continue;
     char path[96];
     snprintf(path, sizeof path, "/proc/%d/map_files/%llx-%llx", pid_, (unsigned long long)m.start,
              (unsigned long long)m.end);

@@ -1,0 +1,298 @@
+// Chains of generations (issue 10; README, "Snapshot chains"): one userfaultfd
+// stays armed, in synchronous write-protect mode, for the whole chain.
+//
+// Generation 1 is the full capture, except that saved pages keep their
+// protection (saver.cc: the scan does not un-protect; a fault un-protects only
+// the page written, or its huge page). So at any time a page of a tracked
+// block is write-protected exactly when nobody wrote it since its generation's
+// instant. Between generations this thread serves the userfaultfd: a write
+// fault only un-protects the page and wakes the writer (nothing to save: the
+// page's content at the last instant is already out); layout events (REMOVE,
+// UNMAP, REMAP) are remembered as ranges to read again.
+//
+// Generation N+1: freeze, re-read the layout (a mapping whose bounds,
+// permissions or path changed is a new block, captured whole; the old one is
+// dead), ask the kernel which pages are not write-protected (PAGEMAP_SCAN's
+// PAGE_IS_WRITTEN, as protect.cc does for the snapshot freeze): those, plus
+// what layout events touched, are the dirty set. It is write-protected again,
+// the target runs on, and the saver saves exactly the dirty set with the same
+// fault-first logic as generation 1. If bgsnap dies at any point, the kernel
+// closes the userfaultfd, which drops every protection and wakes every writer.
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+
+#include "procfs.h"
+#include "session.h"
+
+namespace bgsnap {
+
+static constexpr uint64_t kMergeGap = 8 * kPage;  // as protect.cc: re-protecting 8 pages costs one ioctl
+
+void Session::RequestGeneration() {
+  genWanted_ = true;
+  std::lock_guard<std::mutex> lock(fdMu_);
+  uint64_t one = 1;
+  if (genFd_ >= 0 && write(genFd_, &one, sizeof one) < 0) {}  // the flag is what counts
+}
+
+// Runs after generation 1 was saved, until JavaScript closes the capture (a
+// clean end between generations) or something fails.
+bool Session::Chain(Failure* f) {
+  {
+    std::lock_guard<std::mutex> lock(fdMu_);
+    genFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  }
+  if (genFd_ < 0) return f->Set(errno, "eventfd for generation requests");
+  bool ok = true;
+  while (ok) {
+    PublishAll();
+    genDone_ = gen_.load();  // after the last batch: nextBuffer says null only then
+    notify_();
+    if (!WaitForRequest(f)) break;
+    scannedBytes_ = 0;
+    ok = NextFreeze(f);
+    if (ok) notify_();
+    ok = ok && SaverLoop(f);
+  }
+  std::lock_guard<std::mutex> lock(fdMu_);
+  close(genFd_);
+  genFd_ = -1;
+  return !f->failed();
+}
+
+// Serve the target's faults and layout events until the next generation is
+// wanted. False: aborted (not a failure: the chain ends between generations)
+// or the userfaultfd failed.
+bool Session::WaitForRequest(Failure* f) {
+  while (!abort_) {
+    heartbeat_ = NowMs();
+    if (genWanted_.exchange(false)) return true;
+    pollfd p[2] = {{uffd_.load(), POLLIN, 0}, {genFd_, POLLIN, 0}};
+    poll(p, 2, preFaults_.empty() ? 100 : 1);
+    uint64_t n;
+    if ((p[1].revents & POLLIN) && read(genFd_, &n, sizeof n) < 0) {}  // drained; the flag says it
+    if (!ServeBetween(f)) return false;
+  }
+  return false;
+}
+
+// Between generations every page is saved: a writer only needs its page
+// un-protected (which makes it dirty for the next generation) and woken.
+// EAGAIN (a layout change in flight) is retried on the next round.
+bool Session::ServeBetween(Failure* f) {
+  bool ok = ReadEvents(f, [this](const uffd_msg& m) {
+    if (m.event == UFFD_EVENT_PAGEFAULT) {
+      preFaults_.push_back(m.arg.pagefault.address);
+      counters.faults++;
+    } else if (m.event == UFFD_EVENT_REMOVE || m.event == UFFD_EVENT_UNMAP) {
+      (m.event == UFFD_EVENT_UNMAP ? counters.unmapEvents : counters.removeEvents)++;
+      NoteLayout(m.arg.remove.start, m.arg.remove.end);
+    } else if (m.event == UFFD_EVENT_REMAP) {
+      counters.remapEvents++;
+      NoteLayout(m.arg.remap.from, m.arg.remap.from + m.arg.remap.len);
+      NoteLayout(m.arg.remap.to, m.arg.remap.to + m.arg.remap.len);
+    }
+  });
+  if (!ok) return false;
+  std::vector<uint64_t> todo;
+  todo.swap(preFaults_);
+  for (uint64_t a : todo) {
+    uint64_t len = ChainUnprotectLen(a);
+    int err = WpIoctl(a & ~(len - 1), len, false);
+    if (err == EAGAIN) preFaults_.push_back(a);
+    else if (err) Wake(a);  // unmapped meanwhile: let it fault again and see why
+  }
+  return true;
+}
+
+// A huge page is un-protected whole: un-protecting part of it would split it.
+uint64_t Session::ChainUnprotectLen(uint64_t addr) {
+  return HugeAt(pagemapFd_, addr) == 1 ? kHuge : kPage;
+}
+
+// Pages there lost or changed their content without a write fault (dropped,
+// unmapped, or moved in by mremap with their protection): read them again.
+void Session::NoteLayout(uint64_t start, uint64_t end) {
+  if (!opts_.chain) return;
+  if (!layoutSince_.empty() && start <= layoutSince_.back().second && end >= layoutSince_.back().first) {
+    layoutSince_.back() = {std::min(start, layoutSince_.back().first), std::max(end, layoutSince_.back().second)};
+  } else {
+    layoutSince_.push_back({start, end});
+  }
+}
+
+// The next generation's instant: the freeze of generation 1 without the
+// injection (the userfaultfd is still there) and with the dirty set in place
+// of everything.
+bool Session::NextFreeze(Failure* f) {
+  frozen_ = false;  // captureInfo leaves maps, blocks and threads alone until the instant is taken
+  int via = freeze.uffdVia;
+  freeze = FreezeStats();
+  freeze.stops = 1;
+  freeze.uffdVia = via;
+  Failure ignored;
+  ReadSmaps(false, &ignored);  // outside the pause; re-read in it only if the layout changed
+  if (!helper_.Start(f)) return false;
+  RealTime(true);
+  double t0 = NowMs();
+  std::function<void()> serve = [this] { Failure ig; ServeBetween(&ig); };
+  bool ok = helper_.Freeze(0, false, f, serve, uffd_.load());
+  timeval tv;
+  gettimeofday(&tv, nullptr);
+  freeze.snapshotTime = tv.tv_sec * 1e3 + tv.tv_usec / 1e3;
+  freeze.seizeMs = NowMs() - t0;
+  freeze.rounds = helper_.rounds();
+  ok = ok && ServeBetween(f);
+  preFaults_.clear();  // their threads fault again after the freeze, served by the saver
+  maps.clear();
+  ok = ok && ReadProcState(f) && RecheckSmaps(f) && FrozenNext(f);
+  double held = Hold("frozen", ok);
+  threads = helper_.threads();
+  freeze.threads = static_cast<int>(threads.size());
+  if (!ok) CloseUffd();  // drop every protection before the threads run again
+  double t6 = NowMs();
+  Failure detach;
+  if (!helper_.Detach(&detach) && ok) *f = detach, ok = false;
+  freeze.detachMs = NowMs() - t6;
+  RealTime(false);
+  freeze.snapshotMs = freeze.totalMs = NowMs() - t0 - held;
+  helper_.Stop();
+  if (ok) gen_++, frozen_ = true;
+  return ok;
+}
+
+bool Session::FrozenNext(Failure* f) {
+  double t0 = NowMs();
+  std::vector<std::vector<uint8_t>> prev(blocks.size());
+  for (size_t i = 0; i < blocks.size(); i++) prev[i].swap(blocks[i].copy);
+  bool ok = Relayout(f);
+  double t1 = NowMs();
+  ok = ok && MarkDirty(f) && ScanUntouched(f) && ShmemHoles(f);
+  double t2 = NowMs();
+  ok = ok && CopyFrozen(f);
+  if (ok) KeepUnchangedCopies(&prev);
+  freeze.registerMs = t1 - t0;
+  freeze.protectMs = t2 - t1 - freeze.pagemapMs;
+  freeze.copyMs = NowMs() - t2;
+  layoutSince_.clear();
+  RebuildSegments();
+  return ok;
+}
+
+// Match the mappings now against the live blocks by name (bounds, permissions,
+// path). A match is the same block, still registered the same way; anything
+// else is a new block, and the unmatched live blocks are dead from now on.
+bool Session::Relayout(Failure* f) {
+  std::map<std::string, int> live;
+  for (size_t i = 0; i < blocks.size(); i++) if (!blocks[i].dead) live[blocks[i].name] = static_cast<int>(i);
+  firstNew_ = blocks.size();
+  std::vector<bool> kept(blocks.size(), false);
+  int fd = uffd_.load();
+  for (size_t i = 0; i < maps.size(); i++) {
+    MapEntry& m = maps[i];
+    std::string why;
+    auto it = Skippable(m, &why) ? live.end() : live.find(BlockName(m));
+    if (it != live.end() && !kept[it->second]) {
+      Block& b = blocks[it->second];
+      uffdio_register reg{{m.start, m.end - m.start}, UFFDIO_REGISTER_MODE_WP, 0};
+      bool reg_ok = ioctl(fd, UFFDIO_REGISTER, &reg) == 0;  // idempotent when it already is
+      int err = errno;
+      if (reg_ok == (b.kind == BlockKind::kProtected)) {
+        m.how = reg_ok ? "protected" : err == EINVAL ? "copied: not protectable" : "copied: registered by the target";
+        m.block = it->second;
+        b.map = static_cast<int>(i);
+        kept[it->second] = true;
+        // Protected: saved unless dirty (MarkDirty). Copied: compared after the copy.
+        b.kind == BlockKind::kProtected ? b.done.SetRange(0, b.pages) : b.done.ClearRange(0, b.pages);
+        b.zeroPending.ClearRange(0, b.pages);
+        continue;
+      }
+    }
+    if (!PlanBlock(i, f)) return false;
+  }
+  for (size_t i = 0; i < firstNew_; i++) {
+    Block& b = blocks[i];
+    if (b.dead || kept[i]) continue;
+    b.dead = true;
+    b.map = -1;
+    b.done.Resize(0);
+    b.zeroPending.Resize(0);
+  }
+  return true;
+}
+
+// Which pages of each protected block to save: for a kept block, those not
+// write-protected (written since the last instant) and those a layout event
+// touched; for a new block, all of it (never-touched anonymous pages as zero,
+// unread). Everything to save is write-protected before the target runs.
+bool Session::MarkDirty(Failure* f) {
+  double t0 = NowMs();
+  std::vector<Range> todo;
+  for (size_t i = 0; i < blocks.size(); i++) {
+    Block& b = blocks[i];
+    if (b.dead || b.kind != BlockKind::kProtected) continue;
+    bool kept = i < firstNew_;
+    bool ok = ScanUnprotected(pagemapFd_, b.start, b.start + b.length, [&](uint64_t s, uint64_t e, uint64_t c) {
+      DirtyRun(static_cast<int>(i), s, e, c, kept, &todo);
+    }, f);
+    if (!ok) return false;
+    for (const Range& r : layoutSince_) {
+      uint64_t a = std::max(r.first, b.start), z = std::min(r.second, b.start + b.length);
+      if (kept && a < z) b.done.ClearRange(static_cast<uint32_t>((a - b.start) / kPage), static_cast<uint32_t>((z - b.start + kPage - 1) / kPage));
+    }
+  }
+  freeze.pagemapMs = NowMs() - t0;
+  freeze.reprotectRanges = todo.size();
+  return ProtectRanges(todo, false, f);
+}
+
+// One run of pages the kernel reports not write-protected.
+void Session::DirtyRun(int bi, uint64_t s, uint64_t e, uint64_t cats, bool kept, std::vector<Range>* todo) {
+  Block& b = blocks[bi];
+  if (cats & kPageIsHuge) b.thp = true;
+  uint32_t p0 = static_cast<uint32_t>((s - b.start) / kPage), p1 = static_cast<uint32_t>((e - b.start) / kPage);
+  if (!(cats & (kPageIsPresent | kPageIsSwapped)) && b.anonPrivate) {
+    // No page: zero now. In a kept block it was zero at the last instant too,
+    // unless a layout event dropped it (MarkDirty then clears its done bits).
+    b.zeroPending.SetRange(p0, p1);
+    return;
+  }
+  if (kept) b.done.ClearRange(p0, p1);
+  freeze.reprotectPages += p1 - p0;
+  if (!todo->empty() && s >= todo->back().second && s - todo->back().second <= kMergeGap) todo->back().second = e;
+  else todo->push_back({s, e});
+}
+
+// Copied blocks (private file mappings, ranges the target registered itself)
+// cannot be tracked: they are copied at every instant, and pages equal to the
+// last generation's copy are not sent again.
+void Session::KeepUnchangedCopies(std::vector<std::vector<uint8_t>>* prev) {
+  for (size_t i = 0; i < firstNew_ && i < prev->size(); i++) {
+    Block& b = blocks[i];
+    const std::vector<uint8_t>& old = (*prev)[i];
+    if (b.dead || b.kind != BlockKind::kCopied || old.size() != b.copy.size()) continue;
+    for (uint32_t p = 0; p < b.pages; p++) {
+      if (memcmp(old.data() + uint64_t(p) * kPage, b.copy.data() + uint64_t(p) * kPage, kPage) == 0) b.done.Set(p);
+    }
+  }
+}
+
+void Session::RebuildSegments() {
+  segs_.clear();
+  for (size_t i = 0; i < blocks.size(); i++) {
+    const Block& b = blocks[i];
+    if (!b.dead && b.kind == BlockKind::kProtected) segs_.push_back({b.start, b.start + b.length, static_cast<int>(i), 0});
+  }
+  std::sort(segs_.begin(), segs_.end(), [](const Segment& a, const Segment& b) { return a.start < b.start; });
+}
+
+}  // namespace bgsnap

@@ -1,0 +1,217 @@
+// A live chain of generations of a running process (`bgsnap-capture --pid PID
+// --every SECONDS`; issue 10, format/SPEC.md "Chains of generations"). The
+// engine keeps its userfaultfd armed between generations
+// (capture/native/generations.cc): generation 1 is a full snapshot, each later
+// one the pages written since the previous instant, taken with the same short
+// freeze. This module turns that into chain stream events:
+//
+//   header (chain) once, then per generation:
+//   generation   its number, instant, and the blocks gone since the last one
+//   blocks       blocks new in it (mappings new, moved, resized or re-protected;
+//                read-only copies new); numbered after every block the chain had
+//   state        process.state at its instant, maps[].block as chain numbers
+//   pages        read-only copies' changed pages, then the engine's dirty pages
+//   discard      pages whose content at the instant was destroyed before saved
+//   generation-end
+//   end          after --count generations, or once stop() was called (after
+//                the generation in flight)
+import * as crypto from 'node:crypto';
+import { addon, type CaptureInfo, type NativeBatch } from './addon';
+import { copyReadOnly, READ_ONLY_HOW, type ReadOnlyCopy } from './readonly-maps';
+import { preflight } from './preflight';
+import { findUnseenWrites, type UnseenWrites } from './unseen-writes';
+import { copyBatch, stateOf, statsOf, type ProcessCaptureOptions, type ProcessCaptureStats } from './process-source';
+import { diffReadOnly, type ReadOnlyBlocks } from './chain-readonly';
+import { encodeProcessState, STATE_KIND } from '../format/process-state';
+import { emptyGenerationTotals } from '../format/chain';
+import type { CaptureSource } from './source';
+import type { BlockInfo, GenerationTotals, PageBatch, StreamEvent, StreamTotals } from '../format/events';
+
+export interface ChainCaptureOptions extends ProcessCaptureOptions {
+  everyMs: number; // from one generation's instant to the next (later if a save takes longer)
+  count?: number; // generations to take; default: until stop()
+  onGeneration?: (g: GenerationStats) => void; // each generation once its last page is out
+}
+
+export interface GenerationStats {
+  generation: number;
+  instant: number; // ms since the epoch
+  pauseMs: number; // the target's stop for this generation
+  blocksAdded: number;
+  blocksRemoved: number;
+  pages: number; // page records sent (data + zero)
+  dataPages: number;
+  zeroPages: number;
+  discarded: number;
+  bytes: number; // page data sent
+  faults: number; // write faults served since the previous generation's instant
+  seconds: number; // from the instant until the generation's last page was out
+}
+
+export interface ChainStats extends ProcessCaptureStats {
+  generations: GenerationStats[];
+}
+
+export interface ProcessChain extends CaptureSource<ChainStats> {
+  release(batch: PageBatch): void;
+  stop(reason: string): void; // end the chain cleanly after the generation in flight
+}
+
+export function captureProcessChain(pid: number, opts: ChainCaptureOptions): ProcessChain {
+  let handle: number | undefined;
+  let last: CaptureInfo | undefined;
+  let unseen: UnseenWrites | undefined;
+  let stopping: string | undefined;
+  let wake: (() => void) | undefined;
+  const ids = new Map<number, number>(); // engine block -> chain block
+  const readOnly: ReadOnlyBlocks = new Map();
+  const next = { id: 0 };
+  const held = new Map<PageBatch, number>();
+  const gens: GenerationStats[] = [];
+  const totals: StreamTotals = { pages: 0, zeroPages: 0, discarded: 0, batches: 0, states: 0, generations: 0 };
+  let gt: GenerationTotals = emptyGenerationTotals(0);
+  let dataBytes = 0;
+  let faultsSeen = 0;
+
+  function countPages(b: { index: Uint32Array; zero: Uint8Array; data: Buffer }): void {
+    let zeros = 0;
+    for (let i = 0; i < b.zero.length; i++) zeros += b.zero[i];
+    for (const t of [totals, gt]) (t.pages += b.index.length), (t.zeroPages += zeros), t.batches++;
+    dataBytes += b.data.length;
+  }
+
+  function pagesEvent(b: NativeBatch): StreamEvent {
+    const block = ids.get(b.block)!;
+    countPages(b);
+    if (!opts.zeroCopy) {
+      const copy = { ...copyBatch(b), block };
+      addon.releaseBuffer(handle!, b.id);
+      return { type: 'pages', batch: copy };
+    }
+    const batch: PageBatch = { block, index: b.index, zero: b.zero, data: b.data };
+    held.set(batch, b.id);
+    return { type: 'pages', batch };
+  }
+
+  function* discards(): Generator<StreamEvent> {
+    for (const d of addon.takeDiscards(handle!)) {
+      for (const t of [totals, gt]) t.discarded += d.index.length;
+      yield { type: 'discard', batch: { block: ids.get(d.block)!, index: d.index } };
+    }
+  }
+
+  // The engine's blocks new or dead since the last generation, as chain numbers.
+  function engineLayout(info: CaptureInfo): { removed: number[]; added: BlockInfo[] } {
+    const removed: number[] = [], added: BlockInfo[] = [];
+    (info.blocks ?? []).forEach((b, i) => {
+      const id = ids.get(i);
+      if (b.dead && id !== undefined && id >= 0) (removed.push(id), ids.set(i, -1));
+      if (!b.dead && id === undefined) (ids.set(i, next.id++), added.push({ name: b.name, length: b.length, address: b.address }));
+    });
+    return { removed, added };
+  }
+
+  async function* generation(k: number): AsyncGenerator<StreamEvent> {
+    last = addon.captureInfo(handle!);
+    const faults = last.counters.faults - faultsSeen;
+    faultsSeen = last.counters.faults;
+    const eng = engineLayout(last);
+    const ro: ReadOnlyCopy = copyReadOnly(pid, last.maps ?? [], { includeDontDump: opts.includeDontDump });
+    const rod = diffReadOnly(readOnly, ro, next);
+    for (const m of last.maps ?? []) if (m.block >= 0) m.block = ids.get(m.block)!;
+    ro.maps.forEach((m, i) => Object.assign(last!.maps![m], { block: rod.ids[i], how: READ_ONLY_HOW }));
+    const removed = [...eng.removed, ...rod.removed];
+    const added = [...eng.added, ...rod.added];
+    gt = { ...emptyGenerationTotals(k), blocksAdded: added.length, blocksRemoved: removed.length };
+    dataBytes = 0;
+    const instant = last.freeze!.snapshotTime;
+    yield { type: 'generation', generation: { generation: k, instant, removed } };
+    if (added.length) yield { type: 'blocks', blocks: added };
+    for (const t of [totals, gt]) t.states++;
+    yield { type: 'state', state: { kind: STATE_KIND, data: encodeProcessState(stateOf(last)) } };
+    for (const b of rod.batches) (countPages(b), yield { type: 'pages', batch: b });
+    for (const d of rod.discards) {
+      for (const t of [totals, gt]) t.discarded += d.index.length;
+      yield { type: 'discard', batch: d };
+    }
+    for (let b = await addon.nextBuffer(handle!); b; b = await addon.nextBuffer(handle!)) {
+      yield pagesEvent(b);
+      yield* discards();
+    }
+    yield* discards();
+    totals.generations = k;
+    yield { type: 'generation-end', totals: { ...gt } };
+    const f = last.freeze!;
+    gens.push({
+      generation: k, instant, pauseMs: f.totalMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
+      pages: gt.pages, dataPages: gt.pages - gt.zeroPages, zeroPages: gt.zeroPages, discarded: gt.discarded, bytes: dataBytes,
+      faults, seconds: (Date.now() - instant) / 1000,
+    });
+    opts.onGeneration?.(gens[gens.length - 1]);
+  }
+
+  // Until `due` (ms since the epoch) or stop().
+  function sleepUntil(due: number): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(done, Math.max(0, due - Date.now()));
+      function done() { clearTimeout(t); wake = undefined; resolve(); }
+      wake = done;
+    });
+  }
+
+  async function* events(): AsyncGenerator<StreamEvent> {
+    if (!Number.isInteger(pid) || pid <= 0) throw Object.assign(new Error(`not a process id: ${pid}`), { code: 'EINVAL' });
+    if (!(opts.everyMs > 0)) throw Object.assign(new Error('--every must be more than 0 seconds'), { code: 'EINVAL' });
+    try {
+      preflight(pid, opts);
+      handle = await addon.startCapture(pid, { ...opts, chain: true });
+      last = addon.captureInfo(handle);
+      unseen = findUnseenWrites(pid, last.maps ?? []);
+      const state = stateOf(last);
+      const label = state.argv.join(' ') || state.exe;
+      const header = { snapshotId: crypto.randomBytes(16).toString('hex'), source: 'process' as const, pageSize: 4096, created: state.snapshotTime, label, chain: true };
+      yield { type: 'header', header };
+      for (let k = 1; ; k++) {
+        if (k > 1) await addon.nextGeneration(handle);
+        yield* generation(k);
+        if (k === opts.count || stopping) break;
+        await sleepUntil(last!.freeze!.snapshotTime + opts.everyMs);
+        if (stopping) break;
+      }
+      yield { type: 'end', totals: { ...totals } };
+    } finally {
+      if (handle !== undefined) {
+        last = safeInfo(handle) ?? last;
+        addon.closeCapture(handle); // between generations: a clean end; else an abort: the target is released either way
+      }
+    }
+  }
+
+  return {
+    events: events(),
+    async abort(reason: string) {
+      stopping = reason;
+      wake?.();
+      if (handle !== undefined) addon.abortCapture(handle);
+    },
+    stop(reason: string) {
+      stopping ??= reason;
+      wake?.();
+    },
+    stats: () => ({ ...statsOf(last, pid, undefined, unseen), pauseMs: gens[0]?.pauseMs ?? 0, generations: gens }),
+    release(batch: PageBatch) {
+      const id = held.get(batch);
+      if (id === undefined || handle === undefined) return;
+      held.delete(batch);
+      addon.releaseBuffer(handle, id);
+    },
+  };
+}
+
+function safeInfo(handle: number): CaptureInfo | undefined {
+  try {
+    return addon.captureInfo(handle);
+  } catch {
+    return undefined;
+  }
+}
