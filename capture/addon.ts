@@ -95,6 +95,7 @@ export interface FreezeStats {
   smapsReread: boolean;
   uffdVia: number; // 1 userfaultfd(), 2 /dev/userfaultfd, 3 the sysctl opened (0: none)
   snapshotTime: number; // ms since the epoch
+  faultsBefore: number; // chains: write faults served before this generation's instant (0 in generation 1)
 }
 
 export interface CaptureCounters {

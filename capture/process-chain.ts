@@ -44,7 +44,7 @@ export interface GenerationStats {
   zeroPages: number;
   discarded: number;
   bytes: number; // page data sent
-  faults: number; // write faults served since the previous generation's instant
+  faults: number; // write faults served from the previous generation's instant to this one's
   seconds: number; // from the instant until the generation's last page was out
 }
 
@@ -113,8 +113,8 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
 
   async function* generation(k: number): AsyncGenerator<StreamEvent> {
     last = addon.captureInfo(handle!);
-    const faults = last.counters.faults - faultsSeen;
-    faultsSeen = last.counters.faults;
+    const faults = last.freeze!.faultsBefore - faultsSeen;
+    faultsSeen = last.freeze!.faultsBefore;
     const eng = engineLayout(last);
     const ro: ReadOnlyCopy = copyReadOnly(pid, last.maps ?? [], { includeDontDump: opts.includeDontDump });
     const rod = diffReadOnly(readOnly, ro, next);

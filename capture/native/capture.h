@@ -151,6 +151,7 @@ struct FreezeStats {
   bool smapsReread = false;
   int uffdVia = 0;             // kViaSyscall, kViaDev or kViaSysctl (freezer_proto.h)
   double snapshotTime = 0;     // wall-clock ms at the snapshot point
+  uint64_t faultsBefore = 0;   // chains: write faults served before this generation's instant
 };
 
 struct Counters {

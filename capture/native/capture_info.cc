@@ -38,6 +38,7 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("smapsReread", fz.smapsReread);
   o.Set("uffdVia", fz.uffdVia);
   o.Set("snapshotTime", fz.snapshotTime);
+  o.Set("faultsBefore", static_cast<double>(fz.faultsBefore));
   return o;
 }
 

@@ -149,6 +149,7 @@ bool Session::NextFreeze(Failure* f) {
   timeval tv;
   gettimeofday(&tv, nullptr);
   freeze.snapshotTime = tv.tv_sec * 1e3 + tv.tv_usec / 1e3;
+  freeze.faultsBefore = counters.faults;
   freeze.seizeMs = NowMs() - t0;
   freeze.rounds = helper_.rounds();
   ok = ok && ServeBetween(f);

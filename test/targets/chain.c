@@ -14,6 +14,11 @@
 //   step 4: region pages i % 16 == 2 (16); extra unmapped; movable grown to
 //           64 pages with mremap (it cannot grow in place: it moves)
 //   step 5: region pages 0..7 (8); region pages 128..191 dropped (MADV_DONTNEED)
+//   step 6: `thp` mapped (4 MiB, 2 MiB aligned, MADV_HUGEPAGE) and written whole
+//           (1024 pages), so it is backed by two transparent huge pages
+//   step 7: its first huge page dropped (MADV_DONTNEED), then its pages 0..2
+//           written again (3); the rest of that 2 MiB reads as zero
+//   step 8: its second huge page dropped, nothing written: 512 pages now zero
 //
 // A second thread sleeps in idle_thread, so a core has two threads. Commands
 // on stdin: "step K" prints "stepped K movable=0x..."; EOF exits.
@@ -29,7 +34,7 @@
 #define PAGE 4096
 #define REGION 256
 volatile long generation = 1;
-uint8_t *region, *extra, *movable;
+uint8_t *region, *extra, *movable, *thp;
 
 static void stamp(uint8_t *p, long gen, long page) {
   uint64_t *w = (uint64_t *)p;
@@ -58,6 +63,20 @@ static void step(long k) {
     movable = m;
   }
   if (k == 5) madvise(region + 128 * PAGE, 64 * PAGE, MADV_DONTNEED);
+  if (k == 6) {
+    uint8_t *m = mmap(NULL, 6 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) _exit(6);
+    thp = (uint8_t *)(((uintptr_t)m + (2 << 20) - 1) & ~(uintptr_t)((2 << 20) - 1));
+    if (thp > m) munmap(m, thp - m);  // keep exactly the aligned 4 MiB
+    munmap(thp + (4 << 20), m + (6 << 20) - (thp + (4 << 20)));
+    madvise(thp, 4 << 20, MADV_HUGEPAGE);
+    for (long i = 0; i < 1024; i++) stamp(thp + i * PAGE, k, 3000 + i);
+  }
+  if (k == 7) {
+    madvise(thp, 2 << 20, MADV_DONTNEED);
+    for (long i = 0; i < 3; i++) stamp(thp + i * PAGE, k, 3000 + i);
+  }
+  if (k == 8) madvise(thp + (2 << 20), 2 << 20, MADV_DONTNEED);
   generation = k;
 }
 
@@ -81,7 +100,7 @@ static void Target(const char *mode) {
     long k;
     if (sscanf(line, "step %ld", &k) != 1) continue;
     step(k);
-    printf("stepped %ld movable=%p\n", k, (void *)movable);
+    printf("stepped %ld movable=%p thp=%p\n", k, (void *)movable, (void *)thp);
     fflush(stdout);
   }
   _exit(0);
