@@ -42,6 +42,7 @@ export interface CaptureOptions {
   injectTimeoutMs?: number; // an injected syscall taking longer is interrupted and undone (2000)
   testStuckInjection?: boolean; // tests: inject a pause() that never returns first
   chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
+  chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
 }
 
 export interface NativeBatch {

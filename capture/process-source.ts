@@ -44,6 +44,7 @@ export interface ProcessCaptureOptions {
   testNoSuspendSeccomp?: boolean; // tests: take the path of a tracer that cannot suspend seccomp
   injectTimeoutMs?: CaptureOptions['injectTimeoutMs'];
   testStuckInjection?: CaptureOptions['testStuckInjection'];
+  chainPreProtectMinPages?: CaptureOptions['chainPreProtectMinPages'];
 }
 
 export interface ProcessCaptureStats {

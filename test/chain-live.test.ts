@@ -88,14 +88,16 @@ async function checkBlock(img: string, k: number, addr: number, pages: number, f
   }
 }
 
-test('a chain of test/targets/chain.c with steps between generations: each carries exactly what its step wrote', async () => {
+// preDirty: the dirty set re-protected before each later freeze (the engine
+// does that from 4096 pages on; 1 takes that path for these small steps too).
+for (const preDirty of [4096, 1]) test(`a chain of test/targets/chain.c with steps between generations: each carries exactly what its step wrote (dirty set protected before the freeze from ${preDirty} pages)`, async () => {
   const t: ForkedTarget = await startForked('chain', ['x']);
-  const file = path.join(dir, 'steps.bgsnap'), img = path.join(dir, 'steps.img');
+  const file = path.join(dir, `steps${preDirty}.bgsnap`), img = path.join(dir, `steps${preDirty}.img`);
   const region = parseInt(/region=0x([0-9a-f]+)/.exec(t.ready)![1], 16);
   const moves: number[] = [];
   let thp = 0, hugeKb = 0;
   try {
-    const src = captureProcessChain(t.pid, { everyMs: 1, count: 8 });
+    const src = captureProcessChain(t.pid, { everyMs: 1, count: 8, chainPreProtectMinPages: preDirty });
     const sink = new StreamSink(Output.open(file));
     for await (const ev of src.events) {
       await sink.write(ev);

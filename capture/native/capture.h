@@ -131,6 +131,7 @@ struct Options {
   // Chains (generations.cc): keep the userfaultfd armed after the save, saved
   // pages stay write-protected, and each later generation saves what was written.
   bool chain = false;
+  uint32_t preDirtyMinPages = 4096;  // chains: a dirty set this big is re-protected before the freeze
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the

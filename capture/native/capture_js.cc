@@ -120,6 +120,7 @@ Options ParseOptions(const Napi::Value& v) {
   o.allowNonDumpable = obj.Get("allowNonDumpable").ToBoolean().Value();
   o.suspendSeccomp = !obj.Get("testNoSuspendSeccomp").ToBoolean().Value();
   o.chain = obj.Get("chain").ToBoolean().Value();
+  o.preDirtyMinPages = static_cast<uint32_t>(num("chainPreProtectMinPages", 4096));
   return o;
 }
 

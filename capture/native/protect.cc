@@ -146,6 +146,7 @@ bool Session::ProtectRanges(const std::vector<Range>& ranges, bool serve, Failur
 // Layout events need nothing (reading them released the thread; the freeze
 // reads the layout afresh).
 bool Session::ServePre(Failure* f) {
+  if (gen_ > 0) return ServeBetween(f);  // chains (generations.cc): layout events are kept there
   bool ok = ReadEvents(f, [this](const uffd_msg& m) {
     if (m.event == UFFD_EVENT_PAGEFAULT) preFaults_.push_back(m.arg.pagefault.address);
   });

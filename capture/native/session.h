@@ -176,7 +176,9 @@ class Session {
   bool FrozenNext(Failure* f);
   bool Relayout(Failure* f);
   bool PlanBlock(size_t mapIndex, Failure* f);  // uffd_capture.cc
+  bool PreDirty(Failure* f);
   bool MarkDirty(Failure* f);
+  void DirtyRanges(Block* b, const std::vector<Range>& ranges);
   void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, std::vector<Range>* todo);
   void KeepUnchangedCopies(std::vector<std::vector<uint8_t>>* prev);
   void RebuildSegments();
@@ -186,6 +188,7 @@ class Session {
   std::atomic<bool> genWanted_{false};
   int genFd_ = -1;                 // eventfd: JavaScript wants the next generation
   std::vector<Range> layoutSince_;  // removed, unmapped or remapped since the last freeze
+  std::vector<Range> preDirty_;     // written since the last instant, protected again before this freeze
 };
 
 }  // namespace bgsnap
