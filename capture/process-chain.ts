@@ -111,29 +111,35 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     return { removed, added };
   }
 
-  async function* generation(k: number): AsyncGenerator<StreamEvent> {
-    last = addon.captureInfo(handle!);
-    const faults = last.freeze!.faultsBefore - faultsSeen;
-    faultsSeen = last.freeze!.faultsBefore;
-    const eng = engineLayout(last);
-    const ro: ReadOnlyCopy = copyReadOnly(pid, last.maps ?? [], { includeDontDump: opts.includeDontDump });
+  // What opens generation k, up to its engine pages: the layout's changes,
+  // its state, and the read-only copies' changed pages.
+  function* opening(k: number): Generator<StreamEvent> {
+    const info = last!;
+    const eng = engineLayout(info);
+    const ro: ReadOnlyCopy = copyReadOnly(pid, info.maps ?? [], { includeDontDump: opts.includeDontDump });
     const rod = diffReadOnly(readOnly, ro, next);
-    for (const m of last.maps ?? []) if (m.block >= 0) m.block = ids.get(m.block)!;
-    ro.maps.forEach((m, i) => Object.assign(last!.maps![m], { block: rod.ids[i], how: READ_ONLY_HOW }));
-    const removed = [...eng.removed, ...rod.removed];
-    const added = [...eng.added, ...rod.added];
+    for (const m of info.maps ?? []) if (m.block >= 0) m.block = ids.get(m.block)!;
+    ro.maps.forEach((m, i) => Object.assign(info.maps![m], { block: rod.ids[i], how: READ_ONLY_HOW }));
+    const removed = [...eng.removed, ...rod.removed], added = [...eng.added, ...rod.added];
     gt = { ...emptyGenerationTotals(k), blocksAdded: added.length, blocksRemoved: removed.length };
     dataBytes = 0;
-    const instant = last.freeze!.snapshotTime;
-    yield { type: 'generation', generation: { generation: k, instant, removed } };
+    yield { type: 'generation', generation: { generation: k, instant: info.freeze!.snapshotTime, removed } };
     if (added.length) yield { type: 'blocks', blocks: added };
     for (const t of [totals, gt]) t.states++;
-    yield { type: 'state', state: { kind: STATE_KIND, data: encodeProcessState(stateOf(last)) } };
+    yield { type: 'state', state: { kind: STATE_KIND, data: encodeProcessState(stateOf(info)) } };
     for (const b of rod.batches) (countPages(b), yield { type: 'pages', batch: b });
     for (const d of rod.discards) {
       for (const t of [totals, gt]) t.discarded += d.index.length;
       yield { type: 'discard', batch: d };
     }
+  }
+
+  async function* generation(k: number): AsyncGenerator<StreamEvent> {
+    last = addon.captureInfo(handle!);
+    const f = last.freeze!;
+    const faults = f.faultsBefore - faultsSeen;
+    faultsSeen = f.faultsBefore;
+    yield* opening(k);
     for (let b = await addon.nextBuffer(handle!); b; b = await addon.nextBuffer(handle!)) {
       yield pagesEvent(b);
       yield* discards();
@@ -141,11 +147,10 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     yield* discards();
     totals.generations = k;
     yield { type: 'generation-end', totals: { ...gt } };
-    const f = last.freeze!;
     gens.push({
-      generation: k, instant, pauseMs: f.totalMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
+      generation: k, instant: f.snapshotTime, pauseMs: f.totalMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
       pages: gt.pages, dataPages: gt.pages - gt.zeroPages, zeroPages: gt.zeroPages, discarded: gt.discarded, bytes: dataBytes,
-      faults, seconds: (Date.now() - instant) / 1000,
+      faults, seconds: (Date.now() - f.snapshotTime) / 1000,
     });
     opts.onGeneration?.(gens[gens.length - 1]);
   }

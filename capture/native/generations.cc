@@ -142,6 +142,14 @@ bool Session::NextFreeze(Failure* f) {
   Failure ignored;
   ReadSmaps(false, &ignored);  // outside the pause; re-read in it only if the layout changed
   if (!PreDirty(f) || !helper_.Start(f)) return false;
+  bool ok = StopForGeneration(f);
+  helper_.Stop();
+  if (ok) gen_++, frozen_ = true;
+  return ok;
+}
+
+// The stop itself: its duration is the target's pause.
+bool Session::StopForGeneration(Failure* f) {
   RealTime(true);
   double t0 = NowMs();
   std::function<void()> serve = [this] { Failure ig; ServeBetween(&ig); };
@@ -166,8 +174,6 @@ bool Session::NextFreeze(Failure* f) {
   freeze.detachMs = NowMs() - t6;
   RealTime(false);
   freeze.snapshotMs = freeze.totalMs = NowMs() - t0 - held;
-  helper_.Stop();
-  if (ok) gen_++, frozen_ = true;
   return ok;
 }
 
@@ -230,28 +236,14 @@ bool Session::Relayout(Failure* f) {
   for (size_t i = 0; i < blocks.size(); i++) if (!blocks[i].dead) live[blocks[i].name] = static_cast<int>(i);
   firstNew_ = blocks.size();
   std::vector<bool> kept(blocks.size(), false);
-  int fd = uffd_.load();
   for (size_t i = 0; i < maps.size(); i++) {
-    MapEntry& m = maps[i];
     std::string why;
-    auto it = Skippable(m, &why) ? live.end() : live.find(BlockName(m));
-    if (it != live.end() && !kept[it->second]) {
-      Block& b = blocks[it->second];
-      uffdio_register reg{{m.start, m.end - m.start}, UFFDIO_REGISTER_MODE_WP, 0};
-      bool reg_ok = ioctl(fd, UFFDIO_REGISTER, &reg) == 0;  // idempotent when it already is
-      int err = errno;
-      if (reg_ok == (b.kind == BlockKind::kProtected)) {
-        m.how = reg_ok ? "protected" : err == EINVAL ? "copied: not protectable" : "copied: registered by the target";
-        m.block = it->second;
-        b.map = static_cast<int>(i);
-        kept[it->second] = true;
-        // Protected: saved unless dirty (MarkDirty). Copied: compared after the copy.
-        b.kind == BlockKind::kProtected ? b.done.SetRange(0, b.pages) : b.done.ClearRange(0, b.pages);
-        b.zeroPending.ClearRange(0, b.pages);
-        continue;
-      }
+    auto it = Skippable(maps[i], &why) ? live.end() : live.find(BlockName(maps[i]));
+    if (it != live.end() && !kept[it->second] && KeepBlock(it->second, i)) {
+      kept[it->second] = true;
+    } else if (!PlanBlock(i, f)) {
+      return false;
     }
-    if (!PlanBlock(i, f)) return false;
   }
   for (size_t i = 0; i < firstNew_; i++) {
     Block& b = blocks[i];
@@ -261,6 +253,24 @@ bool Session::Relayout(Failure* f) {
     b.done.Resize(0);
     b.zeroPending.Resize(0);
   }
+  return true;
+}
+
+// The same block when the kernel still registers it as before (idempotent for
+// a range already ours). Protected: saved unless dirty (MarkDirty); copied:
+// compared with its last copy (KeepUnchangedCopies).
+bool Session::KeepBlock(int bi, size_t mi) {
+  Block& b = blocks[bi];
+  MapEntry& m = maps[mi];
+  uffdio_register reg{{m.start, m.end - m.start}, UFFDIO_REGISTER_MODE_WP, 0};
+  bool registered = ioctl(uffd_.load(), UFFDIO_REGISTER, &reg) == 0;
+  int err = errno;
+  if (registered != (b.kind == BlockKind::kProtected)) return false;
+  m.how = registered ? "protected" : err == EINVAL ? "copied: not protectable" : "copied: registered by the target";
+  m.block = bi;
+  b.map = static_cast<int>(mi);
+  b.kind == BlockKind::kProtected ? b.done.SetRange(0, b.pages) : b.done.ClearRange(0, b.pages);
+  b.zeroPending.ClearRange(0, b.pages);
   return true;
 }
 

@@ -173,6 +173,8 @@ class Session {
   bool ServeBetween(Failure* f);
   void NoteLayout(uint64_t start, uint64_t end);
   bool NextFreeze(Failure* f);
+  bool StopForGeneration(Failure* f);
+  bool KeepBlock(int bi, size_t mapIndex);
   bool FrozenNext(Failure* f);
   bool Relayout(Failure* f);
   bool PlanBlock(size_t mapIndex, Failure* f);  // uffd_capture.cc

@@ -176,40 +176,38 @@ std::string BlockName(const MapEntry& m) {
 // One mapping: skipped, or a new block, registered when the kernel lets us.
 bool Session::PlanBlock(size_t i, Failure* f) {
   int fd = uffd_.load();
-  {
-    MapEntry& m = maps[i];
-    if (Skippable(m, &m.how)) {
-      // The pre-protection may have registered it before it was found to be
-      // MADV_DONTDUMP: unregistering drops its write-protection too.
-      uffdio_range r{m.start, m.end - m.start};
-      if (m.how == "MADV_DONTDUMP") ioctl(fd, UFFDIO_UNREGISTER, &r);
-      m.how = "skipped: " + m.how;
-      return true;
-    }
-    if (!CheckBlockSize(m, f)) return false;
-    Block b;
-    b.start = m.start;
-    b.length = m.end - m.start;
-    b.pages = static_cast<uint32_t>(b.length / kPage);
-    b.map = static_cast<int>(i);
-    b.name = BlockName(m);
-    b.done.Resize(b.pages);
-    b.zeroPending.Resize(b.pages);
-    uffdio_register reg{{m.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
-    if (ioctl(fd, UFFDIO_REGISTER, &reg) == 0) {
-      b.kind = BlockKind::kProtected;
-      b.anonPrivate = AnonPrivate(m);
-      m.how = "protected";
-    } else if (errno == EINVAL || errno == EBUSY) {
-      b.kind = BlockKind::kCopied;
-      b.anonPrivate = AnonPrivate(m);
-      m.how = errno == EINVAL ? "copied: not protectable" : "copied: registered by the target";
-    } else {
-      return f->Set(errno, "UFFDIO_REGISTER of " + b.name);
-    }
-    m.block = static_cast<int>(blocks.size());
-    blocks.push_back(std::move(b));
+  MapEntry& m = maps[i];
+  if (Skippable(m, &m.how)) {
+    // The pre-protection may have registered it before it was found to be
+    // MADV_DONTDUMP: unregistering drops its write-protection too.
+    uffdio_range r{m.start, m.end - m.start};
+    if (m.how == "MADV_DONTDUMP") ioctl(fd, UFFDIO_UNREGISTER, &r);
+    m.how = "skipped: " + m.how;
+    return true;
   }
+  if (!CheckBlockSize(m, f)) return false;
+  Block b;
+  b.start = m.start;
+  b.length = m.end - m.start;
+  b.pages = static_cast<uint32_t>(b.length / kPage);
+  b.map = static_cast<int>(i);
+  b.name = BlockName(m);
+  b.done.Resize(b.pages);
+  b.zeroPending.Resize(b.pages);
+  uffdio_register reg{{m.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
+  if (ioctl(fd, UFFDIO_REGISTER, &reg) == 0) {
+    b.kind = BlockKind::kProtected;
+    b.anonPrivate = AnonPrivate(m);
+    m.how = "protected";
+  } else if (errno == EINVAL || errno == EBUSY) {
+    b.kind = BlockKind::kCopied;
+    b.anonPrivate = AnonPrivate(m);
+    m.how = errno == EINVAL ? "copied: not protectable" : "copied: registered by the target";
+  } else {
+    return f->Set(errno, "UFFDIO_REGISTER of " + b.name);
+  }
+  m.block = static_cast<int>(blocks.size());
+  blocks.push_back(std::move(b));
   return true;
 }
 
