@@ -197,6 +197,26 @@ test('five generations of the multi-threaded invariant target through the CLIs, 
   }
 });
 
+// Other kinds of memory and a target storming its layout: huge pages, shared
+// anonymous memory, memfd, and threads mapping, writing and dropping memory
+// (MADV_DONTNEED, munmap) beside the writers throughout.
+for (const mode of ['thp', 'shared', 'memfd', 'storm'] as const) test(`a live chain of the invariant target in ${mode} mode: each generation consistent`, async () => {
+  const t = await startTarget(mode, 16, 3);
+  const img = path.join(dir, `${mode}.img`);
+  try {
+    const r = await sh(`${BIN.capture} --pid ${t.pid} --every 0.3 --count 4 | ${BIN.receive} -o ${img}`, 300_000);
+    assert.is(r.code, 0, r.stderr);
+    const d = await inspectJson(img);
+    assert.equal(d.generations.map((g: { status: string }) => g.status), Array(4).fill('complete'));
+    for (let k = 1; k <= 4; k++) await invariantAt(img, k, t);
+    console.log(`  ${mode}: ${d.generations.map((g: { pages: number }) => g.pages).join(', ')} pages per generation`);
+    assert.ok((await t.command('check')).startsWith('check ok'));
+    assert.ok((await allThreadsProgress(t)).ok);
+  } finally {
+    t.kill();
+  }
+});
+
 test('SIGKILL during generation 4: generations 1-3 complete, the target released and intact', async () => {
   const t = await startTarget('anon', 16, 3);
   const img = path.join(dir, 'killed.img');

@@ -103,20 +103,32 @@ bool Session::ServeBetween(Failure* f) {
     }
   });
   if (!ok) return false;
-  std::vector<uint64_t> todo;
-  todo.swap(preFaults_);
-  for (uint64_t a : todo) {
-    uint64_t len = ChainUnprotectLen(a);
-    int err = WpIoctl(a & ~(len - 1), len, false);
-    if (err == EAGAIN) preFaults_.push_back(a);
-    else if (err) Wake(a);  // unmapped meanwhile: let it fault again and see why
-  }
+  RetryUnprotects();
   return true;
 }
 
-// A huge page is un-protected whole: un-protecting part of it would split it.
-uint64_t Session::ChainUnprotectLen(uint64_t addr) {
-  return HugeAt(pagemapFd_, addr) == 1 ? kHuge : kPage;
+// A written page whose content at the last instant is saved: un-protecting it
+// (a huge page whole: un-protecting part of it would split it) wakes its
+// writer, and leaves it dirty for the next generation. EAGAIN (a layout event
+// of the target in flight) is retried after the next read of events, never
+// waited for here and never answered by unregistering as a single capture's
+// Release does: that would stop tracking the range and split the mapping, and
+// under an allocator's storm of events it cost thousands of splits.
+void Session::ChainUnprotect(uint64_t addr) {
+  uint64_t len = HugeAt(pagemapFd_, addr) == 1 ? kHuge : kPage;
+  int err = WpIoctl(addr & ~(len - 1), len, false);
+  if (err == EAGAIN) {
+    counters.eagain++;
+    preFaults_.push_back(addr);
+  } else if (err) {
+    Wake(addr);  // unmapped or no longer ours: let it fault again and see why
+  }
+}
+
+void Session::RetryUnprotects() {
+  std::vector<uint64_t> todo;
+  todo.swap(preFaults_);
+  for (uint64_t a : todo) ChainUnprotect(a);
 }
 
 // Pages there lost or changed their content without a write fault (dropped,
@@ -187,7 +199,6 @@ bool Session::PreDirty(Failure* f) {
   double t0 = NowMs();
   preDirty_.clear();
   if (!opts_.preProtect) return true;  // benchmarks' "before": all of it inside the freeze
-  std::vector<Range> todo;
   uint64_t pages = 0;
   for (const Block& b : blocks) {
     if (b.dead || b.kind != BlockKind::kProtected) continue;
@@ -195,8 +206,6 @@ bool Session::PreDirty(Failure* f) {
       if (!(c & (kPageIsPresent | kPageIsSwapped))) return;
       pages += (e - s) / kPage;
       preDirty_.push_back({s, e});
-      if (!todo.empty() && s >= todo.back().second && s - todo.back().second <= kMergeGap) todo.back().second = e;
-      else todo.push_back({s, e});
     }, f);
     if (!ok) return false;
   }
@@ -204,7 +213,10 @@ bool Session::PreDirty(Failure* f) {
     preDirty_.clear();
     return true;
   }
-  bool ok = ProtectRanges(todo, true, f);
+  // Exactly the runs found, never merged across the clean pages between them
+  // (as the freeze may): one of those may be written and un-protected while
+  // we protect, and protecting it again would hide that write from the freeze.
+  bool ok = ProtectRanges(preDirty_, true, f);
   freeze.preProtectMs = NowMs() - t0;
   return ok;
 }
@@ -285,8 +297,9 @@ bool Session::MarkDirty(Failure* f) {
     Block& b = blocks[i];
     if (b.dead || b.kind != BlockKind::kProtected) continue;
     bool kept = i < firstNew_;
+    size_t first = todo.size();  // runs merge within a block only: the gap between two may be unmapped
     bool ok = ScanUnprotected(pagemapFd_, b.start, b.start + b.length, [&](uint64_t s, uint64_t e, uint64_t c) {
-      DirtyRun(static_cast<int>(i), s, e, c, kept, &todo);
+      DirtyRun(static_cast<int>(i), s, e, c, kept, first, &todo);
     }, f);
     if (!ok) return false;
     if (kept) DirtyRanges(&b, layoutSince_), DirtyRanges(&b, preDirty_);
@@ -306,7 +319,7 @@ void Session::DirtyRanges(Block* b, const std::vector<Range>& ranges) {
 }
 
 // One run of pages the kernel reports not write-protected.
-void Session::DirtyRun(int bi, uint64_t s, uint64_t e, uint64_t cats, bool kept, std::vector<Range>* todo) {
+void Session::DirtyRun(int bi, uint64_t s, uint64_t e, uint64_t cats, bool kept, size_t first, std::vector<Range>* todo) {
   Block& b = blocks[bi];
   if (cats & kPageIsHuge) b.thp = true;
   uint32_t p0 = static_cast<uint32_t>((s - b.start) / kPage), p1 = static_cast<uint32_t>((e - b.start) / kPage);
@@ -318,7 +331,7 @@ void Session::DirtyRun(int bi, uint64_t s, uint64_t e, uint64_t cats, bool kept,
   }
   if (kept) b.done.ClearRange(p0, p1);
   freeze.reprotectPages += p1 - p0;
-  if (!todo->empty() && s >= todo->back().second && s - todo->back().second <= kMergeGap) todo->back().second = e;
+  if (todo->size() > first && s - todo->back().second <= kMergeGap) todo->back().second = e;
   else todo->push_back({s, e});
 }
 

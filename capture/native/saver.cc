@@ -33,6 +33,7 @@ bool Session::SaverLoop(Failure* f) {
     heartbeat_ = NowMs();
     if (abort_) return f->Set(ECANCELED, "capture aborted");
     if (!Drain(f)) break;
+    if (!preFaults_.empty()) RetryUnprotects();  // chains: un-protects that met EAGAIN
     if (!faults_.empty()) { HandleFaults(f); continue; }
     if (cb >= blocks.size()) break;
     if (!pool.ScanRoom() && !WaitScanRoom(f)) break;
@@ -202,10 +203,8 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
   uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
   if (!SavePages(b, p0, p1, f)) return false;
-  if (opts_.chain) {  // chains: only the page written loses its protection: it is dirty now
-    uint64_t len = ChainUnprotectLen(ft.addr);
-    if (!Release(ft.addr & ~(len - 1), len, f)) return false;
-    Wake(ft.addr);
+  if (opts_.chain) {  // chains: only the page written loses its protection (generations.cc)
+    ChainUnprotect(ft.addr);
   } else if (!Unprotect(b, p0, p1, f)) {
     return false;
   }

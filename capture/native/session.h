@@ -181,11 +181,12 @@ class Session {
   bool PreDirty(Failure* f);
   bool MarkDirty(Failure* f);
   void DirtyRanges(Block* b, const std::vector<Range>& ranges);
-  void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, std::vector<Range>* todo);
+  void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, size_t first, std::vector<Range>* todo);
   void KeepUnchangedCopies(std::vector<std::vector<uint8_t>>* prev);
   void RebuildSegments();
   size_t firstNew_ = 0;  // blocks from here on were added by the generation being frozen
-  uint64_t ChainUnprotectLen(uint64_t addr);
+  void ChainUnprotect(uint64_t addr);
+  void RetryUnprotects();
   std::atomic<int> gen_{0}, genDone_{0};
   std::atomic<bool> genWanted_{false};
   int genFd_ = -1;                 // eventfd: JavaScript wants the next generation
