@@ -95,12 +95,22 @@ export function isAlive(pid: number): boolean {
 }
 
 // Per-thread progress counters; all must advance over `ms` (no thread stuck).
-export async function allThreadsProgress(t: Target, ms = 400): Promise<{ ok: boolean; before: number[]; after: number[] }> {
+// Each thread's counter must move within `ms`; one that did not is looked at
+// again for up to `patienceMs` more: a thread of a target sharing 2 busy cores
+// (or stalled in the kernel's THP compaction) can go 400 ms without running,
+// while one stuck in a fault stays stuck however long we look. Pass
+// patienceMs 0 where the window itself is the point (progress during a capture).
+export async function allThreadsProgress(t: Target, ms = 400, patienceMs = 10_000): Promise<{ ok: boolean; before: number[]; after: number[] }> {
   const parse = (l: string) => l.replace(/^counts /, '').split(' ').map(Number);
   const before = parse(await t.command('counts'));
   await new Promise((r) => setTimeout(r, ms));
-  const after = parse(await t.command('counts'));
-  return { ok: before.length === t.threads && after.every((v, i) => v > before[i]), before, after };
+  let after = parse(await t.command('counts'));
+  const moved = () => before.length === t.threads && after.every((v, i) => v > before[i]);
+  for (const until = Date.now() + patienceMs; !moved() && Date.now() < until;) {
+    await new Promise((r) => setTimeout(r, 250));
+    after = parse(await t.command('counts'));
+  }
+  return { ok: moved(), before, after };
 }
 
 // How many pages of [base, base+size) carry the uffd write-protect bit (57).

@@ -38,7 +38,7 @@ test('W^X flips during captures: every thread keeps running, snapshots consisten
       const cap = captureProcess(t.pid, { rateLimitMBps: 60, stallTimeoutMs: 60_000 });
       const done = collect(cap.events, t.base, t.size, true);
       await new Promise((r) => setTimeout(r, 300));
-      const during = await allThreadsProgress(t, 400);
+      const during = await allThreadsProgress(t, 400, 0);
       const c = await done;
       const s = cap.stats();
       stray += s.layoutEvents.strayFaults;
