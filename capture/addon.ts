@@ -43,6 +43,7 @@ export interface CaptureOptions {
   testStuckInjection?: boolean; // tests: inject a pause() that never returns first
   chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
   chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
+  testMaxUnregisters?: number; // tests: fallback unregisters of saved ranges under layout storms (4096)
 }
 
 export interface NativeBatch {

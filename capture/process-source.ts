@@ -45,6 +45,7 @@ export interface ProcessCaptureOptions {
   injectTimeoutMs?: CaptureOptions['injectTimeoutMs'];
   testStuckInjection?: CaptureOptions['testStuckInjection'];
   chainPreProtectMinPages?: CaptureOptions['chainPreProtectMinPages'];
+  testMaxUnregisters?: CaptureOptions['testMaxUnregisters'];
 }
 
 export interface ProcessCaptureStats {

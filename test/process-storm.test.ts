@@ -36,4 +36,38 @@ test('layout storms elsewhere: the capture completes, consistent, with few rollb
   }
 });
 
+// With no unregister fallback (its budget spent, as a long storm can do) the
+// un-protection of saved ranges can only retry while events keep coming. That
+// once held the saver's lock for good: the fault server never got it, writers
+// waited in their faults and the capture hung. Now it either finds a gap and
+// completes, or fails by name after a bounded retry; the target is released
+// and consistent either way. (With the old Release this hung: checked.)
+test('layout storms with the unregister budget spent: completes or fails by name, never hangs', async () => {
+  const t = await startTarget('storm', 256, 2);
+  try {
+    await new Promise((r) => setTimeout(r, 300));
+    const cap = captureProcess(t.pid, { stallTimeoutMs: 120_000, testMaxUnregisters: 0 });
+    let timer: NodeJS.Timeout | undefined;
+    const hung = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error('capture hung (100 s)')), 100_000); });
+    const outcome = await Promise.race([collect(cap.events, t.base, t.size).then((c) => ({ c, err: undefined as any }), (err) => ({ c: undefined, err })), hung]).finally(() => clearTimeout(timer));
+    const s = cap.stats();
+    console.log(`  retry-only storm capture: ${outcome.err ? `failed: ${outcome.err.code} ${outcome.err.message}` : 'completed'}, events ${JSON.stringify(s.layoutEvents)}`);
+    assert.is(s.layoutEvents.unregistered, 0, 'no unregister past the budget');
+    if (outcome.err) {
+      assert.is(outcome.err.code, 'EAGAIN', String(outcome.err));
+      assert.match(outcome.err.message, /UFFDIO_WRITEPROTECT \(un-protect\) of [0-9a-f]+-[0-9a-f]+ kept failing with EAGAIN/);
+    } else {
+      const c = outcome.c!;
+      assert.ok(c.end, 'capture completed');
+      assert.is(c.duplicates, 0, 'no page recorded twice');
+      assert.is(c.missing, 0, 'every page saved or discarded');
+      const r = checkInvariant(c.region!);
+      assert.ok(r.ok, r.detail);
+    }
+    await assertReleased(t);
+  } finally {
+    t.kill();
+  }
+});
+
 test.run();

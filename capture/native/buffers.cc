@@ -24,9 +24,12 @@ bool BufferPool::Init(uint32_t totalMb, Failure* f) {
   efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (efd_ < 0) return f->Set(errno, "eventfd for capture buffers");
   size_t total = std::max<size_t>(totalMb, 2) << 20;
-  // Batches of 1-4 MiB: large enough for few frames, small enough that at
-  // least two exist so the saver fills one while JavaScript writes another.
-  size_t dataBytes = std::min<size_t>(std::max<size_t>(total / 8, 1 << 20), 4 << 20);
+  // Batches of 1-4 MiB (1 MiB up to a 64 MiB pool): large enough for few
+  // frames, and many: every mapping the scan passes costs a batch however few
+  // pages it holds, and a target's dozens of small mappings used up 11 of 16
+  // 4 MiB batches at once, so a writer's fault then waited 28-52 ms for a free
+  // one (Redis, right after the snapshot).
+  size_t dataBytes = std::min<size_t>(std::max<size_t>(total / 64, 1 << 20), 4 << 20);
   size_t count = std::max<size_t>(total / dataBytes, 2);
   uint32_t capData = static_cast<uint32_t>(dataBytes / kPage);
   uint32_t capIndex = capData * 16;  // zero records carry no data

@@ -132,6 +132,7 @@ struct Options {
   // pages stay write-protected, and each later generation saves what was written.
   bool chain = false;
   uint32_t preDirtyMinPages = 4096;  // chains: a dirty set this big is re-protected before the freeze
+  uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the

@@ -111,6 +111,7 @@ Options ParseOptions(const Napi::Value& v) {
   Napi::Value stuck = obj.Get("testStuckInjection");
   o.testStuckInjection = stuck.IsBoolean() && stuck.As<Napi::Boolean>().Value();
   o.frozenReadMs = static_cast<uint32_t>(num("frozenReadTimeoutMs", 1000));
+  o.maxUnregisters = static_cast<uint32_t>(num("testMaxUnregisters", 4096));
   Napi::Value pre = obj.Get("preProtect");
   if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
   Napi::Value dd = obj.Get("includeDontDump");

@@ -4,7 +4,7 @@
 // (PROT_NONE), and un-protecting saved ranges under layout-event storms.
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <sched.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -16,11 +16,12 @@
 
 namespace bgsnap {
 
-static constexpr uint64_t kMaxUnregisters = 4096;
+static constexpr double kRetryOnlyMs = 5000;
 
-bool Session::Touched(uint64_t start, uint64_t end) const {
-  for (const Range& r : touched_) {
-    if (r.first < end && start < r.second) return true;
+// Events drained since touched_[from] (a read's mark) that overlap [start, end).
+bool Session::Touched(uint64_t start, uint64_t end, size_t from) const {
+  for (size_t i = from; i < touched_.size(); i++) {
+    if (touched_[i].first < end && start < touched_[i].second) return true;
   }
   return false;
 }
@@ -47,12 +48,14 @@ bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
 // content already in KSM's stable tree is merged again at its next scan: seen
 // in process-ksm), so it is counted and left out (discarded), never saved
 // wrong. Returns how many leading pages are good; 0: the first one is lost.
-uint32_t Session::StillProtected(uint64_t addr, uint32_t n) {
+// Pages a fault saved during the scan's read lost their protection to us, not
+// to KSM: they are skipped at Commit, so they count as good here.
+uint32_t Session::StillProtected(int b, uint32_t p, uint64_t addr, uint32_t n) {
   std::vector<uint64_t> pm(n);
   ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
   if (pread(pagemapFd_, pm.data(), want, static_cast<off_t>(addr / kPage * 8)) != want) return n;
   for (uint32_t i = 0; i < n; i++) {
-    if (pm[i] & (1ull << 57)) continue;  // still write-protected
+    if (pm[i] & (1ull << 57) || blocks[b].done.Test(p + i)) continue;  // still write-protected, or ours
     if (i == 0) counters.lostProtection++;
     return i;
   }
@@ -93,30 +96,63 @@ bool Session::Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f) {
 
 // Drop the protection of a range whose pages are all saved (or not ours).
 // UFFDIO_WRITEPROTECT fails with EAGAIN while any layout event of the target is
-// in flight, and an allocator storming with MADV_DONTNEED/munmap has one in
-// flight nearly all the time (each waits for us to read it, and the next
-// follows microseconds later): retrying, even with backoff, crawled at a few
-// pages a second. So after a few tries, unregister the range instead: that has
-// no such check, drops the protection and wakes its writers just the same, and
-// nothing in a saved range needs events any more. Only the EAGAIN guarded
-// against an mremap moving unsaved pages of ours onto the range before we read
-// its event; pages that did are discarded (their protection is gone).
+// in flight (mmap_changing: from the munmap's or madvise's start until we read
+// its event), and an allocator storming with MADV_DONTNEED/munmap has one in
+// flight nearly all the time. Reading the event completes it, so the instant
+// after a read is the likeliest one with none in flight: try again at once;
+// with nothing to read, wait for the next event. After a few milliseconds,
+// unregister the range instead: that has no such check, drops the protection
+// and wakes its writers just the same, and nothing in a saved range needs
+// events any more. Only the EAGAIN guarded against an mremap moving unsaved
+// pages of ours onto the range before we read its event; pages that did are
+// discarded (their protection is gone).
+//
+// Called with saveMu_ held, by the scan or the fault server; it never retries
+// or waits holding it. Once, the scan retried here with the lock for good (its
+// unregister budget spent: kept reading events, sleeping 5 ms between tries),
+// so the fault server never got the lock, writers sat in their faults and the
+// storm kept an event in flight at every try: the capture hung.
 bool Session::Release(uint64_t start, uint64_t len, Failure* f) {
-  // Each unregister inside a mapping may split it (vm.max_map_count is the
-  // target's budget too), so it is a bounded fallback: past kMaxUnregisters
-  // we only retry, with backoff.
   double t0 = NowMs();
-  for (useconds_t backoff = 0;; backoff = std::min<useconds_t>(backoff * 2 + 20, 5000)) {
+  for (;;) {
     int err = WpIoctl(start, len, false);
     if (err == 0 || err == ENOENT) return true;  // ENOENT: unmapped meanwhile; its event follows
     if (err != EAGAIN) return f->Set(err, "UFFDIO_WRITEPROTECT (un-protect) of " + Hex(start, len));
     counters.eagain++;
+    uint64_t e0 = epoch_;
     if (!Drain(f)) return false;
     if (abort_) return f->Set(ECANCELED, "capture aborted");
-    if (NowMs() - t0 > 2 && counters.unregistered < kMaxUnregisters) break;
-    if (backoff > 500) heartbeat_ = NowMs();
-    backoff < 500 ? (void)sched_yield() : (void)usleep(backoff);
+    double waited = NowMs() - t0;
+    if (waited > 2 && counters.unregistered < opts_.maxUnregisters) return Unregister(start, len, f);
+    if (waited > kRetryOnlyMs) return GiveUp(start, len, f);
+    LetGo(epoch_ == e0);  // nothing read: wait for the event; else retry at once
   }
+}
+
+// Let the other user of saveMu_ in (the PI mutex hands it to a waiter at
+// unlock), optionally waiting up to 1 ms for the userfaultfd to have something
+// to read: whoever holds the lock then reads it (the fault server polls too).
+void Session::LetGo(bool wait) {
+  saveMu_.unlock();
+  if (wait) {
+    pollfd p{uffd_.load(), POLLIN, 0};
+    poll(&p, 1, 1);
+  }
+  saveMu_.lock();
+}
+
+// Each unregister inside a mapping may split it (vm.max_map_count is the
+// target's budget too), so it is bounded (maxUnregisters); past it Release
+// only retries, and a storm that never leaves a gap for kRetryOnlyMs fails the
+// capture with this error (the target is released as on any failure) instead
+// of spinning forever.
+bool Session::GiveUp(uint64_t start, uint64_t len, Failure* f) {
+  return f->Set(EAGAIN, "UFFDIO_WRITEPROTECT (un-protect) of " + Hex(start, len) + " kept failing with EAGAIN for " +
+                            std::to_string(kRetryOnlyMs / 1000) + " s: the target's munmap/madvise/mremap events left no gap, and the " +
+                            std::to_string(opts_.maxUnregisters) + " unregisters allowed are spent");
+}
+
+bool Session::Unregister(uint64_t start, uint64_t len, Failure* f) {
   uffdio_range r{start, len};
   remapTo_.clear();
   if (ioctl(uffd_.load(), UFFDIO_UNREGISTER, &r) != 0 && errno != EINVAL) {  // EINVAL: not ours now

@@ -1,6 +1,8 @@
-// The saver loop: after the target resumes, save every page exactly once.
-// Fault events come first (a writer is waiting: save the still-unchanged pages
-// around it, un-protect, wake); otherwise scan linearly in aligned chunks.
+// The saver: after the target resumes, save every page exactly once. The fault
+// server (fault_server.cc) serves faults (a writer is waiting: save the
+// still-unchanged pages around it, un-protect, wake) while this thread scans
+// linearly in aligned chunks; both work under saveMu_, which the scan lets go
+// of while it reads the target.
 // A page is marked done only after its read succeeded and no layout event
 // (munmap, mremap, madvise) slipped in during the read; a chunk is un-protected
 // only after all its pages are done. We never write into the target's memory.
@@ -24,23 +26,27 @@ namespace bgsnap {
 
 static constexpr uint64_t kFaultGranule = 64 << 10;
 
+thread_local bool Session::faultMode_ = false;
+
 bool Session::SaverLoop(Failure* f) {
   size_t cb = 0;
   uint32_t cp = 0;
   bool held = false;
   lastLook_ = paceStart_ = NowMs();
+  if (!StartFaultServer(f)) return false;
   while (!f->failed()) {
     heartbeat_ = NowMs();
-    if (abort_) return f->Set(ECANCELED, "capture aborted");
-    if (!Drain(f)) break;
-    if (!preFaults_.empty()) RetryUnprotects();  // chains: un-protects that met EAGAIN
-    if (!faults_.empty()) { HandleFaults(f); continue; }
+    if (abort_) { f->Set(ECANCELED, "capture aborted"); break; }
     if (cb >= blocks.size()) break;
     if (!pool.ScanRoom() && !WaitScanRoom(f)) break;
-    if (!ScanChunk(&cb, &cp, f)) break;
+    {
+      std::lock_guard<PiMutex> lock(saveMu_);
+      if (!ScanChunk(&cb, &cp, f)) break;
+    }
     if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); Stuck(); }
     Pace(f);
   }
+  StopFaultServer(f);
   return !f->failed();
 }
 
@@ -65,6 +71,7 @@ bool Session::ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>&
 // HandleFaults.
 bool Session::Drain(Failure* f) {
   double look = NowMs();
+  size_t queued = faults_.size();
   bool ok = ReadEvents(f, [this](const uffd_msg& m) {
     if (m.event == UFFD_EVENT_PAGEFAULT) {
       faults_.push_back({m.arg.pagefault.address, lastLook_});
@@ -79,6 +86,7 @@ bool Session::Drain(Failure* f) {
     }
   });
   if (ok) lastLook_ = look;
+  if (faults_.size() > queued) KickFaultServer();  // read off the fd here: it cannot see them
   return ok;
 }
 
@@ -220,8 +228,9 @@ bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
   for (uint32_t p = blk.done.NextClear(p0, p1); p < p1; p = blk.done.NextClear(p, p1)) {
     if (abort_) return f->Set(ECANCELED, "capture aborted");
     if (blk.zeroPending.Test(p)) {
-      Batch* bt = OpenBatch(b, f);
+      Batch* bt = faultMode_ ? OpenBatch(b, f) : ScanBatch(b, f);
       if (!bt) return false;
+      if (blk.done.Test(p)) continue;  // a fault settled it while the scan waited for a batch
       bt->index[bt->count] = p;
       bt->zero[bt->count++] = 1;
       blk.done.Set(p);
@@ -246,9 +255,12 @@ static bool IsZeroPage(const uint8_t* p) {
 
 // Read up to n pages starting at page p of block b into the open batch.
 // Returns pages settled, or -1 to retry (layout changed) / on failure.
+// The scan reads without saveMu_, so faults are served meanwhile; pages a fault
+// saves during that read are skipped at Commit (theirs is the snapshot's copy).
 int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   Block& blk = blocks[b];
-  Batch* bt = OpenBatch(b, f);
+  const bool scan = !faultMode_;  // this thread is the scan, not the fault server
+  Batch* bt = scan ? ScanBatch(b, f) : OpenBatch(b, f);
   if (!bt) return -1;
   n = std::min({n, bt->capData - bt->dataPages, bt->capIndex - bt->count});
   uint8_t* dst = bt->data + uint64_t(bt->dataPages) * kPage;
@@ -264,23 +276,26 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   }
   n = std::min<uint32_t>(n, s->firstPage + static_cast<uint32_t>((s->end - s->start) / kPage) - p);
   uint64_t addr = s->start + uint64_t(p - s->firstPage) * kPage;
-  touched_.clear();
+  size_t mark = touched_.size();
+  if (scan) touched_.clear(), mark = 0;  // no other read is in flight now
   iovec local{dst, n * kPage};
   iovec remote{reinterpret_cast<void*>(addr), n * kPage};
+  if (scan) saveMu_.unlock();
   ssize_t r = process_vm_readv(pid_, &local, 1, &remote, 1, 0);
   int err = errno;
+  if (scan) saveMu_.lock();
   if (!Drain(f)) return -1;
   // Redo the read only if an event touched what was read (a munmap, mremap or
   // madvise there may have raced it): allocators' storms elsewhere must not
   // make every read start over.
-  if (Touched(addr, addr + n * kPage)) {
+  if (Touched(addr, addr + n * kPage, mark)) {
     counters.rollbacks++;
     return -1;
   }
   if (r < 0 && err == ESRCH) return f->Set(ESRCH, "the target exited during capture"), -1;
   uint32_t got = r > 0 ? static_cast<uint32_t>(r / kPage) : 0;
   if (got == 0 && ForceRead(addr, dst)) got = 1;
-  if (got > 0 && blk.anonPrivate) got = StillProtected(addr, got);
+  if (got > 0 && blk.anonPrivate) got = StillProtected(b, p, addr, got);
   if (got == 0) {  // unreadable even so, or written behind our back: its content is lost to us
     DiscardPages(b, p, p + 1);
     return 1;
@@ -294,9 +309,11 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
 void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n) {
   Block& blk = blocks[b];
   uint8_t* src = bt->data + uint64_t(bt->dataPages) * kPage;
-  uint32_t w = bt->dataPages, zeros = 0;
+  uint32_t w = bt->dataPages, zeros = 0, mine = 0;
   for (uint32_t i = 0; i < n; i++) {
     const uint8_t* page = src + uint64_t(i) * kPage;
+    if (blk.done.Test(p + i)) continue;  // a fault saved it while the scan read it
+    mine++;
     bt->index[bt->count] = p + i;
     bool zero = IsZeroPage(page);
     bt->zero[bt->count++] = zero;
@@ -309,7 +326,7 @@ void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n) {
   counters.bytes += uint64_t(w - bt->dataPages) * kPage;
   counters.zeroPages += zeros;
   bt->dataPages = w;
-  if (blk.kind == BlockKind::kProtected) (faultMode_ ? counters.faultPages : counters.scanPages) += n;
+  if (blk.kind == BlockKind::kProtected) (faultMode_ ? counters.faultPages : counters.scanPages) += mine;
 }
 
 // One open batch per block (at most four at once), so faults landing in
@@ -338,14 +355,21 @@ Batch* Session::OpenBatch(int b, Failure* f) {
     notify_();
   }
   if (pool.ReadyCount() + open_.size() >= pool.batches.size()) counters.bufferWaits++;
+  // Wait without saveMu_: the scan must not stop reading events (a storm
+  // thread waits in the kernel for each) while the disk takes its time.
+  saveMu_.unlock();
   Batch* bt = pool.Acquire(abort_, waitingSince_);
+  saveMu_.lock();
   if (!bt) return f->Set(ECANCELED, "capture aborted"), nullptr;
   bt->block = b;
   open_.push_back(bt);
   return bt;
 }
 
+// The scan's batch too: called by the scan, or once the fault server is gone.
 void Session::PublishAll() {
+  if (scanBatch_) open_.push_back(scanBatch_);
+  scanBatch_ = nullptr;
   for (Batch* bt : open_) {
     if (bt->count) counters.batches++;
     pool.Publish(bt);
@@ -388,19 +412,15 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
   return true;
 }
 
-// --rate-limit paces the scan only; faults are served while we wait.
+// --rate-limit paces the scan only; the fault server serves faults meanwhile.
 bool Session::Pace(Failure* f) {
   if (opts_.rateLimitMBps <= 0) return true;
   double due = paceStart_ + scannedBytes_ / (opts_.rateLimitMBps * 1e6) * 1e3;
   for (double now = NowMs(); now < due && !abort_; now = NowMs()) {
     heartbeat_ = now;
-    pollfd p{uffd_.load(), POLLIN, 0};
-    int wait = static_cast<int>(std::min(due - now, 50.0)) + 1;
-    if (poll(&p, 1, wait) > 0) {
-      if (!Drain(f) || !HandleFaults(f)) return false;
-    }
+    usleep(static_cast<useconds_t>(std::min(due - now, 50.0) * 1000) + 100);
   }
-  return true;
+  return !f->failed();
 }
 
 }  // namespace bgsnap

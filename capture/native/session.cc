@@ -131,12 +131,12 @@ void Session::UnregisterAll() {
 
 // The freeze competes for 2 cores with the target's busy threads: losing the CPU
 // mid-freeze stretched the pause from 0.3 ms to 230 ms. Run it real-time (it
-// lasts milliseconds and sleeps while waiting), then the saver at a raised
-// nice level, since faulting writers wait on it. Both need root; best effort.
+// lasts milliseconds and sleeps while waiting; needs root, best effort). The
+// scan that follows runs at the target's own level: writers wait on the fault
+// server, not on it, and a scan favoured over the target slows the target.
 void RealTime(bool on) {
   sched_param sp{on ? sched_get_priority_min(SCHED_FIFO) : 0};
   pthread_setschedparam(pthread_self(), on ? SCHED_FIFO : SCHED_OTHER, &sp);
-  if (!on) setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), -10);
 }
 
 bool Session::Setup(Failure* f) {

@@ -3,6 +3,8 @@
 #pragma once
 #include <linux/userfaultfd.h>
 
+#include <pthread.h>
+
 #include <functional>
 #include <thread>
 
@@ -15,6 +17,31 @@ namespace bgsnap {
 bool CheckBlockSize(const MapEntry& m, Failure* f);  // preflight.cc
 void RealTime(bool on);
 std::string BlockName(const MapEntry& m);  // uffd_capture.cc: "START-END PERMS [PATH]" (hex)                              // session.cc: the freezes run SCHED_FIFO
+
+// A mutex with priority inheritance. The real-time fault server and the scan
+// share the saver's state under one; with a plain mutex, a scan preempted
+// while holding it (by the target's own threads, on busy CPUs) kept the fault
+// server, and so the faulting writer, waiting for a whole time slice: Redis saw
+// 40-60 ms stalls right after the snapshot. With inheritance the holder runs at
+// the waiter's priority until it lets go.
+class PiMutex {
+ public:
+  PiMutex() {
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setprotocol(&a, PTHREAD_PRIO_INHERIT);
+    pthread_mutex_init(&m_, &a);
+    pthread_mutexattr_destroy(&a);
+  }
+  ~PiMutex() { pthread_mutex_destroy(&m_); }
+  PiMutex(const PiMutex&) = delete;
+  PiMutex& operator=(const PiMutex&) = delete;
+  void lock() { pthread_mutex_lock(&m_); }
+  void unlock() { pthread_mutex_unlock(&m_); }
+
+ private:
+  pthread_mutex_t m_;
+};
 
 class Session {
  public:
@@ -116,9 +143,9 @@ class Session {
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
   bool ResolveStray(uint64_t addr, Failure* f);
-  bool Touched(uint64_t start, uint64_t end) const;
+  bool Touched(uint64_t start, uint64_t end, size_t from) const;
   bool ForceRead(uint64_t addr, uint8_t* dst);
-  uint32_t StillProtected(uint64_t addr, uint32_t n);
+  uint32_t StillProtected(int b, uint32_t p, uint64_t addr, uint32_t n);
   bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
   void Commit(Batch* bt, int b, uint32_t p, uint32_t n);
@@ -126,13 +153,23 @@ class Session {
   void PublishAll();
   bool Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f);
   bool Release(uint64_t start, uint64_t len, Failure* f);
+  void LetGo(bool wait);
+  bool GiveUp(uint64_t start, uint64_t len, Failure* f);
+  bool Unregister(uint64_t start, uint64_t len, Failure* f);
   static std::string Hex(uint64_t start, uint64_t len);
   int WpIoctl(uint64_t start, uint64_t len, bool protect);  // 0 or errno
   void Wake(uint64_t addr);
   bool ScanChunk(size_t* cb, uint32_t* cp, Failure* f);
   uint32_t NextSegPage(int b, uint32_t p) const;
   bool Pace(Failure* f);
-  bool WaitScanRoom(Failure* f);  // scan_room.cc
+  // The fault server (fault_server.cc): a thread of its own that only serves
+  // write faults, woken by the userfaultfd itself, while the scan reads.
+  bool WaitScanRoom(Failure* f);
+  bool StartFaultServer(Failure* f);
+  void StopFaultServer(Failure* f);
+  void FaultServer();
+  void KickFaultServer();
+  Batch* ScanBatch(int b, Failure* f);
 
   pid_t pid_;
   Options opts_;
@@ -150,16 +187,25 @@ class Session {
   Failure failure_;
   std::vector<std::pair<int, std::vector<uint32_t>>> discards_;
   std::vector<float> waits_;  // µs, one per fault
-  // Saver-thread state.
+  // Saver state, shared by the scan (the capture thread) and the fault server,
+  // under saveMu_. The scan lets go of it only while it reads the target.
+  PiMutex saveMu_;
+  std::thread faultThread_;
+  int kickFd_ = -1;                   // eventfd: faults the scan read off the fd
+  std::atomic<bool> stopFaults_{false};
+  Failure faultFailure_;              // the fault server's own, under mu_
+  Batch* scanBatch_ = nullptr;        // the scan's batch: faults never write to it
   std::vector<Segment> segs_;  // sorted by start
   std::vector<Fault> faults_;
   std::vector<Batch*> open_;
   uint64_t epoch_ = 0;  // bumped by every layout event (remove, unmap, remap)
-  std::vector<Range> touched_;  // ranges layout events touched since ReadRun's read began
+  std::vector<Range> touched_;  // ranges layout events touched, cleared when the scan's read begins
   std::vector<Range> remapTo_;  // mremap destinations seen since Release's unregister
   int memFd_ = -1;              // /proc/PID/mem, opened on the first unreadable page
   double lastLook_ = 0;
-  bool faultMode_ = false;
+  // Which thread runs this code: the fault server or the scan. Per thread, as
+  // each may let go of saveMu_ (Release, a read) while the other runs.
+  static thread_local bool faultMode_;
   double paceStart_ = 0;
   uint64_t scannedBytes_ = 0;
   FreezerClient helper_{pid_};  // the target's tracer, a process of its own
