@@ -44,6 +44,7 @@ export interface CaptureOptions {
   chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
   chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
   testMaxUnregisters?: number; // tests: fallback unregisters of saved ranges under layout storms (4096)
+  testRetryOnlyMs?: number; // tests: past them, how long one range is retried before the capture fails (5000)
 }
 
 export interface NativeBatch {

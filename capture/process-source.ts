@@ -46,6 +46,7 @@ export interface ProcessCaptureOptions {
   testStuckInjection?: CaptureOptions['testStuckInjection'];
   chainPreProtectMinPages?: CaptureOptions['chainPreProtectMinPages'];
   testMaxUnregisters?: CaptureOptions['testMaxUnregisters'];
+  testRetryOnlyMs?: CaptureOptions['testRetryOnlyMs'];
 }
 
 export interface ProcessCaptureStats {

@@ -55,7 +55,7 @@ test('layout storms with the unregister budget spent: completes or fails by name
     assert.is(s.layoutEvents.unregistered, 0, 'no unregister past the budget');
     if (outcome.err) {
       assert.is(outcome.err.code, 'EAGAIN', String(outcome.err));
-      assert.match(outcome.err.message, /UFFDIO_WRITEPROTECT \(un-protect\) of [0-9a-f]+-[0-9a-f]+ kept failing with EAGAIN/);
+      assert.match(outcome.err.message, /UFFDIO_WRITEPROTECT \(un-protect\) of [0-9a-f]+-[0-9a-f]+ kept failing with EAGAIN for 5000 ms/);
     } else {
       const c = outcome.c!;
       assert.ok(c.end, 'capture completed');
@@ -64,6 +64,25 @@ test('layout storms with the unregister budget spent: completes or fails by name
       const r = checkInvariant(c.region!);
       assert.ok(r.ok, r.detail);
     }
+    await assertReleased(t);
+  } finally {
+    t.kill();
+  }
+});
+
+// The failure path of the same: no unregisters and no time to retry, so the
+// first EAGAIN past the budget fails the capture (a storm makes thousands).
+// It must fail by name, and leave the target running, unprotected, unharmed.
+test('layout storms, no unregister and no retry allowed: the capture fails by name, target released', async () => {
+  const t = await startTarget('storm', 64, 2);
+  try {
+    await new Promise((r) => setTimeout(r, 300));
+    const cap = captureProcess(t.pid, { stallTimeoutMs: 120_000, testMaxUnregisters: 0, testRetryOnlyMs: 0 });
+    const err = await collect(cap.events, t.base, t.size).then(() => undefined, (e) => e);
+    console.log(`  no-retry storm capture: ${err ? `${err.code} ${err.message}` : 'completed'}`);
+    assert.ok(err, `the capture failed (${cap.stats().layoutEvents.eagain} EAGAIN)`);
+    assert.is(err.code, 'EAGAIN', String(err));
+    assert.match(err.message, /UFFDIO_WRITEPROTECT \(un-protect\) of [0-9a-f]+-[0-9a-f]+ kept failing with EAGAIN for 0 ms: .*0 unregisters allowed are spent/);
     await assertReleased(t);
   } finally {
     t.kill();

@@ -133,6 +133,7 @@ struct Options {
   bool chain = false;
   uint32_t preDirtyMinPages = 4096;  // chains: a dirty set this big is re-protected before the freeze
   uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer
+  uint32_t retryOnlyMs = 5000;      // past them, how long Release retries one range before failing
 };
 
 // The target stops twice: armMs to plant the userfaultfd, snapshotMs for the

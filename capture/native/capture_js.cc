@@ -112,6 +112,7 @@ Options ParseOptions(const Napi::Value& v) {
   o.testStuckInjection = stuck.IsBoolean() && stuck.As<Napi::Boolean>().Value();
   o.frozenReadMs = static_cast<uint32_t>(num("frozenReadTimeoutMs", 1000));
   o.maxUnregisters = static_cast<uint32_t>(num("testMaxUnregisters", 4096));
+  o.retryOnlyMs = static_cast<uint32_t>(num("testRetryOnlyMs", 5000));
   Napi::Value pre = obj.Get("preProtect");
   if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
   Napi::Value dd = obj.Get("includeDontDump");

@@ -16,8 +16,6 @@
 
 namespace bgsnap {
 
-static constexpr double kRetryOnlyMs = 5000;
-
 // Events drained since touched_[from] (a read's mark) that overlap [start, end).
 bool Session::Touched(uint64_t start, uint64_t end, size_t from) const {
   for (size_t i = from; i < touched_.size(); i++) {
@@ -124,7 +122,7 @@ bool Session::Release(uint64_t start, uint64_t len, Failure* f) {
     if (abort_) return f->Set(ECANCELED, "capture aborted");
     double waited = NowMs() - t0;
     if (waited > 2 && counters.unregistered < opts_.maxUnregisters) return Unregister(start, len, f);
-    if (waited > kRetryOnlyMs) return GiveUp(start, len, f);
+    if (waited > opts_.retryOnlyMs) return GiveUp(start, len, f);
     LetGo(epoch_ == e0);  // nothing read: wait for the event; else retry at once
   }
 }
@@ -143,12 +141,12 @@ void Session::LetGo(bool wait) {
 
 // Each unregister inside a mapping may split it (vm.max_map_count is the
 // target's budget too), so it is bounded (maxUnregisters); past it Release
-// only retries, and a storm that never leaves a gap for kRetryOnlyMs fails the
+// only retries, and a storm that never leaves a gap for retryOnlyMs (5 s) fails the
 // capture with this error (the target is released as on any failure) instead
 // of spinning forever.
 bool Session::GiveUp(uint64_t start, uint64_t len, Failure* f) {
   return f->Set(EAGAIN, "UFFDIO_WRITEPROTECT (un-protect) of " + Hex(start, len) + " kept failing with EAGAIN for " +
-                            std::to_string(kRetryOnlyMs / 1000) + " s: the target's munmap/madvise/mremap events left no gap, and the " +
+                            std::to_string(opts_.retryOnlyMs) + " ms: the target's munmap/madvise/mremap events left no gap, and the " +
                             std::to_string(opts_.maxUnregisters) + " unregisters allowed are spent");
 }
 
