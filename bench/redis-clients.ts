@@ -74,7 +74,7 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string): Window 
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
-  const note = `${at}faults ${s.faults}, fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
+  const note = `${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
   fs.rmSync(img, { recursive: true, force: true });
   return { contender: root ? 'bgsnap@base' : 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
 }
