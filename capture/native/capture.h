@@ -196,8 +196,8 @@ class BufferPool {
   // pages (half the pool), so a faulting writer waits only for its own copy,
   // never for the disk to take what the scan read. Saver side.
   bool ScanRoom();
-  // Faults are eating into their reserve (the disk lags): each then saves only
-  // its own page, not its 64 KiB neighbourhood, so the reserve lasts 16x more.
+  // Faults have eaten half their reserve (the disk lags): each then saves only
+  // its own page, not its 64 KiB neighbourhood, so the rest lasts 16x more.
   bool Pressed();
   // Readable after a Release or Wake: the saver polls it with the userfaultfd
   // while it waits for ScanRoom, serving faults meanwhile. Clear before checking.
