@@ -319,7 +319,10 @@ export async function assertReleased(t: Target): Promise<void> {
   // with storm threads may go 400 ms without running (seen once in 15
   // process-storm runs); a thread stuck in a fault stays stuck through all tries.
   let p = await allThreadsProgress(t);
-  for (let i = 0; i < 10 && !p.ok; i++) p = await allThreadsProgress(t, 1000);
+  for (let i = 0; i < 10 && !p.ok; i++) {
+    console.log(`  assertReleased: a thread did not progress in try ${i + 1} (counts ${p.before.join(' ')} -> ${p.after.join(' ')}); looking again`);
+    p = await allThreadsProgress(t, 1000);
+  }
   assert.ok(p.ok, `every thread progresses (counts ${p.before.join(' ')} -> ${p.after.join(' ')})`);
   assert.match(await t.command('check'), /^check ok/);
 }
