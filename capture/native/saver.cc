@@ -43,7 +43,16 @@ bool Session::SaverLoop(Failure* f) {
       std::lock_guard<PiMutex> lock(saveMu_);
       if (!ScanChunk(&cb, &cp, f)) break;
     }
-    if (!held && scannedBytes_ > 0) { held = true; Hold("copy"); Stuck(); }
+    if (!held && scannedBytes_ > 0) {
+      held = true;
+      Hold("copy");
+      // The test's stuck saver holds the saver's state, so faults wait too (a
+      // fault server serving on would un-protect everything and the watchdog
+      // would have nothing to release: process-watchdog-fd passed or failed by
+      // how fast the writers faulted).
+      std::lock_guard<PiMutex> lock(saveMu_);
+      Stuck();
+    }
     Pace(f);
   }
   StopFaultServer(f);
