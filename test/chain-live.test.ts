@@ -226,15 +226,23 @@ test('SIGKILL during generation 4: generations 1-3 complete, the target released
     });
     const rx = spawn('/bin/sh', ['-c', `exec ${BIN.receive} -o '${img}'`], { stdio: ['pipe', 'ignore', 'pipe'] });
     cap.stdout!.pipe(rx.stdin!);
-    let err = '', holds = 0;
+    // Killed while the saver holds in generation 4's save (writers wait on it)
+    // and once generation 4's opening is on its way to the receiver: with the
+    // fault server the scan reaches its hold before JavaScript has written that
+    // opening, so the test reads the stream it relays rather than guess a delay.
+    const seen = new BgsnapDecoder();
+    let err = '', holds = 0, opened = false, killed = false;
+    const maybeKill = () => {
+      if (holds === 4 && opened && !killed) (killed = true), cap.kill('SIGKILL');
+    };
+    cap.stdout!.on('data', (b: Buffer) => {
+      opened ||= seen.push(b).some((ev) => ev.type === 'generation' && ev.generation.generation === 4);
+      maybeKill();
+    });
     cap.stderr!.on('data', (b: Buffer) => {
       err += b.toString();
       holds = err.match(/bgsnap-hold copy/g)?.length ?? 0;
-      // The saver holds in generation 4's save: writers wait on it. Killed 1 s
-      // into the 3 s hold: with the fault server the scan reaches its hold at
-      // once after the instant, before JavaScript has written the generation's
-      // opening to the stream (killed at the message, the image had 3 generations).
-      if (holds === 4) setTimeout(() => cap.kill('SIGKILL'), 1000);
+      maybeKill();
     });
     const rxDone = new Promise<number>((resolve) => rx.on('exit', (code) => resolve(code ?? -1)));
     await new Promise((resolve) => cap.on('exit', resolve));
