@@ -21,7 +21,9 @@ test('layout storms elsewhere: the capture completes, consistent, with few rollb
     const ev = s.layoutEvents;
     console.log(`  storm capture: ${seconds.toFixed(1)} s, events ${JSON.stringify(ev)}, pages ${s.pagesByScan} by scan`);
     assert.ok(c.end, 'capture completed');
-    assert.ok(ev.remove + ev.unmap > 1000, `the storm ran during the capture (${ev.remove + ev.unmap} events)`);
+    // Runs here saw 10-47k events; the count follows the machine's pace, so the
+    // bar only asks that the storm really overlapped the capture.
+    assert.ok(ev.remove + ev.unmap > 200, `the storm ran during the capture (${ev.remove + ev.unmap} events)`);
     // Each redo is one read of at most 2 MiB; storms elsewhere may only cause
     // the few whose range they really touched (the storm areas themselves).
     // Redoing on any event, as before, gave ~300 here (and more the faster the storm).

@@ -24,8 +24,28 @@ test.before(async () => {
 
 test.after(async () => {
   await ctx.vm?.kill();
-  if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true });
+  // A capture of a failed test may still be ending (it writes its exit status
+  // here once QEMU is gone): retry, so the test's own failure is what is reported.
+  if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 250 });
 });
+
+// Guard processes (capture/qemu-guard.js, qemu-disk-guard.js) still at work on
+// this VM: a test that leaves one behind must not overlap the next capture.
+function guardsAlive(qmpPath: string): number {
+  let n = 0;
+  for (const p of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    try {
+      const argv = fs.readFileSync(`/proc/${p}/cmdline`, 'utf8');
+      if (/qemu-(disk-)?guard\.js/.test(argv) && argv.includes(qmpPath)) n++;
+    } catch { /* gone */ }
+  }
+  return n;
+}
+
+async function guardsGone(): Promise<void> {
+  for (let i = 0; i < 300 && guardsAlive(ctx.vm!.qmpPath) > 0; i++) await sleep(100);
+  assert.is(guardsAlive(ctx.vm!.qmpPath), 0, 'the guard exits once its work is done');
+}
 
 async function assertVmFine(vm: Vm): Promise<void> {
   const ticks = await vm.waitForTicks(3, 30_000, vm.lines().length);
@@ -103,6 +123,7 @@ test('a capture that exits before QEMU stopped leaves the draining to its guard'
   }
   assert.is(st, 'completed', 'QEMU wrote its snapshot to the end, into the guard');
   await assertVmFine(ctx.vm!);
+  await guardsGone();
 });
 
 // QEMU 7.2 forgets to unprotect guest RAM when a background snapshot ends other
@@ -116,8 +137,11 @@ test('migrate_cancel from elsewhere mid-snapshot: QEMU\'s forgotten write protec
   const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & p=$!; echo $p > '${rc}.pid'; wait $p; echo $? > '${rc}') | (sleep 3; cat > /dev/null)`;
   const run = sh(cmd, 120_000);
   const active = async () => (await ctx.vm!.qmp.execute<{ status?: string }>('query-migrate')).status === 'active';
+  let out = '';
+  void run.then((r) => (out = r.stderr), (e: Error) => (out = e.message));
   for (let i = 0; i < 600 && !(fs.existsSync(`${rc}.pid`) && (await active())); i++) await sleep(20);
-  assert.ok(await active(), 'the snapshot runs when it is cancelled');
+  const st = (await ctx.vm!.qmp.execute<{ status?: string }>('query-migrate')).status;
+  assert.ok(await active(), `the snapshot runs when it is cancelled (QEMU: ${st}; capture said: ${out})`);
   await ctx.vm!.qmp.execute('migrate_cancel');
   const r = await run;
   assert.is.not(fs.readFileSync(rc, 'utf8').trim(), '0', 'a cancelled capture exits non-zero');
