@@ -272,7 +272,7 @@ class Session {
     this.server.close(); // nobody else may connect
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
     conn.pipe(this.out, { end: false });
-    conn.on('end', () => ((this.connEnded = true), this.maybeSucceed()));
+    conn.on('end', () => ((this.connEnded = true), this.maybeSucceed(), this.watchEarlyEnd()));
     conn.on('error', (err) => void this.fail(new Error(`migration socket error: ${err.message}`)));
   }
 
@@ -298,6 +298,28 @@ class Session {
       if (!this.finishing) void this.fail(new Error('QEMU reported completion but the stream never ended'));
     }, 30000);
     guard.unref();
+  }
+
+  // The stream ended, so QEMU's migration thread is done: QEMU completed or
+  // stopped. If its word does not follow, QMP may be unanswered because on QEMU
+  // < 8.1 a thread (its main loop) sleeps on a page that the dead migration
+  // thread never saved (a migrate_cancel from elsewhere: watch()'s query then
+  // never returns; seen in vm-faults). Nothing more can be saved now, so what
+  // QEMU forgot is released and its answer read again.
+  private watchEarlyEnd(): void {
+    const timer = setTimeout(() => void this.earlyEnd(), 3000);
+    timer.unref();
+  }
+
+  private async earlyEnd(): Promise<void> {
+    if (this.completed || this.settled) return;
+    const bounded = { timeoutMs: 5000 };
+    const query = async () => (await this.qmp.execute<MigrationInfo>('query-migrate', undefined, bounded)).status ?? 'none';
+    let status = await query().catch(() => (this.releaseForgotten(false) ? query().catch(() => 'unanswered') : 'unanswered'));
+    if (this.completed || this.settled || status === 'completed') return; // watch() takes it from here
+    if (status === 'cancelled') return void this.fail(new Error('QEMU snapshot was cancelled (migrate_cancel from elsewhere?)'));
+    status = status === 'unanswered' ? 'unanswered on QMP' : `'${status}'`;
+    return void this.fail(new Error(`QEMU's stream ended before QEMU reported completion (its snapshot is ${status})`));
   }
 
   private problemWith(info: MigrationInfo, acceptBy: number): Error | null {

@@ -26,7 +26,11 @@ test.after(async () => {
   await ctx.vm?.kill();
   // A capture of a failed test may still be ending (it writes its exit status
   // here once QEMU is gone): retry, so the test's own failure is what is reported.
-  if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 250 });
+  try {
+    if (ctx.dir) fs.rmSync(ctx.dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 250 });
+  } catch (e) {
+    console.error(`  (left ${ctx.dir}: ${(e as Error).message})`); // uvu would report this instead of the test
+  }
 });
 
 // Guard processes (capture/qemu-guard.js, qemu-disk-guard.js) still at work on
