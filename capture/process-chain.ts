@@ -20,7 +20,7 @@ import { addon, type CaptureInfo, type NativeBatch } from './addon';
 import { copyReadOnly, READ_ONLY_HOW, type ReadOnlyCopy } from './readonly-maps';
 import { preflight } from './preflight';
 import { findUnseenWrites, type UnseenWrites } from './unseen-writes';
-import { copyBatch, stateOf, statsOf, type ProcessCaptureOptions, type ProcessCaptureStats } from './process-source';
+import { copyBatch, releaseHeld, safeInfo, stateOf, statsOf, type ProcessCaptureOptions, type ProcessCaptureStats } from './process-source';
 import { diffReadOnly, type ReadOnlyBlocks } from './chain-readonly';
 import { encodeProcessState, STATE_KIND } from '../format/process-state';
 import { emptyGenerationTotals } from '../format/chain';
@@ -204,19 +204,6 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
       wake?.();
     },
     stats: () => ({ ...statsOf(last, pid, undefined, unseen), pauseMs: gens[0]?.pauseMs ?? 0, generations: gens }),
-    release(batch: PageBatch) {
-      const id = held.get(batch);
-      if (id === undefined || handle === undefined) return;
-      held.delete(batch);
-      addon.releaseBuffer(handle, id);
-    },
+    release: (batch: PageBatch) => releaseHeld(held, handle, batch),
   };
-}
-
-function safeInfo(handle: number): CaptureInfo | undefined {
-  try {
-    return addon.captureInfo(handle);
-  } catch {
-    return undefined;
-  }
 }

@@ -237,16 +237,19 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
       if (handle !== undefined) addon.abortCapture(handle);
     },
     stats: () => statsOf(handle !== undefined && last?.state !== 'done' && last?.state !== 'failed' ? safeInfo(handle) ?? last : last, pid, ro, unseen),
-    release(batch: PageBatch) {
-      const id = held.get(batch);
-      if (id === undefined || handle === undefined) return;
-      held.delete(batch);
-      addon.releaseBuffer(handle, id);
-    },
+    release: (batch: PageBatch) => releaseHeld(held, handle, batch),
   };
 }
 
-function safeInfo(handle: number): CaptureInfo | undefined {
+// Hands a zero-copy batch's native buffer back (once; unknown batches are not ours).
+export function releaseHeld(held: Map<PageBatch, number>, handle: number | undefined, batch: PageBatch): void {
+  const id = held.get(batch);
+  if (id === undefined || handle === undefined) return;
+  held.delete(batch);
+  addon.releaseBuffer(handle, id);
+}
+
+export function safeInfo(handle: number): CaptureInfo | undefined {
   try {
     return addon.captureInfo(handle);
   } catch {

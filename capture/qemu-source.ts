@@ -313,9 +313,7 @@ class Session {
 
   private async earlyEnd(): Promise<void> {
     if (this.completed || this.settled) return;
-    const bounded = { timeoutMs: 5000 };
-    const query = async () => (await this.qmp.execute<MigrationInfo>('query-migrate', undefined, bounded)).status ?? 'none';
-    let status = await query().catch(() => (this.releaseForgotten(false) ? query().catch(() => 'unanswered') : 'unanswered'));
+    let status = await this.boundedStatus(5000).catch(() => 'unanswered');
     if (this.completed || this.settled || status === 'completed') return; // watch() takes it from here
     if (status === 'cancelled') return void this.fail(new Error('QEMU snapshot was cancelled (migrate_cancel from elsewhere?)'));
     status = status === 'unanswered' ? 'unanswered on QMP' : `'${status}'`;
@@ -378,10 +376,7 @@ class Session {
   private async cancelAndRestore(): Promise<void> {
     if (this.qmp.closed) throw new Error('the QMP connection is gone');
     const bounded = { timeoutMs: 10_000 };
-    const query = async () => (await this.qmp.execute<MigrationInfo>('query-migrate', undefined, bounded)).status ?? 'none';
-    // QMP unanswered: on QEMU < 8.1 its main thread may sleep on a page that a
-    // dead migration thread will never save (see capture/qemu-uffd.ts).
-    const status = () => query().catch((e: Error) => (this.releaseForgotten(false) ? query() : Promise.reject(e)));
+    const status = () => this.boundedStatus(bounded.timeoutMs);
     let now = await status();
     if (this.opts.abortBy === 'cancel' && ACTIVE_STATES.has(now)) await this.qmp.execute('migrate_cancel', undefined, bounded);
     const until = Date.now() + (this.opts.abortWaitMs ?? 300_000);
@@ -392,6 +387,15 @@ class Session {
     if (ACTIVE_STATES.has(now)) throw new Error(`QEMU's snapshot is still '${now}'; capabilities left as they are`);
     if (now !== 'completed') this.releaseForgotten(true);
     await restore(this.qmp, this.changes);
+  }
+
+  // QEMU's migration status, waited for at most timeoutMs. QMP unanswered: on
+  // QEMU < 8.1 its main thread may sleep on a page that a dead migration thread
+  // will never save (see capture/qemu-uffd.ts), so that is released and QEMU
+  // asked once more. Only for a snapshot that is over or being given up.
+  private async boundedStatus(timeoutMs: number): Promise<string> {
+    const query = async () => (await this.qmp.execute<MigrationInfo>('query-migrate', undefined, { timeoutMs })).status ?? 'none';
+    return query().catch((e: Error) => (this.releaseForgotten(false) ? query() : Promise.reject(e)));
   }
 
   // QEMU < 8.1 leaves guest RAM write-protected when its snapshot ends other

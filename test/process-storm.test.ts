@@ -5,7 +5,15 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { captureProcess } from '../capture/process-source';
-import { assertReleased, checkInvariant, collect, startTarget } from './process-target';
+import { assertReleased, checkInvariant, collect, startTarget, type Collected } from './process-target';
+
+// A completed capture's pages: each once, none missing, the invariant holding.
+function assertWhole(c: Collected): void {
+  assert.is(c.duplicates, 0, 'no page recorded twice');
+  assert.is(c.missing, 0, 'every page saved or discarded');
+  const r = checkInvariant(c.region!);
+  assert.ok(r.ok, r.detail);
+}
 
 test('layout storms elsewhere: the capture completes, consistent, with few rollbacks', async () => {
   const t = await startTarget('storm', 256, 2);
@@ -28,10 +36,7 @@ test('layout storms elsewhere: the capture completes, consistent, with few rollb
     // the few whose range they really touched (the storm areas themselves).
     // Redoing on any event, as before, gave ~300 here (and more the faster the storm).
     assert.ok(ev.rollbacks < 50, `rollbacks ${ev.rollbacks} for ${ev.remove + ev.unmap} events`);
-    assert.is(c.duplicates, 0, 'no page recorded twice');
-    assert.is(c.missing, 0, 'every page saved or discarded');
-    const r = checkInvariant(c.region!);
-    assert.ok(r.ok, r.detail);
+    assertWhole(c);
     await assertReleased(t);
   } finally {
     t.kill();
@@ -59,12 +64,8 @@ test('layout storms with the unregister budget spent: completes or fails by name
       assert.is(outcome.err.code, 'EAGAIN', String(outcome.err));
       assert.match(outcome.err.message, /UFFDIO_WRITEPROTECT \(un-protect\) of [0-9a-f]+-[0-9a-f]+ kept failing with EAGAIN for 5000 ms/);
     } else {
-      const c = outcome.c!;
-      assert.ok(c.end, 'capture completed');
-      assert.is(c.duplicates, 0, 'no page recorded twice');
-      assert.is(c.missing, 0, 'every page saved or discarded');
-      const r = checkInvariant(c.region!);
-      assert.ok(r.ok, r.detail);
+      assert.ok(outcome.c!.end, 'capture completed');
+      assertWhole(outcome.c!);
     }
     await assertReleased(t);
   } finally {
