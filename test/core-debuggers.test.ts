@@ -46,12 +46,17 @@ let plain: { image: string; core: string };
 let withDd: { image: string; core: string };
 
 test.before(async () => {
-  target = await startBacktrace(buildBacktrace());
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cores-'));
-  await waitParked(target);
-  worker = target.tids.find((t) => syscallOf(target.pid, t) === '230')!;
-  plain = await captureTo('img');
-  withDd = await captureTo('img-dd', '--include-dontdump');
+  try {
+    target = await startBacktrace(buildBacktrace());
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cores-'));
+    await waitParked(target);
+    worker = target.tids.find((t) => syscallOf(target.pid, t) === '230')!;
+    plain = await captureTo('img');
+    withDd = await captureTo('img-dd', '--include-dontdump');
+  } catch (e) {
+    console.error(`  core-debuggers set-up failed: ${(e as Error).stack}`); // uvu would count the tests failed without saying why
+    throw e;
+  }
 });
 
 test.after(() => {
