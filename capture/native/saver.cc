@@ -219,13 +219,13 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   const Segment* s = FindSeg(ft.addr);
   if (!s) return ResolveStray(ft.addr, f);
   int b = s->block;
-  int huge = HugeAt(pagemapFd_, ft.addr);
-  uint64_t g = huge == 1 || (huge < 0 && blocks[b].thp) ? kHuge : pool.Pressed() ? kPage : kFaultGranule;
+  uint64_t g = FaultGranule(ft.addr, b);
   uint64_t lo = std::max(s->start, ft.addr & ~(g - 1));
   uint64_t hi = std::min(s->end, (ft.addr & ~(g - 1)) + g);
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
   uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
   if (!SavePages(b, p0, p1, f)) return false;
+  served_[servedAt_++ % served_.size()] = {lo, hi - lo};
   if (opts_.chain) {  // chains: only the page written loses its protection (generations.cc)
     ChainUnprotect(ft.addr);
   } else if (!Unprotect(b, p0, p1, f)) {
@@ -236,6 +236,24 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   std::lock_guard<std::mutex> lock(mu_);
   if (waits_.size() < (4u << 20)) waits_.push_back(us);
   return true;
+}
+
+// How much to save for a fault: its huge page whole (asked of the kernel per
+// fault, so a huge page is un-protected whole and not split); else one page,
+// unless the fault lands right after (or before) a range served lately: a
+// sequential writer then gets 64 KiB at once, as readahead does for readers.
+// Random writers gain nothing from neighbours: Redis's SETs faulted as often
+// with 64 KiB saved per fault as with 4 KiB (19-23k faults in ~1.5 s), and a
+// 64 KiB save made each of its writes wait 33-131 us against 4-16 us.
+uint64_t Session::FaultGranule(uint64_t addr, int b) {
+  int huge = HugeAt(pagemapFd_, addr);
+  if (huge == 1 || (huge < 0 && blocks[b].thp)) return kHuge;
+  if (pool.Pressed()) return kPage;
+  uint64_t page = addr & ~(kPage - 1);
+  for (const Range& r : served_) {
+    if (r.second && (page == r.first + r.second || page + kPage == r.first)) return kFaultGranule;
+  }
+  return kPage;
 }
 
 bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
