@@ -27,8 +27,8 @@ const prog = new Command('bgsnap-capture')
   .option('--force', 'replace an existing -o file (never a symbolic link)')
   .option('--include-dontdump', 'process only: keep MADV_DONTDUMP ranges, which are left out by default as in kernel core dumps')
   .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
-  .option('--no-disks', '--qmp: leave the drives out (by default every writable drive is captured at the same instant as RAM)')
-  .option('--disks', '--domain: also capture every writable drive (opt-in there: README, Known limits); with --qmp the default')
+  .option('--no-disks', 'QEMU only: leave the drives out (by default every writable drive is captured at the same instant as RAM)')
+  .option('--disks', 'QEMU only: every writable drive; the default, accepted for older scripts')
   .option('--disk <id>', 'QEMU only: capture only this drive (its -drive id); repeatable', (v: string, l: string[] = []) => [...l, v])
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--every <seconds>', 'process only: a chain of generations, one every SECONDS (README, "Snapshot chains")', parseFloat)
@@ -94,16 +94,11 @@ async function openSource(): Promise<Source> {
   throw new Error('say what to capture: --qmp SOCKET, --domain NAME or --pid PID');
 }
 
-// undefined: every writable drive; []: none. With --qmp the drives are in by
-// default; with --domain they stay opt-in: a capture killed with SIGKILL there
-// leaves QEMU's NBD node no way to reconnect to the disk guard's stand-in (its
-// connection was a passed file descriptor), so guest writes copy-before-write
-// holds could fail until the guard cancels the backup (README, Known limits).
+// undefined: every writable drive; []: none.
 function chosenDisks(): string[] | undefined {
   if (opts.disk && opts.disks === false) throw new Error('--disk ID and --no-disks contradict each other');
   if (opts.disk) return opts.disk;
-  if (opts.disks === false) return [];
-  return opts.domain && !opts.disks ? [] : undefined;
+  return opts.disks === false ? [] : undefined;
 }
 
 function progress(): ((p: EmitProgress) => void) | undefined {

@@ -13,14 +13,14 @@
 // drive id; one connection per export.
 import * as net from 'node:net';
 
-const NBDMAGIC = 0x4e42444d41474943n;
-const IHAVEOPT = 0x49484156454f5054n;
+export const NBDMAGIC = 0x4e42444d41474943n;
+export const IHAVEOPT = 0x49484156454f5054n;
 const REPLY_MAGIC = 0x3e889045565a9n;
-const REQUEST_MAGIC = 0x25609513;
-const SIMPLE_REPLY_MAGIC = 0x67446698;
+export const REQUEST_MAGIC = 0x25609513;
+export const SIMPLE_REPLY_MAGIC = 0x67446698;
 const OPT = { EXPORT_NAME: 1, ABORT: 2, INFO: 6, GO: 7 };
 const REP = { ACK: 1, INFO: 3, ERR_UNSUP: 0x80000001, ERR_UNKNOWN: 0x80000006 };
-const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, WRITE_ZEROES: 6 };
+export const CMD = { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, WRITE_ZEROES: 6 };
 const NBD_EIO = 5;
 const NBD_EINVAL = 22;
 const NBD_ENOTSUP = 95;
@@ -38,22 +38,44 @@ export interface NbdExport {
 // data === null: the range reads as zeroes (NBD_CMD_WRITE_ZEROES).
 export type NbdWriteHandler = (exportName: string, offset: number, length: number, data: Buffer | null) => Promise<void>;
 
+// A connection past its handshake, given to whoever serves its requests
+// instead of this server (the disk guard's relay, capture/nbd-relay.ts), with
+// the bytes already read after the handshake. Resolves when it is over.
+export type NbdTakeOver = (sock: net.Socket, buffered: Buffer, exp: NbdExport) => Promise<void>;
+
+// What the stand-in answers a request nobody else will: writes succeed and go
+// nowhere, reads (never offered) fail.
+export function standInAnswer(type: number): number {
+  if (type === CMD.READ) return NBD_EINVAL;
+  return type === CMD.WRITE || type === CMD.WRITE_ZEROES || type === CMD.FLUSH ? 0 : NBD_ENOTSUP;
+}
+
 // Reads exact byte counts from a socket, pausing it while nobody waits.
-class Reader {
+export class Reader {
   private chunks: Buffer[] = [];
   private have = 0;
   private wake: (() => void) | null = null;
   private ended: Error | null = null;
+  private readonly onData = (c: Buffer) => {
+    this.chunks.push(c);
+    this.have += c.length;
+    if (this.have > 64 << 20) this.sock.pause(); // one max-size write plus slack
+    this.wake?.();
+  };
+  private readonly onEnd = (e?: Error) => ((this.ended = e ?? new Error('NBD peer closed the connection')), this.wake?.());
+  private readonly onClose = () => this.onEnd();
 
   constructor(private readonly sock: net.Socket) {
-    sock.on('data', (c: Buffer) => {
-      this.chunks.push(c);
-      this.have += c.length;
-      if (this.have > 64 << 20) sock.pause(); // one max-size write plus slack
-      this.wake?.();
-    });
-    const end = (e?: Error) => ((this.ended = e ?? new Error('NBD client closed the connection')), this.wake?.());
-    sock.on('end', () => end()).on('close', () => end()).on('error', end);
+    sock.on('data', this.onData).on('end', this.onClose).on('close', this.onClose).on('error', this.onEnd);
+  }
+
+  // Stops reading; the socket is left paused (a stream without a 'data'
+  // listener keeps flowing and would drop bytes) and what was read but not
+  // asked for is returned.
+  detach(): Buffer {
+    this.sock.pause();
+    this.sock.off('data', this.onData).off('end', this.onClose).off('close', this.onClose).off('error', this.onEnd);
+    return Buffer.concat(this.chunks);
   }
 
   async read(n: number): Promise<Buffer> {
@@ -80,7 +102,7 @@ export class NbdTargetServer {
   readonly opened = new Set<string>();
   onError: (err: Error) => void = () => undefined;
 
-  constructor(private readonly exports: NbdExport[], private readonly onWrite: NbdWriteHandler) {}
+  constructor(private readonly exports: NbdExport[], private readonly onWrite: NbdWriteHandler, private readonly takeOver?: NbdTakeOver) {}
 
   listen(path: string): Promise<void> {
     return new Promise((resolve, reject) => {
@@ -113,7 +135,8 @@ export class NbdTargetServer {
     try {
       const exp = await this.handshake(sock, r);
       if (exp) this.opened.add(exp.name);
-      if (exp) await this.transmit(sock, r, exp);
+      if (exp && this.takeOver) await this.takeOver(sock, r.detach(), exp);
+      else if (exp) await this.transmit(sock, r, exp);
     } catch (err) {
       const e = err as Error;
       if (!/closed the connection/.test(e.message)) {
@@ -214,7 +237,7 @@ function optReply(sock: net.Socket, opt: number, type: number, data = Buffer.all
   sock.write(Buffer.concat([b, data]));
 }
 
-function simpleReply(sock: net.Socket, handle: Buffer, error: number): void {
+export function simpleReply(sock: net.Socket, handle: Buffer, error: number): void {
   const b = Buffer.alloc(16);
   b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
   b.writeUInt32BE(error, 4);

@@ -12,9 +12,16 @@
 // capture had stopped the VM, makes sure it runs again, so a dead capture
 // never leaves a VM stopped, failing writes, or block nodes behind. (The
 // migration itself has its own guard, capture/qemu-guard.ts.)
+// Through libvirt, QEMU's NBD connection is a passed fd it cannot reopen, so
+// there is nothing to reconnect to a stand-in: instead the capture asks the
+// guard at once ({"relay":{"path":P,"upstream":U,"exports":[...]}}, answered
+// "relaying" on stdout) to be the NBD server QEMU holds, relaying to the
+// capture's (capture/nbd-relay.ts); if the capture dies, the relay answers for
+// it as the stand-in would, on the connection QEMU already has.
 //   node qemu-disk-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}'
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { NbdRelay } from './nbd-relay';
 import { NbdTargetServer, type NbdExport } from './nbd-target';
 import { connectTransport, type QmpTarget, type QmpTransport } from './qmp-transport';
 import { ACTIVE_STATES } from './qemu-source';
@@ -129,15 +136,54 @@ async function undoAll(target: QmpTarget, u: Undo, standIn: NbdTargetServer | nu
   }
 }
 
+interface RelayAsk { path: string; upstream: string; exports: NbdExport[] }
+
+// Started while the capture waits for our "relaying": it hands QEMU a
+// connection to this socket next.
+function startRelay(ask: RelayAsk): NbdRelay {
+  const relay = new NbdRelay(ask.exports, ask.upstream);
+  relay.onError = (e) => process.stderr.write(`bgsnap-capture disk guard: ${e.message}\n`);
+  relay.listen(ask.path).then(
+    () => process.stdout.write('relaying\n'),
+    (e: Error) => process.stdout.write(`relay failed: listening on ${ask.path}: ${e.message}\n`),
+  );
+  return relay;
+}
+
+// Reads stdin to its end, starting the relay as soon as it is asked for.
+async function listenToCapture(): Promise<{ said: string; relay: { path: string; server: NbdRelay } | null }> {
+  let said = '';
+  let relay: { path: string; server: NbdRelay } | null = null;
+  process.stdin.on('data', (c: Buffer) => {
+    const from = said.length;
+    said += c.toString();
+    for (const line of said.slice(said.lastIndexOf('\n', from - 1) + 1).split('\n').slice(0, -1)) {
+      if (!line.startsWith('{"relay"') || relay) continue;
+      const ask = (JSON.parse(line) as { relay: RelayAsk }).relay;
+      relay = { path: ask.path, server: startRelay(ask) };
+    }
+  });
+  await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
+  return { said, relay };
+}
+
+function removeSocket(p: string): void {
+  fs.rmSync(p, { force: true });
+  try {
+    fs.rmdirSync(path.dirname(p)); // the capture's private folder, if now empty
+  } catch {
+    // not empty, or gone: not ours to force
+  }
+}
+
 async function main(): Promise<void> {
   const target = JSON.parse(process.argv[2]) as QmpTarget;
   process.on('SIGINT', () => undefined).on('SIGTERM', () => undefined);
-  let said = '';
-  process.stdin.on('data', (c: Buffer) => (said += c.toString()));
-  await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
+  const { said, relay } = await listenToCapture();
   const { undo, done } = parse(said);
-  if (done) return;
+  if (done) return void (relay?.server.close(), relay && removeSocket(relay.path));
   process.stderr.write('bgsnap-capture died with disks in flight: taking its block jobs and nodes away\n');
+  relay?.server.standIn();
   const standIn = undo.standIn ? await serveStandIn(undo.standIn).catch((e: Error) => {
     process.stderr.write(`bgsnap-capture disk guard: no stand-in NBD server at ${undo.standIn!.path}: ${e.message}\n`);
     return null;
@@ -146,13 +192,9 @@ async function main(): Promise<void> {
   await undoAll(target, undo, standIn).finally(() => {
     clearInterval(timer);
     standIn?.close();
-    if (!standIn) return;
-    fs.rmSync(undo.standIn!.path, { force: true });
-    try {
-      fs.rmdirSync(path.dirname(undo.standIn!.path)); // the capture's private folder, if now empty
-    } catch {
-      // not empty, or gone: not ours to force
-    }
+    relay?.server.close();
+    if (standIn) removeSocket(undo.standIn!.path);
+    if (relay) removeSocket(relay.path);
   });
   process.stderr.write(`bgsnap-capture disk guard: ${undo.jobs.length} job(s) and ${undo.nodes.length} node(s) gone${undo.stopped ? ', VM running' : ''}\n`);
 }

@@ -45,7 +45,8 @@ const HELD_SPEED = 4 << 20;
 // failing them, and our disk guard takes over the socket path at once as a
 // stand-in that accepts every write and throws it away, until it has taken
 // the jobs and nodes away. A connection handed over as a file descriptor
-// (libvirt) cannot be reopened, so there is none of this there.
+// (libvirt) cannot be reopened: there the guard itself is the server QEMU
+// holds, relaying to us (capture/nbd-relay.ts), and answers for us once we die.
 export const RECONNECT_DELAY_S = 10;
 
 export interface DiskPlan {
@@ -179,15 +180,26 @@ export class DiskCapture {
   async prepare(): Promise<void> {
     this.guard = spawnDiskGuard(JSON.stringify(this.qmp.target));
     await this.server.listen(this.socketPath);
+    const serving = 'domain' in this.qmp.target ? await this.relayThroughGuard() : this.socketPath;
     for (const p of this.plans) {
       this.addedNodes.push(p.target);
       this.tellGuard({ node: p.target });
-      const to = await this.qmp.reachSocket(this.socketPath, p.target);
+      const to = await this.qmp.reachSocket(serving, p.target);
       const reopens = to.address.type === 'unix';
       if (reopens) this.tellGuard({ standIn: { path: this.socketPath, export: { name: p.id, size: p.size } } });
       const args = { driver: 'nbd', 'node-name': p.target, export: p.id, server: to.address, ...(reopens ? { 'reconnect-delay': RECONNECT_DELAY_S } : {}) };
       await this.qmp.execute('blockdev-add', args).catch(async (e: Error) => (await to.release(), Promise.reject(e)));
     }
+  }
+
+  // libvirt passes QEMU a connected fd, which QEMU cannot reopen if its server
+  // dies: so QEMU gets a connection to the guard, which outlives us.
+  private async relayThroughGuard(): Promise<string> {
+    const relayPath = path.join(this.dir, 'relay.sock');
+    this.tellGuard({ relay: { path: relayPath, upstream: this.socketPath, exports: this.plans.map((p) => ({ name: p.id, size: p.size })) } });
+    const said = await firstLine(this.guard!);
+    if (said !== 'relaying') throw new Error(`the disk guard cannot serve QEMU's NBD connections: ${said}`);
+    return relayPath;
   }
 
   // After prepare(): stops the VM and starts the backups; the VM is left
@@ -280,11 +292,31 @@ export class DiskCapture {
 }
 
 function spawnDiskGuard(target: string): ChildProcess {
-  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-disk-guard.js'), target], { stdio: ['pipe', 'ignore', 'inherit'] });
+  const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-disk-guard.js'), target], { stdio: ['pipe', 'pipe', 'inherit'] });
   guard.stdin!.on('error', () => undefined);
   guard.unref();
   (guard.stdin as unknown as { unref?: () => void }).unref?.();
+  (guard.stdout as unknown as { unref?: () => void }).unref?.();
   return guard;
+}
+
+// The guard's answer to a request on its stdin, or why there is none.
+function firstLine(guard: ChildProcess): Promise<string> {
+  return new Promise((resolve) => {
+    let out = '';
+    const onData = (c: Buffer) => {
+      out += c.toString();
+      if (out.includes('\n')) finish(out.slice(0, out.indexOf('\n')));
+    };
+    const onExit = (code: number | null, sig: string | null) => finish(`it exited (${sig ?? `exit ${code}`})`);
+    const finish = (line: string) => {
+      guard.stdout!.off('data', onData);
+      guard.off('exit', onExit);
+      resolve(line);
+    };
+    guard.stdout!.on('data', onData);
+    guard.once('exit', onExit);
+  });
 }
 
 // Used by cleanup and by capture/qemu-guard.ts. A job cancelled with force

@@ -5,9 +5,10 @@
 // libvirt with its disk, restored in a plain QEMU from the image's vmstate plus
 // the converted disk, the check must pass; and libvirt's domain must be as
 // before: running, same XML and disk list, no block job, node or fd of ours.
+// Killed with SIGKILL while its disk is copied, the guest sees no I/O error.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -83,14 +84,25 @@ test.after(async () => {
 
 // Defines and starts a domain of the test guest with a 64 MiB raw disk, and
 // waits until its guest checks disk and RAM.
-async function bootDomain(name: string): Promise<{ disk: string; serial: string }> {
-  const disk = path.join(ctx.dir!, `${name}.raw`);
+// `chained`: a qcow2 disk on a backing file holding 144 MiB of data, the
+// guest's records behind it at 150 MiB, so its writes meet copy-before-write
+// while the backup still runs (as in vm-disks-faults).
+async function bootDomain(name: string, chained = false): Promise<{ disk: string; serial: string }> {
+  const disk = path.join(ctx.dir!, chained ? `${name}.qcow2` : `${name}.raw`);
   const serial = path.join(ctx.dir!, `${name}.log`);
-  execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, '64M']);
+  if (chained) {
+    const base = path.join(ctx.dir!, `${name}-base.qcow2`);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '160M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 0 144M', base]);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', disk]);
+  } else {
+    execFileSync('qemu-img', ['create', '-q', '-f', 'raw', disk, '64M']);
+  }
   const xml = path.join(ctx.dir!, `${name}.xml`);
   const { kernel, initrd } = ctx.guest!;
-  const cmdline = `console=ttyS0 quiet panic=-1 bgsnap.mb=16 bgsnap.tick_ms=300 ${APPEND}`;
-  fs.writeFileSync(xml, domainXml({ name, kernel, initrd, cmdline, memMb: 256, disk, serialLog: serial }));
+  const cmdline = `console=ttyS0 quiet panic=-1 bgsnap.mb=16 bgsnap.tick_ms=300 ${APPEND}${chained ? ' bgsnap.disk_at=150' : ''}`;
+  const format = chained ? 'qcow2' as const : 'raw' as const;
+  fs.writeFileSync(xml, domainXml({ name, kernel, initrd, cmdline, memMb: 256, disk, format, serialLog: serial }));
   ctx.lv!.virsh(['define', xml]);
   ctx.lv!.virsh(['start', name]);
   await waitFor('two disk checks from the domain', 180_000, () => (diskChecks(logLines(serial)).length >= 2 ? true : undefined));
@@ -107,7 +119,8 @@ test('--domain with its disk: RAM and disk agree after restore; libvirt\'s domai
 
   const image = path.join(ctx.dir!, 'vm.img');
   const stats = path.join(ctx.dir!, 'cap.json');
-  const r = await sh(`${BIN.capture} --domain ${name} --connect '${lv.uri}' --disks --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
+  // No --disks: with --domain as with --qmp, every writable drive is in by default.
+  const r = await sh(`${BIN.capture} --domain ${name} --connect '${lv.uri}' --stats '${stats}' | ${BIN.receive} -o '${image}'`, 240_000);
   assert.is(r.code, 0, r.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   assert.is(s.runStateAfter, 'running');
@@ -137,33 +150,90 @@ test('--domain with its disk: RAM and disk agree after restore; libvirt\'s domai
   assert.ok(m[1] === 'FAIL' && Number(m[3]) > Number(m[2]), `a later disk must fail the check: ${bad[0]}`);
 });
 
-// Killed with SIGKILL while QEMU's stream is in flight (the reader waits 4 s
-// first): the migration guard drains the stream and puts the setting back,
-// the disk guard takes our job and node away, all through libvirt.
-test('--domain capture killed mid-way (SIGKILL): the domain runs on, libvirt\'s view and QEMU as before', async () => {
+function chainOf(file: string): string {
+  const out = execFileSync('qemu-img', ['info', '-U', '--backing-chain', '--output=json', file], { encoding: 'utf8' });
+  return JSON.stringify((JSON.parse(out) as Record<string, unknown>[]).map((i) => [i.filename, i.format, i['backing-filename'], i['virtual-size']]));
+}
+
+// QEMU's block graph as a capture could change it (nodes, drivers, files,
+// backing files, read-only state), not the sizes the guest's writes change.
+function blockGraph(lv: Libvirtd, name: string): string {
+  type Node = { 'node-name': string; drv: string; file: string; ro: boolean; backing_file?: string; backing_file_depth: number };
+  const nodes = qmp<Node[]>(lv, name, 'query-named-block-nodes');
+  return JSON.stringify(nodes.map((x) => [x['node-name'], x.drv, x.file, x.ro, x.backing_file ?? null, x.backing_file_depth]).sort());
+}
+
+function execVirsh(lv: Libvirtd, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => execFile('virsh', ['-c', lv.uri, ...args], { encoding: 'utf8', env: { ...process.env, LC_ALL: 'C' } },
+    (err, stdout, stderr) => (err ? reject(new Error(`virsh ${args.join(' ')}: ${stderr || err.message}`)) : resolve(stdout))));
+}
+
+function ourNodes(lv: Libvirtd, name: string): string[] {
+  return qmp<{ 'node-name': string }[]>(lv, name, 'query-named-block-nodes').map((n) => n['node-name']).filter((n) => n.startsWith('bgsnap'));
+}
+
+function ourJobs(lv: Libvirtd, name: string): { device: string; offset: number; len: number }[] {
+  return qmp<{ device: string; offset: number; len: number }[]>(lv, name, 'query-block-jobs').filter((j) => j.device.startsWith('bgsnap'));
+}
+
+// Killed with SIGKILL once the guest runs again while its disk is still being
+// copied (the reader reads nothing until then, so the backup stalls): copy-before-write
+// then holds guest writes on the NBD connection QEMU got as a passed fd, which
+// the disk guard serves (capture/nbd-relay.ts) and answers for the dead
+// capture. The guest must see no I/O error; the migration guard drains the
+// stream and puts the setting back, the disk guard takes our job and node
+// away, all through libvirt; domain, block graph and disk chain as before.
+test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error, the domain runs on, libvirt\'s view, QEMU and the disk chain as before', async () => {
   const lv = ctx.lv!;
   const name = 'bgsnap-kill';
-  const { serial } = await bootDomain(name);
+  const { disk, serial } = await bootDomain(name, true);
   const before = libvirtView(lv, name);
+  const graph = blockGraph(lv, name);
+  const chain = chainOf(disk);
   const fdsBefore = socketFds(lv.qemuPid(name));
   const pidFile = path.join(ctx.dir!, 'kill.pid');
-  const disks = process.env.BGSNAP_DISK_FAULTS === '1' ? '--disks' : ''; // opt-in with --domain (README, Known limits)
-  const r = sh(`(${BIN.capture} --domain ${name} --connect '${lv.uri}' ${disks} & echo $! > '${pidFile}'; wait) | (sleep 4; cat > /dev/null)`, 240_000);
-  await waitFor('the snapshot under way', 60_000, () => (qmp<{ status?: string }>(lv, name, 'query-migrate').status === 'active' ? true : undefined));
+  const go = path.join(ctx.dir!, 'kill.go');
+  // The reader reads nothing until the capture is dead, so the backup stalls.
+  const reader = `(while [ ! -e '${go}' ]; do sleep 0.2; done; cat > /dev/null)`;
+  const r = sh(`(${BIN.capture} --domain ${name} --connect '${lv.uri}' & echo $! > '${pidFile}'; wait) | ${reader}`, 240_000);
+  await waitFor('our backup job', 60_000, () => (ourJobs(lv, name).length ? true : undefined));
+  await waitFor('the guest running again', 60_000, () => (qmp<{ status: string }>(lv, name, 'query-status').status === 'running' ? true : undefined));
+  const [job] = ourJobs(lv, name);
+  assert.ok(job && job.offset < job.len, `the backup still copies when the capture dies: ${JSON.stringify(job)}`);
+  // The guest's own writes wait for its RAM here (the stalled stream holds
+  // the background snapshot too), so a write of QEMU's own qemu-io on vda,
+  // through copy-before-write as a guest write goes, to a cluster the stalled
+  // backup has not copied (the disk's end), is what is held when the capture
+  // dies. (No virsh call meanwhile: libvirt holds the domain's job for it.)
+  let wrote: string | null = null;
+  const write = execVirsh(lv, ['qemu-monitor-command', name, '--hmp', 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 155M 64k"']).then((o) => (wrote = o));
+  await sleep(1000);
+  assert.is(wrote, null, 'the write waits for the backup');
   process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGKILL');
+  fs.writeFileSync(go, '');
   const out = await r;
+  await write;
+  const log = path.join(lv.dir, 'log', 'qemu', `${name}.log`);
+  const said = await waitFor('qemu-io\'s answer in QEMU\'s log', 60_000, () => logLines(log).find((l) => /^(wrote \d+\/\d+ bytes|write failed)/.test(l)));
+  assert.is(said.replace(/ at offset.*/, ''), 'wrote 65536/65536 bytes', 'a write held by copy-before-write when the capture died');
   assert.match(out.stderr, /died mid-snapshot: draining/);
+  assert.match(out.stderr, /died with disks in flight/);
   await waitFor('the setting put back', 120_000, () => {
     const caps = qmp<{ capability: string; state: boolean }[]>(lv, name, 'query-migrate-capabilities');
     return caps.find((c) => c.capability === 'background-snapshot')?.state === false ? true : undefined;
   });
   assert.is(qmp<{ status: string }>(lv, name, 'query-migrate').status, 'completed');
+  await waitFor('our job and node gone', 60_000, () => (!ourJobs(lv, name).length && !ourNodes(lv, name).length ? true : undefined))
+    .catch((e: Error) => assert.unreachable(`${e.message}; capture and guards said: ${out.stderr}`));
   assert.equal(qmp<unknown[]>(lv, name, 'query-block-jobs'), []);
+  assert.is(blockGraph(lv, name), graph, 'query-named-block-nodes as before');
+  assert.is(chainOf(disk), chain, 'the disk chain is unchanged');
   assert.equal(libvirtView(lv, name), before);
   assert.is(socketFds(lv.qemuPid(name)), fdsBefore, 'no socket handed to QEMU is left open');
-  const seen = diskChecks(logLines(serial)).length;
-  await waitFor('the guest checking on', 60_000, () => (diskChecks(logLines(serial)).length > seen + 1 ? true : undefined));
-  assert.ok(diskChecks(logLines(serial)).every((l) => l.startsWith('disk=ok')), 'the guest saw no disk or memory error');
+  const after = diskChecks(logLines(serial)).length;
+  await waitFor('the guest checking on', 60_000, () => (diskChecks(logLines(serial)).length > after + 1 ? true : undefined));
+  const failed = logLines(serial).filter((l) => /disk=FAIL|disk write .* failed|I\/O error/.test(l));
+  assert.equal(failed, [], 'the guest saw no disk or memory error');
   lv.virsh(['destroy', name]);
 });
 

@@ -113,7 +113,8 @@ export interface DomainSpec {
   initrd: string;
   cmdline: string;
   memMb: number;
-  disk: string; // raw image, the domain's vda at PCI slot 4
+  disk: string; // the domain's vda at PCI slot 4
+  format?: 'raw' | 'qcow2'; // the disk's; raw unless said
   serialLog: string; // the guest's console, as a file
 }
 
@@ -136,7 +137,7 @@ export function domainXml(s: DomainSpec): string {
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
+      <driver name='qemu' type='${s.format ?? 'raw'}'/>
       <source file='${s.disk}'/>
       <target dev='vda' bus='virtio'/>
       <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>
