@@ -237,6 +237,43 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   lv.virsh(['destroy', name]);
 });
 
+// The capture's own ways out with disks in flight, through the relay: a
+// SIGTERM, and a reader that goes away (EPIPE). Each fails naming why, and
+// leaves the domain, its block graph and disk chain as they were.
+test('--domain, SIGTERM or the reader gone with disks in flight: a clear error, the domain as before', async () => {
+  const lv = ctx.lv!;
+  const name = 'bgsnap-faults';
+  const { disk, serial } = await bootDomain(name, true);
+  const before = libvirtView(lv, name);
+  const graph = blockGraph(lv, name);
+  const chain = chainOf(disk);
+  const fdsBefore = socketFds(lv.qemuPid(name));
+  const cases: [string, string, (pid: number) => void, RegExp][] = [
+    ['SIGTERM', '(sleep 4; cat > /dev/null)', (pid) => process.kill(pid, 'SIGTERM'), /received SIGTERM/],
+    ['the reader gone', 'head -c 3000000 > /dev/null', () => undefined, /bgsnap-capture: .*EPIPE/],
+  ];
+  for (const [what, reader, act, said] of cases) {
+    const f = path.join(ctx.dir!, `fault-${what.replace(/\W/g, '')}`);
+    const r = sh(`(${BIN.capture} --domain ${name} --connect '${lv.uri}' & echo $! > '${f}.pid'; wait $!; echo $? > '${f}.rc') | ${reader}`, 240_000);
+    await waitFor('our backup job', 60_000, () => (ourJobs(lv, name).length || fs.existsSync(`${f}.rc`) ? true : undefined));
+    act(Number(fs.readFileSync(`${f}.pid`, 'utf8')));
+    const out = await r;
+    const rc = fs.readFileSync(`${f}.rc`, 'utf8').trim();
+    assert.is.not(rc, '0', `${what}: the capture does not claim success`);
+    assert.match(out.stderr, said, `${what}: ${out.stderr}`);
+    await waitFor('our job and node gone', 60_000, () => (!ourJobs(lv, name).length && !ourNodes(lv, name).length ? true : undefined));
+    assert.is(blockGraph(lv, name), graph, `${what}: query-named-block-nodes as before`);
+    assert.is(chainOf(disk), chain, `${what}: the disk chain is unchanged`);
+    assert.equal(libvirtView(lv, name), before, what);
+    assert.is(socketFds(lv.qemuPid(name)), fdsBefore, `${what}: no socket handed to QEMU is left open`);
+    const seen = diskChecks(logLines(serial)).length;
+    await waitFor('the guest checking on', 60_000, () => (diskChecks(logLines(serial)).length > seen + 1 ? true : undefined));
+  }
+  const failed = logLines(serial).filter((l) => /disk=FAIL|disk write .* failed|I\/O error/.test(l));
+  assert.equal(failed, [], 'the guest saw no disk or memory error');
+  lv.virsh(['destroy', name]);
+});
+
 test('--domain refuses an unknown or shut-off domain, before touching anything', async () => {
   const lv = ctx.lv!;
   const unknown = await run(BIN.capture, ['--domain', 'no-such-domain', '--connect', lv.uri, '-o', path.join(ctx.dir!, 'x.bgsnap')]);
