@@ -196,23 +196,42 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   // The reader reads nothing until the capture is dead, so the backup stalls.
   const reader = `(while [ ! -e '${go}' ]; do sleep 0.2; done; cat > /dev/null)`;
   const r = sh(`(${BIN.capture} --domain ${name} --connect '${lv.uri}' & echo $! > '${pidFile}'; wait) | ${reader}`, 240_000);
-  await waitFor('our backup job', 60_000, () => (ourJobs(lv, name).length ? true : undefined));
-  await waitFor('the guest running again', 60_000, () => (qmp<{ status: string }>(lv, name, 'query-status').status === 'running' ? true : undefined));
-  const [job] = ourJobs(lv, name);
-  assert.ok(job && job.offset < job.len, `the backup still copies when the capture dies: ${JSON.stringify(job)}`);
-  // The guest's own writes wait for its RAM here (the stalled stream holds
-  // the background snapshot too), so a write of QEMU's own qemu-io on vda,
-  // through copy-before-write as a guest write goes, to a cluster the stalled
-  // backup has not copied (the disk's end), is what is held when the capture
-  // dies. (No virsh call meanwhile: libvirt holds the domain's job for it.)
-  let wrote: string | null = null;
-  const write = execVirsh(lv, ['qemu-monitor-command', name, '--hmp', 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 155M 64k"']).then((o) => (wrote = o));
-  await sleep(1000);
-  assert.is(wrote, null, 'the write waits for the backup');
-  process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGKILL');
-  fs.writeFileSync(go, '');
+  let killed = false;
+  let write: Promise<unknown> = Promise.resolve();
+  try {
+    await waitFor('our backup job', 60_000, () => (ourJobs(lv, name).length ? true : undefined));
+    await waitFor('the guest running again', 60_000, () => (qmp<{ status: string }>(lv, name, 'query-status').status === 'running' ? true : undefined));
+    // Stalled: the capture's buffers are full and it answers no more backup
+    // writes (its offset stays put while nothing holds the job back).
+    let last = -1;
+    let same = 0;
+    const job = await waitFor('the backup stalled behind the reader', 120_000, () => {
+      const [j] = ourJobs(lv, name);
+      same = j && j.offset === last ? same + 1 : 0;
+      last = j ? j.offset : -1;
+      return same >= 5 ? j : undefined;
+    });
+    assert.ok(job.offset < job.len, `the backup still copies when the capture dies: ${JSON.stringify(job)}`);
+    // The guest's own writes wait for its RAM here (the stalled stream holds
+    // the background snapshot too), so a write of QEMU's own qemu-io on vda,
+    // through copy-before-write as a guest write goes, to a cluster the stalled
+    // backup has not copied (the disk's end), is what is held when the capture
+    // dies. (No virsh call meanwhile: libvirt holds the domain's job for it.)
+    let wrote: string | null = null;
+    write = execVirsh(lv, ['qemu-monitor-command', name, '--hmp', 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 155M 64k"']).then((o) => (wrote = o));
+    await sleep(1000);
+    assert.is(wrote, null, 'the write waits for the backup');
+    process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGKILL');
+    killed = true;
+  } finally {
+    // A failed premise must not leave the capture waiting on its reader for good.
+    if (!killed && fs.existsSync(pidFile)) process.kill(Number(fs.readFileSync(pidFile, 'utf8')), 'SIGTERM');
+    fs.writeFileSync(go, '');
+  }
   const out = await r;
-  await write;
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`qemu-io's write did not end within 120 s of the kill: ${out.stderr}`)), 120_000)));
+  await Promise.race([write, bound]).finally(() => clearTimeout(timer));
   const log = path.join(lv.dir, 'log', 'qemu', `${name}.log`);
   const said = await waitFor('qemu-io\'s answer in QEMU\'s log', 60_000, () => logLines(log).find((l) => /^(wrote \d+\/\d+ bytes|write failed)/.test(l)));
   assert.is(said.replace(/ at offset.*/, ''), 'wrote 65536/65536 bytes', 'a write held by copy-before-write when the capture died');
@@ -221,7 +240,7 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   await waitFor('the setting put back', 120_000, () => {
     const caps = qmp<{ capability: string; state: boolean }[]>(lv, name, 'query-migrate-capabilities');
     return caps.find((c) => c.capability === 'background-snapshot')?.state === false ? true : undefined;
-  });
+  }).catch((e: Error) => assert.unreachable(`${e.message}; capture and guards said: ${out.stderr}`));
   assert.is(qmp<{ status: string }>(lv, name, 'query-migrate').status, 'completed');
   await waitFor('our job and node gone', 60_000, () => (!ourJobs(lv, name).length && !ourNodes(lv, name).length ? true : undefined))
     .catch((e: Error) => assert.unreachable(`${e.message}; capture and guards said: ${out.stderr}`));
