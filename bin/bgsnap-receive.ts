@@ -44,7 +44,7 @@ main('bgsnap-receive', async () => {
   const sink = opts.to ? new StreamSink(await NetOutput.connect(opts)) : await ImageWriter.create(opts.output!, { force: opts.force });
   // Stopped by a signal, the image is closed as incomplete with what arrived (its
   // bitmaps written), not left half-described.
-  const input = stdinStream();
+  const input = stdinStream(!opts.to);
   const stop = (sig: string) => input.destroy(new Error(`stopped by ${sig}`));
   process.once('SIGINT', stop).once('SIGTERM', stop);
   const summary = await receive(input, sink);

@@ -3,6 +3,7 @@
 import * as fs from 'node:fs';
 import type { Readable } from 'node:stream';
 import { fileops } from '../io/fileops';
+import { mappedStreamFile } from '../receiver/mapped-input';
 
 export function fatal(prog: string, err: unknown): never {
   const e = err as Error & { code?: string };
@@ -35,14 +36,20 @@ export function parseIntArg(name: string) {
   };
 }
 
-// stdin as a stream. A regular file is read in 8 MiB chunks, so few 1 MiB page
-// frames straddle two chunks (those get copied again). It is read, not mapped:
-// a mapped file truncated under us would kill the receiver with SIGBUS, where a
-// read just ends the stream and the image is closed incomplete with its reason.
-// A pipe is grown to 1 MiB (the default pipe-max-size) so the writer runs ahead
-// while we work instead of the two taking turns over 64 KiB.
-export function stdinStream(): Readable {
-  if (fs.fstatSync(0).isFile()) return fs.createReadStream('', { fd: 0, start: fileops.tell(0), highWaterMark: 8 << 20, autoClose: false });
+// stdin as a stream. For an image (forImage), a regular file holding a bgsnap
+// stream is mapped (receiver/mapped-input.ts): its pages go from the page cache
+// to the image with one copy, and a truncation of the file while it is read
+// ends the stream with its reason instead of a SIGBUS. Otherwise a regular file
+// is read in 8 MiB chunks, so few 1 MiB page frames straddle two chunks (those
+// get copied again). A pipe is grown to 1 MiB (the default pipe-max-size) so
+// the writer runs ahead while we work instead of the two taking turns over 64 KiB.
+// BGSNAP_INPUT=read keeps a file read rather than mapped (bench/receive-throughput.ts
+// compares the two).
+export function stdinStream(forImage = false): Readable {
+  if (fs.fstatSync(0).isFile()) {
+    if (forImage && process.env.BGSNAP_INPUT !== 'read') return mappedStreamFile(0, fileops.tell(0), { populate: process.env.BGSNAP_POPULATE !== '0' });
+    return fs.createReadStream('', { fd: 0, start: fileops.tell(0), highWaterMark: 8 << 20, autoClose: false });
+  }
   fileops.setPipeSize(0, 1 << 20);
   return process.stdin;
 }

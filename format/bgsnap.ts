@@ -33,7 +33,7 @@ import {
   type Crc32Fn,
 } from './bgsnap-frame';
 import { CHAIN_END_BYTES, ChainRules } from './chain';
-import type { BlockInfo, PageCheck, StreamDecoder, StreamEvent, StreamHeader, StreamTotals } from './events';
+import type { BlockInfo, StreamDecoder, StreamEvent, StreamHeader, StreamTotals } from './events';
 
 export { BgsnapEncoder, type EncoderOptions } from './bgsnap-encode';
 export { CHAIN_VERSION, FRAME_HEADER, FrameType, MAGIC, MAX_PAYLOAD, VERSION, isBgsnapStream, type Crc32Fn } from './bgsnap-frame';
@@ -134,20 +134,54 @@ export class BgsnapDecoder implements StreamDecoder {
     }
     if ((flags & ~FLAG_ZSTD) !== 0 || h.readUInt16LE(2) !== 0) this.fail('MALFORMED', `${FrameType[type]} frame ${this.frameNo} has unknown flags ${flags}`);
     if (this.q.length < FRAME_HEADER + length) return undefined;
+    const plainPages = type === FrameType.PAGES && !(flags & FLAG_ZSTD);
+    if (plainPages && this.opts.deferPageChecks) return this.consumed(this.readDeferredPages(h, length, rawLength), length);
     this.q.skip(FRAME_HEADER);
     const wire = this.q.take(length);
-    const plainPages = type === FrameType.PAGES && !(flags & FLAG_ZSTD);
-    const check = plainPages && this.opts.deferPageChecks ? this.pageCheck(h, wire) : undefined;
-    const pageCrcs = plainPages && !check ? this.pageCrcs(h, wire) : undefined;
-    const crc = check ? check.expected : pageCrcs ? pageCrcs.frame : this.crc(wire, this.crc(h.subarray(0, 12)));
+    const pageCrcs = plainPages ? this.pageCrcs(h, wire) : undefined;
+    const crc = pageCrcs ? pageCrcs.frame : this.crc(wire, this.crc(h.subarray(0, 12)));
     if (crc !== h.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in ${FrameType[type]} frame ${this.frameNo}`);
     const payload = flags & FLAG_ZSTD ? this.inflate(wire, rawLength, type) : wire;
     if (!(flags & FLAG_ZSTD) && rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);
-    const ev = check ? this.decodeUnchecked(h, wire) : this.decodePayload(type, payload);
+    const ev = this.decodePayload(type, payload);
     if (ev.type === 'pages' && pageCrcs) ev.batch.crcs = pageCrcs.pages;
-    if (ev.type === 'pages' && check) ev.batch.check = check;
+    return this.consumed(ev, length);
+  }
+
+  private consumed(ev: StreamEvent, length: number): StreamEvent {
     this.offset += FRAME_HEADER + length;
     this.frameNo++;
+    return ev;
+  }
+
+  // A plain PAGES frame whose checksum the sink verifies from the CRCs of its
+  // pages (PageCheck), so no page is read twice. Its metadata and its data pages
+  // are taken as two ranges: pages that arrive as a chunk of their own (the
+  // receiver's mapped stream file, receiver/mapped-input.ts, whose views only
+  // guarded native code may read) are then neither copied nor read here. When
+  // the layout does not add up, the whole frame is checked here, and a damaged
+  // frame is reported as the bad checksum it is before any payload error.
+  private readDeferredPages(h: Buffer, length: number, rawLength: number): StreamEvent {
+    this.q.skip(FRAME_HEADER);
+    const n = length >= 8 ? this.q.peek(8).readUInt32LE(4) : 0;
+    const metaEnd = 8 + n * 5 + pad4(n);
+    const meta = this.q.take(Math.min(length, metaEnd));
+    const data = this.q.take(length - meta.length);
+    const head = this.crc(h.subarray(0, 12));
+    const expected = h.readUInt32LE(12);
+    const intact = () => this.crc(data, this.crc(meta, head)) === expected;
+    const ps = this.header?.pageSize;
+    const fits = ps !== undefined && length >= 8 && meta.length === metaEnd && data.length % ps === 0;
+    if (!fits && !intact()) this.fail('BAD_CHECKSUM', `bad checksum in PAGES frame ${this.frameNo}`);
+    if (rawLength !== length) this.fail('MALFORMED', `frame ${this.frameNo}: raw length ${rawLength} != length ${length}`);
+    let ev: StreamEvent;
+    try {
+      ev = this.decodePayload(FrameType.PAGES, meta, data);
+    } catch (e) {
+      if (fits && !intact()) this.fail('BAD_CHECKSUM', `bad checksum in PAGES frame ${this.frameNo}`);
+      throw e;
+    }
+    if (fits && ev.type === 'pages') ev.batch.check = { seed: this.crc(meta, head), expected, frame: this.frameNo, offset: this.offset };
     return ev;
   }
 
@@ -165,27 +199,6 @@ export class BgsnapDecoder implements StreamDecoder {
       frame = crc32Combine(frame, pages[i], ps);
     }
     return { frame, pages };
-  }
-
-  // A PAGES frame whose checksum the sink will verify: if its payload does not
-  // decode, a damaged frame is reported as the bad checksum it is.
-  private decodeUnchecked(head: Buffer, wire: Buffer): StreamEvent {
-    try {
-      return this.decodePayload(FrameType.PAGES, wire);
-    } catch (e) {
-      if (this.crc(wire, this.crc(head.subarray(0, 12))) !== head.readUInt32LE(12)) this.fail('BAD_CHECKSUM', `bad checksum in PAGES frame ${this.frameNo}`);
-      throw e;
-    }
-  }
-
-  // The part of a plain PAGES frame's checksum before its data pages; the sink
-  // extends it by each page (PageCheck). Undefined when the layout does not add
-  // up: the frame is then checked here, and its payload checks report it.
-  private pageCheck(head: Buffer, wire: Buffer): PageCheck | undefined {
-    const metaEnd = this.pagesMetaEnd(wire);
-    if (metaEnd === undefined) return undefined;
-    const seed = this.crc(wire.subarray(0, metaEnd), this.crc(head.subarray(0, 12)));
-    return { seed, expected: head.readUInt32LE(12), frame: this.frameNo, offset: this.offset };
   }
 
   private pagesMetaEnd(wire: Buffer): number | undefined {
@@ -212,12 +225,13 @@ export class BgsnapDecoder implements StreamDecoder {
     return out;
   }
 
-  private decodePayload(type: FrameType, p: Buffer): StreamEvent {
+  // rest: a PAGES frame's data pages when p holds only its metadata.
+  private decodePayload(type: FrameType, p: Buffer, rest?: Buffer): StreamEvent {
     if (type !== FrameType.HEADER && !this.header) this.fail('MALFORMED', `${FrameType[type]} frame before the HEADER frame`);
     switch (type) {
       case FrameType.HEADER: return this.decodeHeader(p);
       case FrameType.BLOCKS: return this.decodeBlocks(p);
-      case FrameType.PAGES: return this.decodePages(p);
+      case FrameType.PAGES: return this.decodePages(p, rest);
       case FrameType.DISCARD: return this.decodeDiscard(p);
       case FrameType.STATE: return this.decodeState(p);
       case FrameType.GENERATION: return { type: 'generation', generation: this.chain!.start(p) };
@@ -291,7 +305,7 @@ export class BgsnapDecoder implements StreamDecoder {
     return index;
   }
 
-  private decodePages(p: Buffer): StreamEvent {
+  private decodePages(p: Buffer, rest?: Buffer): StreamEvent {
     this.need(p, 8, 'PAGES');
     const block = p.readUInt32LE(0);
     const n = p.readUInt32LE(4);
@@ -304,14 +318,15 @@ export class BgsnapDecoder implements StreamDecoder {
     let zeros = 0;
     for (let i = 0; i < n; i++) zeros += zero[i] ? 1 : 0;
     const dataLen = (n - zeros) * this.header!.pageSize;
-    if (p.length !== metaEnd + dataLen) this.fail('MALFORMED', `PAGES frame ${this.frameNo}: ${n - zeros} data pages need ${dataLen} bytes, frame carries ${p.length - metaEnd}`);
+    const total = p.length + (rest?.length ?? 0);
+    if (total !== metaEnd + dataLen) this.fail('MALFORMED', `PAGES frame ${this.frameNo}: ${n - zeros} data pages need ${dataLen} bytes, frame carries ${total - metaEnd}`);
     this.counted.pages += n;
     this.counted.zeroPages += zeros;
     this.counted.batches += 1;
     this.chain?.count('pages', n);
     this.chain?.count('zeroPages', zeros);
     this.chain?.count('batches', 1);
-    return { type: 'pages', batch: { block, index, zero, data: p.subarray(metaEnd) } };
+    return { type: 'pages', batch: { block, index, zero, data: rest ?? p.subarray(metaEnd) } };
   }
 
   private decodeDiscard(p: Buffer): StreamEvent {

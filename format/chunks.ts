@@ -36,6 +36,7 @@ export class ChunkQueue {
 
   // Consumes and returns the next n bytes (n <= length).
   take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
     const out = this.peek(n);
     this.skip(n);
     return out;

@@ -19,12 +19,21 @@ export interface FileOps {
   setPipeSize(fd: number, bytes: number): number;
   // The file position of fd (lseek SEEK_CUR).
   tell(fd: number): number;
+  // A read-only Buffer over [offset, offset+length) of a regular file (mmap,
+  // MAP_POPULATE unless populate is false); offset page-aligned; unmapped when
+  // collected. Only the addon's guarded code may read it: JavaScript must not
+  // (a truncated file raises SIGBUS; see io/native/mapped_input.cc).
+  mapInput(fd: number, offset: number, length: number, populate?: boolean): Buffer;
   // zlib's CRC-32 of buf continuing from crc (0 to start), at memory speed.
+  // Throws code INPUT_TRUNCATED if buf is a mapInput view whose file shrank.
   crc32(buf: Uint8Array, crc?: number): number;
   // The image's per-page work for batches, in order, on a pool thread
   // (pagewrite.cc). badChecksum: the index of the job whose frame checksum
-  // failed (it and those after it are not written), or -1.
-  writePages(jobs: PageJob[]): Promise<{ badChecksum: number; duplicates: number; zeroRecords: number }>;
+  // failed (it and those after it are not written), or -1. truncatedAt: the
+  // index of the job whose pages were a mapInput view of a file that shrank
+  // (those after it are not written, it may be in part), or -1; truncated says
+  // where.
+  writePages(jobs: PageJob[]): Promise<{ badChecksum: number; truncatedAt: number; truncated?: string; duplicates: number; zeroRecords: number }>;
 }
 
 // One batch of pages for writePages. The bitmaps (present, dataBits, discarded:

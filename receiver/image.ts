@@ -202,9 +202,13 @@ export class ImageWriter implements SnapshotSink {
     return this.close(reason === '' ? 'complete' : 'incomplete', reason);
   }
 
+  // A queued page batch that failed (bad checksum, write error, a stream file
+  // truncated under its mapping) was decoded before whatever stopped the stream
+  // after it: its reason is the first thing that went wrong.
   async fail(reason: string): Promise<ReceiveSummary> {
     if (this.chain) return this.closeChain(reason);
-    return this.close('incomplete', reason);
+    const failed = await this.queue.idle().then(() => undefined, (e: Error) => e);
+    return this.close('incomplete', failed ? failed.message : reason);
   }
 
   // A chain closes its generation in flight itself; then its records and the

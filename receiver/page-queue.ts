@@ -59,14 +59,17 @@ export class PageQueue {
     }
     try {
       const r = await fileops.writePages(take.map((t) => t.job));
-      const done = r.badChecksum < 0 ? take.length : r.badChecksum;
-      for (let k = 0; k < done; k++) this.settle(take[k]);
+      const stop = r.badChecksum >= 0 ? r.badChecksum : r.truncatedAt;
+      for (let k = 0; k < (stop < 0 ? take.length : stop); k++) this.settle(take[k]);
       this.counts.duplicates += r.duplicates;
       this.counts.zeroRecords += r.zeroRecords;
       if (r.badChecksum >= 0) {
         const c = take[r.badChecksum].batch.check!;
         throw new StreamError('bgsnap', 'BAD_CHECKSUM', c.offset, `bad checksum in PAGES frame ${c.frame}`);
       }
+      // A stream file truncated under its mapping (io/native/mapped_input.cc)
+      // ends the stream as a read at its new end would.
+      if (r.truncated) throw Object.assign(new Error(`bgsnap stream: ${r.truncated}`), { code: 'TRUNCATED' });
     } catch (e) {
       this.failure ??= named(e as Error & { code?: string }, this.file);
       // The failed batch, and all after it, are never written.
@@ -88,7 +91,7 @@ export class PageQueue {
 
 // An errno error from the addon (ENOSPC on a full disk, EIO) with the file's name.
 function named(e: Error & { code?: string }, file: string): Error {
-  if (!e.code || e instanceof StreamError) return e;
+  if (!e.code || e.code === 'TRUNCATED' || e instanceof StreamError) return e;
   return Object.assign(new Error(`${file}: ${e.message}`), { code: e.code });
 }
 

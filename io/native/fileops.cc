@@ -15,6 +15,7 @@
 
 #include "crc32.h"
 #include "errno_error.h"
+#include "mapped_input.h"
 
 namespace bgsnap {
 
@@ -79,7 +80,16 @@ static Napi::Value Crc32Js(const Napi::CallbackInfo& info) {
   Napi::TypedArray a = info[0].As<Napi::TypedArray>();
   uint32_t crc = info.Length() > 1 ? info[1].As<Napi::Number>().Uint32Value() : 0;
   const uint8_t* p = static_cast<const uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
-  return Napi::Number::New(env, Crc32(crc, p, a.ByteLength()));
+  // Guarded: buf may be a view of a mapped input file someone truncates.
+  uint32_t out = 0;
+  uintptr_t fault = 0;
+  if (!GuardedCrc32(crc, p, a.ByteLength(), &out, &fault)) {
+    Napi::Error e = Napi::Error::New(env, TruncatedMessage(fault));
+    e.Set("code", Napi::String::New(env, "INPUT_TRUNCATED"));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, out);
 }
 
 // tell(fd): the file position (lseek SEEK_CUR), e.g. of a stdin file someone
@@ -142,6 +152,7 @@ Napi::Value WritePages(const Napi::CallbackInfo& info);  // pagewrite.cc
 Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("tell", Napi::Function::New(env, Tell, "tell"));
   exports.Set("crc32", Napi::Function::New(env, Crc32Js, "crc32"));
+  exports.Set("mapInput", Napi::Function::New(env, MapInput, "mapInput"));
   exports.Set("writePages", Napi::Function::New(env, WritePages, "writePages"));
   exports.Set("setPipeSize", Napi::Function::New(env, SetPipeSize, "setPipeSize"));
   exports.Set("punchHole", Napi::Function::New(env, PunchHole, "punchHole"));

@@ -21,6 +21,7 @@
 
 #include "crc32.h"
 #include "errno_error.h"
+#include "mapped_input.h"
 
 // zlib as linked into Node (exported for addons), for combining CRCs.
 extern "C" {
@@ -73,6 +74,33 @@ struct Batch {
   uint32_t seed = 0, expected = 0;  // frame CRC before the pages, and as sent
 };
 
+// The batch's per-page reads: each data page's CRC (the frame's combined from
+// them) and its zero test. Guarded (mapped_input.h): the pages may be a view of
+// a mapped stream file that is truncated under us; then false and *fault.
+// Plain C between sigsetjmp and GuardEnd: nothing with a destructor.
+bool ScanPages(Batch& b, unsigned long op, unsigned long zeroCrc, unsigned long* frame, uintptr_t* fault) {
+  InputGuard g;
+  if (sigsetjmp(g.jb, 1) != 0) {
+    GuardEnd();
+    *fault = g.fault;
+    return false;
+  }
+  GuardBegin(&g);
+  unsigned long f = b.seed;
+  for (uint32_t i = 0, d = 0; i < b.n; i++) {
+    if (b.zero[i]) continue;
+    const uint8_t* page = b.data + size_t(d++) * b.pageSize;
+    bool z = AllZero(page, b.pageSize);
+    b.isData[i] = z ? 0 : 1;
+    unsigned long c = z ? zeroCrc : Crc32(0, page, b.pageSize);
+    b.crcs[i] = uint32_t(c);
+    f = crc32_combine_op(f, c, op);
+  }
+  GuardEnd();
+  *frame = f;
+  return true;
+}
+
 // Runs the batches in order; stops at the first whose checksum fails (nothing
 // of it written) or whose write fails.
 class PageWriter : public Napi::AsyncWorker {
@@ -90,18 +118,21 @@ class PageWriter : public Napi::AsyncWorker {
         badChecksum_ = double(k);
         return;
       }
-      for (uint32_t i = 0, d = 0; i < b_.n;) i = Record(i, d);
+      for (uint32_t i = 0, d = 0; i < b_.n && !err_;) i = Record(i, d);
+      if (truncated_) truncatedAt_ = double(k);
     }
   }
 
   void OnOK() override {
     Napi::Env env = Env();
-    if (err_) {
+    if (err_ && !truncated_) {
       deferred_.Reject(ErrnoError(env, err_, what_).Value());
       return;
     }
     Napi::Object r = Napi::Object::New(env);
     r.Set("badChecksum", Napi::Number::New(env, badChecksum_));
+    r.Set("truncatedAt", Napi::Number::New(env, truncatedAt_));
+    if (truncated_) r.Set("truncated", Napi::String::New(env, what_));
     r.Set("duplicates", Napi::Number::New(env, duplicates_));
     r.Set("zeroRecords", Napi::Number::New(env, zeroRecords_));
     deferred_.Resolve(r);
@@ -112,18 +143,13 @@ class PageWriter : public Napi::AsyncWorker {
  private:
   // Per-page CRCs, and the frame's CRC combined from them (crc(A||B) needs only
   // crc(A), crc(B) and B's length), so each page is read once for both.
+  // A truncated input fails the batch before anything of it is written.
   bool Checksum() {
-    const unsigned long op = crc32_combine_gen(b_.pageSize);
-    const unsigned long zeroCrc = ZeroCrc();
-    unsigned long frame = b_.seed;
-    for (uint32_t i = 0, d = 0; i < b_.n; i++) {
-      if (b_.zero[i]) continue;
-      const uint8_t* page = b_.data + size_t(d++) * b_.pageSize;
-      bool z = AllZero(page, b_.pageSize);
-      b_.isData[i] = z ? 0 : 1;
-      unsigned long c = z ? zeroCrc : Crc32(0, page, b_.pageSize);
-      b_.crcs[i] = uint32_t(c);
-      frame = crc32_combine_op(frame, c, op);
+    unsigned long frame = 0;
+    uintptr_t fault = 0;
+    if (!ScanPages(b_, crc32_combine_gen(b_.pageSize), ZeroCrc(), &frame, &fault)) {
+      Truncated(fault);
+      return true;
     }
     return !b_.check || uint32_t(frame) == b_.expected;
   }
@@ -146,8 +172,10 @@ class PageWriter : public Napi::AsyncWorker {
     }
     uint32_t j = i + 1;
     while (j < b_.n && b_.isData[j] && b_.index[j] == b_.index[j - 1] + 1 && b_.index[j] < b_.pages) j++;
-    for (uint32_t k = i; k < j; k++) Account(b_.index[k], true);
     Write(page, d, j - i);
+    // Only written pages count: a run cut short (EFAULT from a truncated
+    // input, ENOSPC) marks none of its pages present.
+    for (uint32_t k = i; k < j && !err_; k++) Account(b_.index[k], true);
     d += j - i;
     return err_ ? b_.n : j;
   }
@@ -171,6 +199,9 @@ class PageWriter : public Napi::AsyncWorker {
     while (len > 0 && !err_) {
       ssize_t w = pwrite(b_.fd, src, len, off);
       if (w < 0 && errno == EINTR) continue;
+      int64_t at = 0;
+      int inFd = -1;
+      if (w < 0 && errno == EFAULT && InputAt(uintptr_t(src), &at, &inFd)) return Truncated(uintptr_t(src));
       if (w <= 0) return Fail(w < 0 ? errno : EIO, "pwrite of the image data file at byte " + std::to_string(off));
       src += w, len -= size_t(w), off += w;
     }
@@ -180,13 +211,23 @@ class PageWriter : public Napi::AsyncWorker {
     if (!err_) err_ = err, what_ = what;
   }
 
+  // The mapped input lost the page at addr (a read faulted, or pwrite from it
+  // gave EFAULT): the stream ends here, as it would with read() at the new end.
+  void Truncated(uintptr_t addr) {
+    if (err_) return;
+    Fail(EFAULT, TruncatedMessage(addr));
+    truncated_ = true;
+  }
+
   std::vector<Batch> all_;
   Batch b_;  // the batch being run
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference keep_;
   double badChecksum_ = -1;
+  double truncatedAt_ = -1;  // the job whose input vanished (some of its runs may be written)
   double duplicates_ = 0, zeroRecords_ = 0;
   int err_ = 0;
+  bool truncated_ = false;
   std::string what_;
 };
 
