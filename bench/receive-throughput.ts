@@ -2,7 +2,11 @@
 // of them sent twice and 20% zero), next to baselines run in the same
 // invocation on the same file: reading it (cat > /dev/null), cp to the same
 // directory, and dd to a file with conv=fsync (the receiver fsyncs its image too).
-//   node dist/bench/receive-throughput.js [--gib N] [--dir DIR] [--before OTHER/bin/bgsnap-receive.js]
+// The receiver runs twice: with the stream file on stdin mapped (its default,
+// receiver/mapped-input.ts) and read (BGSNAP_INPUT=read, the path before).
+// --rounds N repeats all contenders, in reverse order every other round; each
+// round prints its own ratios and load average, wall and CPU seconds.
+//   node dist/bench/receive-throughput.js [--gib N] [--dir DIR] [--rounds N] [--before OTHER/bin/bgsnap-receive.js]
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -45,12 +49,28 @@ function generate(file: string, bytes: number): { records: number } {
   return { records };
 }
 
-function timed(cmd: string, args: string[], opts: { stdin?: string } = {}): number {
+interface Timing {
+  wall: number;
+  cpu: number; // user + system seconds of the contender, NaN without /usr/bin/time
+}
+
+// Under other load, wall time mostly measures waiting for a core; CPU time
+// (GNU time's user + system) says what the contender itself cost.
+const GNU_TIME = fs.existsSync('/usr/bin/time') ? '/usr/bin/time' : '';
+
+function timed(cmd: string, args: string[], opts: { stdin?: string; env?: NodeJS.ProcessEnv } = {}): Timing {
+  const cpuFile = path.join(os.tmpdir(), `bgsnap-bench-cpu-${process.pid}`);
+  const [c, a] = GNU_TIME ? [GNU_TIME, ['-f', '%U %S', '-o', cpuFile, cmd, ...args]] : [cmd, args];
   const t = process.hrtime.bigint();
   const stdin = opts.stdin ? fs.openSync(opts.stdin, 'r') : 'ignore';
-  const r = spawnSync(cmd, args, { stdio: [stdin, 'ignore', 'inherit'] });
+  const r = spawnSync(c, a, { stdio: [stdin, 'ignore', 'inherit'], env: { ...process.env, ...opts.env } });
+  const wall = Number(process.hrtime.bigint() - t) / 1e9;
+  if (typeof stdin === 'number') fs.closeSync(stdin);
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed with ${r.status}`);
-  return Number(process.hrtime.bigint() - t) / 1e9;
+  if (!GNU_TIME) return { wall, cpu: NaN };
+  const [user, sys] = fs.readFileSync(cpuFile, 'utf8').trim().split(/\s+/).slice(-2).map(Number);
+  fs.rmSync(cpuFile, { force: true });
+  return { wall, cpu: user + sys };
 }
 
 function dropCaches(file: string): void {
@@ -58,48 +78,75 @@ function dropCaches(file: string): void {
   execFileSync('cat', [file], { stdio: ['ignore', 'ignore', 'inherit'] });
 }
 
+type Contender = [string, () => Timing];
+
+function contenders(dir: string, stream: string): Contender[] {
+  const bin = path.join(__dirname, '..', 'bin', 'bgsnap-receive.js');
+  const out = (name: string) => path.join(dir, name);
+  const receive = (name: string, img: string, js: string, env: NodeJS.ProcessEnv = {}): Contender => [name, () => {
+    const t = timed(process.execPath, [js, '-q', '-o', out(img)], { stdin: stream, env });
+    fs.rmSync(out(img), { recursive: true, force: true });
+    return t;
+  }];
+  const list: Contender[] = [
+    ['cp to the same dir', () => {
+      const t = timed('cp', [stream, out('cp.out')]);
+      fs.rmSync(out('cp.out'));
+      return t;
+    }],
+    ['dd to file, fsync', () => {
+      const t = timed('dd', [`if=${stream}`, `of=${out('dd.out')}`, 'bs=1M', 'conv=fsync', 'status=none']);
+      fs.rmSync(out('dd.out'));
+      return t;
+    }],
+    receive('bgsnap-receive', 'img', bin),
+    receive('receive, input read', 'img-read', bin, { BGSNAP_INPUT: 'read' }),
+  ];
+  // --before DIST/bin/bgsnap-receive.js: another build (e.g. main's) on the same stream.
+  const before = arg('--before', '');
+  if (before) list.push(receive('receive (--before)', 'img-before', before));
+  return list;
+}
+
 // --generate FILE: only write the stream (for timing contenders by hand).
 function main(): void {
   if (arg('--generate', '')) return void generate(arg('--generate', ''), Number(arg('--gib', '2')) * 1024 ** 3);
   const gib = Number(arg('--gib', '2'));
+  const rounds = Number(arg('--rounds', '1'));
   const dir = fs.mkdtempSync(path.join(arg('--dir', os.tmpdir()), 'bgsnap-bench-'));
   const stream = path.join(dir, 'stream.bgsnap');
   const { records } = generate(stream, gib * 1024 ** 3);
   const size = fs.statSync(stream).size;
-  const bin = path.join(__dirname, '..', 'bin', 'bgsnap-receive.js');
-  const rows: [string, number][] = [];
+  console.log(`stream: ${(size / 1024 ** 3).toFixed(2)} GiB in ${dir}, ${records} page records, ${os.cpus().length} cores`);
   try {
     dropCaches(stream);
-    rows.push(['cat > /dev/null', timed('sh', ['-c', `cat '${stream}' > /dev/null`])]);
-    rows.push(['cp to the same dir', timed('cp', [stream, path.join(dir, 'cp.out')])]);
-    fs.rmSync(path.join(dir, 'cp.out'));
-    rows.push(['dd to file, fsync', timed('dd', [`if=${stream}`, `of=${path.join(dir, 'dd.out')}`, 'bs=1M', 'conv=fsync', 'status=none'])]);
-    fs.rmSync(path.join(dir, 'dd.out'));
-    rows.push(['bgsnap-receive', timed(process.execPath, [bin, '-q', '-o', path.join(dir, 'img')], { stdin: stream })]);
-    // --before DIST/bin/bgsnap-receive.js: another build (e.g. main's) on the same stream.
-    const before = arg('--before', '');
-    if (before) rows.push(['receive (--before)', timed(process.execPath, [before, '-q', '-o', path.join(dir, 'img-before')], { stdin: stream })]);
+    const cat = timed('sh', ['-c', `cat '${stream}' > /dev/null`]);
+    const list = contenders(dir, stream);
+    for (let r = 1; r <= rounds; r++) {
+      const order = r % 2 ? list : [...list].reverse();
+      const rows = new Map<string, Timing>([['cat > /dev/null', cat]]);
+      for (const [name, run] of order) rows.set(name, run());
+      report(`round ${r}/${rounds}`, size, records, rows);
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  report(size, records, rows);
 }
 
-function report(size: number, records: number, rows: [string, number][]): void {
+function report(title: string, size: number, records: number, rows: Map<string, Timing>): void {
   const mb = size / 1e6;
-  const base = rows[0][1];
-  console.log(`stream: ${(size / 1024 ** 3).toFixed(2)} GiB, ${records} page records, ${os.cpus().length} cores`);
-  console.log('contender              seconds     MB/s   pages/s   time vs cat');
-  for (const [name, s] of rows) {
-    console.log(`${name.padEnd(20)} ${s.toFixed(2).padStart(9)} ${(mb / s).toFixed(0).padStart(8)} ${(records / s).toExponential(2).padStart(9)} ${(s / base).toFixed(2).padStart(10)}x`);
+  console.log(`${title}: load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}`);
+  console.log('contender              seconds     MB/s   pages/s   CPU s');
+  for (const [name, t] of rows) {
+    console.log(`${name.padEnd(20)} ${t.wall.toFixed(2).padStart(9)} ${(mb / t.wall).toFixed(0).padStart(8)} ${(records / t.wall).toExponential(2).padStart(9)} ${t.cpu.toFixed(2).padStart(7)}`);
   }
   // Speed ratios (time of the baseline / time of the receiver), the issue's goals.
-  const t = (name: string) => rows.find((r) => r[0] === name)?.[1];
-  const rx = t('bgsnap-receive')!;
-  console.log(`receive vs cp: ${(t('cp to the same dir')! / rx).toFixed(2)}x (goal >= 0.80 on tmpfs); receive vs dd conv=fsync: ${(t('dd to file, fsync')! / rx).toFixed(2)}x (goal >= 0.95 on disk)`);
-  const before = t('receive (--before)');
-  if (before) console.log(`receive vs --before: ${(before / rx).toFixed(2)}x faster`);
-  console.log(`load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}`);
+  const t = (name: string) => rows.get(name)?.wall;
+  const ratio = (base: string, who: string) => (t(base)! / t(who)!).toFixed(2);
+  for (const who of ['bgsnap-receive', 'receive, input read', 'receive (--before)']) {
+    if (!rows.has(who)) continue;
+    console.log(`  ${who}: vs cp ${ratio('cp to the same dir', who)}x (goal >= 0.80 on tmpfs), vs dd conv=fsync ${ratio('dd to file, fsync', who)}x (goal >= 0.95 on disk)`);
+  }
 }
 
 main();

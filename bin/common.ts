@@ -47,7 +47,7 @@ export function parseIntArg(name: string) {
 // compares the two).
 export function stdinStream(forImage = false): Readable {
   if (fs.fstatSync(0).isFile()) {
-    if (forImage && process.env.BGSNAP_INPUT !== 'read') return mappedStreamFile(0, fileops.tell(0), { populate: process.env.BGSNAP_POPULATE !== '0' });
+    if (forImage && process.env.BGSNAP_INPUT !== 'read') return mappedStreamFile(0, fileops.tell(0));
     return fs.createReadStream('', { fd: 0, start: fileops.tell(0), highWaterMark: 8 << 20, autoClose: false });
   }
   fileops.setPipeSize(0, 1 << 20);

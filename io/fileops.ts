@@ -20,7 +20,7 @@ export interface FileOps {
   // The file position of fd (lseek SEEK_CUR).
   tell(fd: number): number;
   // A read-only Buffer over [offset, offset+length) of a regular file (mmap,
-  // MAP_POPULATE unless populate is false); offset page-aligned; unmapped when
+  // MAP_POPULATE when populate is true); offset page-aligned; unmapped when
   // collected. Only the addon's guarded code may read it: JavaScript must not
   // (a truncated file raises SIGBUS; see io/native/mapped_input.cc).
   mapInput(fd: number, offset: number, length: number, populate?: boolean): Buffer;

@@ -144,14 +144,14 @@ bool GuardedCrc32(uint32_t crc, const uint8_t* p, size_t n, uint32_t* out, uintp
   return true;
 }
 
-// mapInput(fd, offset, length, populate = true). MAP_POPULATE sets up the page
-// tables in one call instead of a fault per 64 KiB as the writer goes.
+// mapInput(fd, offset, length, populate = false). MAP_POPULATE sets up the page
+// tables in one call instead of a fault per 64 KiB as the reader goes.
 Napi::Value MapInput(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = info[0].As<Napi::Number>().Int32Value();
   int64_t off = info[1].As<Napi::Number>().Int64Value();
   size_t len = size_t(info[2].As<Napi::Number>().Int64Value());
-  bool populate = info.Length() < 4 || info[3].ToBoolean().Value();
+  bool populate = info.Length() >= 4 && info[3].ToBoolean().Value();
   if (len == 0 || off < 0 || off % sysconf(_SC_PAGESIZE) != 0) {
     Napi::RangeError::New(env, "mapInput: length must be > 0 and offset page-aligned").ThrowAsJavaScriptException();
     return env.Undefined();
