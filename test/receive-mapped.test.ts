@@ -87,9 +87,27 @@ function mappings(pid: number, file: string): { off: number; len: number }[] {
   });
 }
 
+// The first page boundary at or after `near` that lies among a PAGES frame's
+// data pages (a cut in a frame header or its metadata is met by a short pread).
+function dataCut(file: string, near: number): number {
+  const fd = fs.openSync(file, 'r');
+  const h = Buffer.alloc(24);
+  try {
+    for (let pos = 8; fs.readSync(fd, h, 0, 24, pos) === 24; pos += 16 + h.readUInt32LE(4)) {
+      const n = h.readUInt32LE(20);
+      const dataStart = pos + 16 + 8 + n * 5 + ((4 - (n % 4)) % 4);
+      const cut = Math.ceil(Math.max(near, dataStart + 1) / 4096) * 4096;
+      if (h.readUInt8(0) === 3 && cut < pos + 16 + h.readUInt32LE(4)) return cut;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  throw new Error(`no data pages after byte ${near} of ${file}`);
+}
+
 // Starts the receiver on the file, stops it once it has mapped a window of the
-// file, truncates the file halfway into that window (ahead of the page writer,
-// which trails the reader), and lets it go on.
+// file, truncates the file among data pages halfway into that window (ahead of
+// the page writer, which trails the reader), and lets it go on.
 async function receiveTruncated(file: string, img: string): Promise<{ code: number | null; signal: string | null; stderr: string; cut: number }> {
   const rx = spawn('nice', ['-n', '19', process.execPath, RECEIVE_JS, '-o', img], { stdio: [fs.openSync(file, 'r'), 'ignore', 'pipe'] });
   let stderr = '';
@@ -103,7 +121,7 @@ async function receiveTruncated(file: string, img: string): Promise<{ code: numb
     rx.kill('SIGSTOP');
     const w = mappings(rx.pid!, file).sort((a, b) => b.off - a.off)[0];
     if (w) {
-      cut = w.off + Math.floor(w.len / 2 / 4096) * 4096;
+      cut = dataCut(file, w.off + w.len / 2);
       fs.truncateSync(file, cut);
     }
     rx.kill('SIGCONT');
