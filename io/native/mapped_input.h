@@ -22,7 +22,7 @@ struct InputGuard {
 
 // Usage, with nothing that has a destructor between sigsetjmp and GuardEnd:
 //   InputGuard g;
-//   if (sigsetjmp(g.jb, 1) != 0) { GuardEnd(); ...g.fault... }
+//   if (sigsetjmp(g.jb, 0) != 0) { GuardEnd(); ...g.fault... }
 //   GuardBegin(&g); <reads of the mapping> GuardEnd();
 void GuardBegin(InputGuard* g);
 void GuardEnd();

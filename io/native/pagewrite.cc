@@ -80,7 +80,7 @@ struct Batch {
 // Plain C between sigsetjmp and GuardEnd: nothing with a destructor.
 bool ScanPages(Batch& b, unsigned long op, unsigned long zeroCrc, unsigned long* frame, uintptr_t* fault) {
   InputGuard g;
-  if (sigsetjmp(g.jb, 1) != 0) {
+  if (sigsetjmp(g.jb, 0) != 0) {
     GuardEnd();
     *fault = g.fault;
     return false;
