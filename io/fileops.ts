@@ -33,7 +33,17 @@ export interface FileOps {
   // index of the job whose pages were a mapInput view of a file that shrank
   // (those after it are not written, it may be in part), or -1; truncated says
   // where.
-  writePages(jobs: PageJob[]): Promise<{ badChecksum: number; truncatedAt: number; truncated?: string; duplicates: number; zeroRecords: number }>;
+  // phase 'scan' only checksums and zero-tests (crcs, isData; no bitmap, no
+  // write); 'write' then does the rest for jobs scanned before; neither: both.
+  writePages(jobs: PageJob[], phase?: 'scan' | 'write'): Promise<PageResult>;
+}
+
+export interface PageResult {
+  badChecksum: number;
+  truncatedAt: number;
+  truncated?: string;
+  duplicates: number;
+  zeroRecords: number;
 }
 
 // One batch of pages for writePages. The bitmaps (present, dataBits, discarded:

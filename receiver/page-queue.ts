@@ -1,13 +1,13 @@
 // Page batches on their way to the image's data file. The addon writes them on
 // a pool thread (io/native/pagewrite.cc), several per call, in the order they
-// arrived, so the last version of a page wins; meanwhile the decoder goes on
-// with the next frames. Up to QUEUE_BYTES may wait: past that, push() returns a
+// arrived, so the last version of a page wins, while it checksums the next
+// round on another; meanwhile the decoder goes on with the next frames. Up to QUEUE_BYTES may wait: past that, push() returns a
 // promise (backpressure up to the socket or pipe). The first failure (a bad
 // frame checksum, a failed write) stops the queue and is thrown by every later
 // push() and by idle(); nothing queued after it is written.
 import { StreamError } from '../format/errors';
 import type { PageBatch } from '../format/events';
-import { fileops, type PageJob } from '../io/fileops';
+import { fileops, type PageJob, type PageResult } from '../io/fileops';
 import type { PageCrcs } from './index-store';
 
 const QUEUE_BYTES = 32 << 20;
@@ -24,7 +24,8 @@ export interface QueuedBatch {
 export class PageQueue {
   private queue: QueuedBatch[] = [];
   private bytes = 0;
-  private round: Promise<void> | undefined; // the call into the addon in flight
+  private pipeline: Promise<void> | undefined; // rounds in flight (run())
+  private waiting: (() => void)[] = []; // push() callers held back, released as each round ends
   private failure: Error | undefined;
   readonly counts = { pages: 0, duplicates: 0, zeroRecords: 0 };
 
@@ -35,13 +36,13 @@ export class PageQueue {
     this.check();
     this.queue.push(q);
     this.bytes += size(q);
-    this.round ??= this.next();
-    if (this.bytes >= QUEUE_BYTES) return this.round.then(() => this.check());
+    this.pipeline ??= this.run();
+    if (this.bytes >= QUEUE_BYTES) return new Promise<void>((r) => this.waiting.push(r)).then(() => this.check());
   }
 
   // Resolves once every queued batch is written; throws the first failure.
   async idle(): Promise<void> {
-    while (this.round) await this.round;
+    while (this.pipeline) await this.pipeline;
     this.check();
   }
 
@@ -49,7 +50,7 @@ export class PageQueue {
     if (this.failure) throw this.failure;
   }
 
-  private async next(): Promise<void> {
+  private startRound(): Round {
     const take: QueuedBatch[] = [];
     for (let taken = 0; this.queue.length && taken < ROUND_BYTES; ) {
       const q = this.queue.shift()!;
@@ -57,25 +58,43 @@ export class PageQueue {
       taken += size(q);
       this.bytes -= size(q);
     }
-    try {
-      const r = await fileops.writePages(take.map((t) => t.job));
-      const stop = r.badChecksum >= 0 ? r.badChecksum : r.truncatedAt;
-      for (let k = 0; k < (stop < 0 ? take.length : stop); k++) this.settle(take[k]);
-      this.counts.duplicates += r.duplicates;
-      this.counts.zeroRecords += r.zeroRecords;
-      if (r.badChecksum >= 0) {
-        const c = take[r.badChecksum].batch.check!;
-        throw new StreamError('bgsnap', 'BAD_CHECKSUM', c.offset, `bad checksum in PAGES frame ${c.frame}`);
+    return { take, scan: fileops.writePages(take.map((t) => t.job), 'scan') };
+  }
+
+  // Rounds in order: each is checksummed (scan) on one pool thread while the
+  // round before it is written on another, so the two overlap; writes stay in
+  // stream order, and nothing of a round is written before its checksums passed.
+  private async run(): Promise<void> {
+    let next: Round | undefined = this.startRound();
+    while (next) {
+      const cur: Round = next;
+      next = undefined;
+      try {
+        const scan = await cur.scan;
+        const stop = scan.badChecksum >= 0 ? scan.badChecksum : scan.truncatedAt;
+        if (stop < 0 && this.queue.length) next = this.startRound();
+        await this.write(stop < 0 ? cur.take : cur.take.slice(0, stop));
+        failed(scan, cur.take);
+      } catch (e) {
+        this.failure ??= named(e as Error & { code?: string }, this.file);
+        await next?.scan.catch(() => undefined); // its worker holds the batch's arrays
+        // The failed batch, and all after it, are never written.
+        for (const q of [...cur.take, ...(next?.take ?? []), ...this.queue.splice(0)]) if (!q.settled) q.onDone?.(this.failure);
+        next = undefined;
       }
-      // A stream file truncated under its mapping (io/native/mapped_input.cc)
-      // ends the stream as a read at its new end would.
-      if (r.truncated) throw Object.assign(new Error(`bgsnap stream: ${r.truncated}`), { code: 'TRUNCATED' });
-    } catch (e) {
-      this.failure ??= named(e as Error & { code?: string }, this.file);
-      // The failed batch, and all after it, are never written.
-      for (const q of [...take, ...this.queue.splice(0)]) if (!q.settled) q.onDone?.(this.failure);
+      for (const release of this.waiting.splice(0)) release();
+      if (!next && !this.failure && this.queue.length) next = this.startRound();
     }
-    this.round = this.queue.length && !this.failure ? this.next() : undefined;
+    this.pipeline = undefined;
+  }
+
+  private async write(take: QueuedBatch[]): Promise<void> {
+    if (!take.length) return;
+    const r = await fileops.writePages(take.map((t) => t.job), 'write');
+    for (let k = 0; k < (r.truncatedAt < 0 ? take.length : r.truncatedAt); k++) this.settle(take[k]);
+    this.counts.duplicates += r.duplicates;
+    this.counts.zeroRecords += r.zeroRecords;
+    failed(r, take);
   }
 
   // The page CRCs the addon computed go to the index (for --verify).
@@ -87,6 +106,22 @@ export class PageQueue {
     q.settled = true;
     q.onDone?.();
   }
+}
+
+interface Round {
+  take: QueuedBatch[];
+  scan: Promise<PageResult>;
+}
+
+// Throws what stopped a call into the addon: a bad frame checksum, or a stream
+// file truncated under its mapping (io/native/mapped_input.cc), which ends the
+// stream as a read at its new end would.
+function failed(r: PageResult, take: QueuedBatch[]): void {
+  if (r.badChecksum >= 0) {
+    const c = take[r.badChecksum].batch.check!;
+    throw new StreamError('bgsnap', 'BAD_CHECKSUM', c.offset, `bad checksum in PAGES frame ${c.frame}`);
+  }
+  if (r.truncated) throw Object.assign(new Error(`bgsnap stream: ${r.truncated}`), { code: 'TRUNCATED' });
 }
 
 // An errno error from the addon (ENOSPC on a full disk, EIO) with the file's name.

@@ -103,10 +103,16 @@ bool ScanPages(Batch& b, unsigned long op, unsigned long zeroCrc, unsigned long*
 
 // Runs the batches in order; stops at the first whose checksum fails (nothing
 // of it written) or whose write fails.
+// The phases of a batch: checksum and zero test (scan: reads the pages, fills
+// crcs and isData), then bitmaps, pwrites and holes (write: uses isData). One
+// call may run both, or one: the receiver scans the next round while the
+// previous one is written (receiver/page-queue.ts).
+enum Phase { kBoth, kScan, kWrite };
+
 class PageWriter : public Napi::AsyncWorker {
  public:
-  PageWriter(Napi::Env env, std::vector<Batch> all, Napi::Object keep)
-      : Napi::AsyncWorker(env), all_(std::move(all)), deferred_(Napi::Promise::Deferred::New(env)) {
+  PageWriter(Napi::Env env, std::vector<Batch> all, Napi::Object keep, Phase phase)
+      : Napi::AsyncWorker(env), all_(std::move(all)), phase_(phase), deferred_(Napi::Promise::Deferred::New(env)) {
     keep_ = Napi::Persistent(keep);
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
@@ -114,11 +120,11 @@ class PageWriter : public Napi::AsyncWorker {
   void Execute() override {
     for (size_t k = 0; k < all_.size() && !err_; k++) {
       b_ = all_[k];
-      if (!Checksum()) {
+      if (phase_ != kWrite && !Checksum()) {
         badChecksum_ = double(k);
         return;
       }
-      for (uint32_t i = 0, d = 0; i < b_.n && !err_;) i = Record(i, d);
+      for (uint32_t i = 0, d = 0; phase_ != kScan && i < b_.n && !err_;) i = Record(i, d);
       if (truncated_) truncatedAt_ = double(k);
     }
   }
@@ -220,6 +226,7 @@ class PageWriter : public Napi::AsyncWorker {
   }
 
   std::vector<Batch> all_;
+  Phase phase_;
   Batch b_;  // the batch being run
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference keep_;
@@ -276,7 +283,8 @@ bool ParseBatch(Napi::Object job, Batch& b) {
 
 }  // namespace
 
-// writePages(jobs): Promise<{badChecksum, duplicates, zeroRecords}>; see Batch.
+// writePages(jobs, phase?: 'scan' | 'write'): Promise<{badChecksum,
+// truncatedAt, truncated?, duplicates, zeroRecords}>; see Batch and Phase.
 // badChecksum is the index of the job whose frame checksum failed, or -1.
 Napi::Value WritePages(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -291,8 +299,12 @@ Napi::Value WritePages(const Napi::CallbackInfo& info) {
     Napi::TypeError::New(env, "writePages: a batch's arrays do not match its page count, page size or block").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  for (Batch& b : all) memset(b.isData, 0, b.n);
-  auto* w = new PageWriter(env, std::move(all), info[0].As<Napi::Object>());
+  std::string phase = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+  Phase ph = phase == "scan" ? kScan : phase == "write" ? kWrite : kBoth;
+  if (ph != kWrite) {
+    for (Batch& b : all) memset(b.isData, 0, b.n);
+  }
+  auto* w = new PageWriter(env, std::move(all), info[0].As<Napi::Object>(), ph);
   Napi::Promise p = w->Promise();
   w->Queue();
   return p;
