@@ -1,15 +1,21 @@
-// How fast `bgsnap-convert IMAGE --to qemu -o -` feeds a reader, next to reading
-// the same QEMU stream from a file (cat > /dev/null: the most any reader of
-// QEMU's own snapshot file gets from the file itself), in the same invocation.
+// How fast `bgsnap-convert IMAGE --to qemu -o -` feeds a reader through a pipe,
+// next to the same QEMU stream from its file, all in one invocation, rounds
+// in rotating order:
+//   - cat FILE | cat > /dev/null: what -incoming exec:cat FILE gives QEMU;
+//   - cat FILE > /dev/null: the file read alone, which bounds file:FILE;
+//   - convert into the pipe (pages spliced by reference, receiver/convert-qemu.ts);
+//   - the same with BGSNAP_FEED=copy (pages read into records and written);
+//   - optionally another build's convert (--before DIST/bin/bgsnap-convert.js).
 // The image comes from a generated QEMU stream (GiB of RAM, 20% zero pages).
-// QEMU itself is not run here; see the README for the restore it gates.
-//   node dist/bench/convert-throughput.js [--gib 2] [--dir DIR] [--before DIST/bin/bgsnap-convert.js]
+// QEMU itself is not run here; bench/restore-qemu.ts times the restore.
+//   node dist/bench/convert-throughput.js [--gib 2] [--rounds 3] [--dir DIR] [--before DIST/bin/bgsnap-convert.js]
 import { spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { RamPartWriter, encodePreamble, encodeRamStart } from '../format/qemu-encode';
+import { range } from './args';
 
 function arg(name: string, def: string): string {
   const i = process.argv.indexOf(name);
@@ -42,27 +48,41 @@ function generate(file: string, bytes: number): void {
 
 function timed(cmd: string): number {
   const t = process.hrtime.bigint();
-  const r = spawnSync('sh', ['-c', cmd], { stdio: ['ignore', 'ignore', 'inherit'] });
+  // pipefail: a convert that fails inside a pipeline must fail the run.
+  const r = spawnSync('bash', ['-o', 'pipefail', '-c', cmd], { stdio: ['ignore', 'ignore', 'inherit'] });
   if (r.status !== 0) throw new Error(`${cmd} failed with ${r.status}`);
   return Number(process.hrtime.bigint() - t) / 1e9;
 }
 
 function main(): void {
   const gib = Number(arg('--gib', '2'));
+  const rounds = Number(arg('--rounds', '3'));
   const dir = fs.mkdtempSync(path.join(arg('--dir', os.tmpdir()), 'bgsnap-convbench-'));
   const stream = path.join(dir, 'qemu.stream');
   const bin = (n: string) => path.join(__dirname, '..', 'bin', `${n}.js`);
+  const convert = (js: string, env = '') => `${env} ${process.execPath} ${js} ${dir}/img --to qemu -o - | cat > /dev/null`;
   try {
     generate(stream, gib * 1024 ** 3);
     timed(`${process.execPath} ${bin('bgsnap-receive')} -q -o ${dir}/img < ${stream}`);
-    const rows: [string, number][] = [];
-    rows.push(['cat QEMU stream file', timed(`cat ${stream} > /dev/null`)]);
-    rows.push(['convert --to qemu', timed(`${process.execPath} ${bin('bgsnap-convert')} ${dir}/img --to qemu -o - | cat > /dev/null`)]);
+    const rows: [string, string, number[]][] = [
+      ['cat FILE | cat', `cat ${stream} | cat > /dev/null`, []],
+      ['cat FILE > /dev/null', `cat ${stream} > /dev/null`, []],
+      ['convert (splice) | cat', convert(bin('bgsnap-convert')), []],
+      ['convert (copy) | cat', convert(bin('bgsnap-convert'), 'BGSNAP_FEED=copy'), []],
+    ];
     const before = arg('--before', '');
-    if (before) rows.push(['convert (--before)', timed(`${process.execPath} ${before} ${dir}/img --to qemu -o - | cat > /dev/null`)]);
+    if (before) rows.push(['convert (--before) | cat', convert(before), []]);
+    const load0 = os.loadavg();
+    for (let r = 0; r < rounds; r++) for (let k = 0; k < rows.length; k++) {
+      const row = rows[(k + r) % rows.length];
+      row[2].push(timed(row[1]));
+    }
     const mb = fs.statSync(stream).size / 1e6;
-    console.log(`load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}; ${gib} GiB guest RAM, QEMU stream ${mb.toFixed(0)} MB`);
-    for (const [name, s] of rows) console.log(`${name.padEnd(22)} ${s.toFixed(2).padStart(7)} s ${(mb / s).toFixed(0).padStart(6)} MB/s  ${(rows[0][1] / s).toFixed(2)}x of cat`);
+    const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    console.log(`load average ${load0.map((l) => l.toFixed(1)).join(' ')} before, ${os.loadavg().map((l) => l.toFixed(1)).join(' ')} after; ${gib} GiB guest RAM, QEMU stream ${mb.toFixed(0)} MB, ${rounds} rounds`);
+    for (const [name, , s] of rows) {
+      console.log(`${name.padEnd(26)} ${range(s, 2).padStart(22)} s ${(mb / med(s)).toFixed(0).padStart(6)} MB/s  ${(med(rows[0][2]) / med(s)).toFixed(2)}x of cat | cat`);
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

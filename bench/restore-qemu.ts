@@ -3,7 +3,8 @@
 //   - QEMU's own migration file (`migrate file:` of the stopped guest), read
 //     with -incoming exec:cat FILE and with file:FILE (the baselines);
 //   - the bgsnap image of that same stream (bgsnap-receive < FILE), fed by
-//     `exec:bgsnap-convert IMAGE --to qemu -o -`;
+//     `exec:bgsnap-convert IMAGE --to qemu -o -` (pages spliced into the pipe),
+//     and the same with BGSNAP_FEED=copy (pages read into records and written);
 //   - the image as a mapped-ram file (`bgsnap-convert --to qemu-mapped-ram`),
 //     loaded with the mapped-ram capability, alone and with multifd;
 //   - QEMU's own mapped-ram file of the same guest, with multifd (the baseline
@@ -108,6 +109,7 @@ async function main(): Promise<void> {
       mk('QEMU file, exec:cat', `exec:cat ${dir}/own.qemu`),
       mk('QEMU file, file:', `file:${dir}/own.qemu`),
       mk('bgsnap convert --to qemu, exec:', `exec:${bin('bgsnap-convert')} ${dir}/img --to qemu -o -`),
+      mk('the same, BGSNAP_FEED=copy', `exec:env BGSNAP_FEED=copy ${bin('bgsnap-convert')} ${dir}/img --to qemu -o -`),
       mk('bgsnap mapped-ram, file:', `file:${dir}/ours.mr`, ['mapped-ram']),
       mk(`bgsnap mapped-ram, multifd ${channels}`, `file:${dir}/ours.mr`, ['mapped-ram', 'multifd']),
       mk(`QEMU mapped-ram, multifd ${channels}`, `file:${dir}/own.mr`, ['mapped-ram', 'multifd']),

@@ -9,7 +9,7 @@
 // gives generation K with --generation K, by default its latest complete one.
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
-import { convertToQemu } from '../receiver/convert-qemu';
+import { PipeFeed, convertToQemu } from '../receiver/convert-qemu';
 import { convertToMappedRam } from '../receiver/convert-mapped-ram';
 import { convertToRaw } from '../receiver/convert-raw';
 import { convertToElfCore } from '../receiver/convert-elf';
@@ -42,9 +42,11 @@ const create = { force: opts.force };
 
 async function convert(img: ImageReader): Promise<void> {
   if (opts.to === 'qemu') {
-    const out = Output.open(opts.output, create);
+    // Into a pipe (QEMU's exec: migration), pages go in by reference.
+    const pipe = opts.output === '-' ? PipeFeed.open(1) : undefined;
+    const out = pipe ?? Output.open(opts.output, create);
     await convertToQemu(img, out);
-    await out.close();
+    if (out instanceof Output) await out.close();
   } else if (opts.to === 'qemu-mapped-ram') {
     if (opts.output === '-') throw new Error('--to qemu-mapped-ram writes a file QEMU reads at offsets; give a file name, not "-"');
     await convertToMappedRam(img, opts.output, create);

@@ -140,6 +140,17 @@ export class RamPartWriter {
     return { out, slots };
   }
 
+  // The headers alone of PAGE records for the pages of `index`, back to back
+  // (the first one may name the block, the others are 8 bytes): for a writer
+  // that puts each header in front of its page itself (vmsplice, no copy of the
+  // page). Header + page, in order, are the bytes pages() would make.
+  pageHeads(block: number, index: Uint32Array): Buffer {
+    const size = this.recordsSize(block, index.length, index.length) - index.length * QEMU_PAGE;
+    const out = Buffer.allocUnsafe(size);
+    for (let i = 0, p = 0; i < index.length; i++) p = this.recordHead(out, p, block, index[i], RAM.PAGE);
+    return out;
+  }
+
   // ZERO records (9 bytes each with CONTINUE): cheaper than pages, and safe on a
   // destination whose memory is not known to be zero.
   zeros(block: number, index: Uint32Array): Buffer {

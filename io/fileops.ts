@@ -24,6 +24,16 @@ export interface FileOps {
   // collected. Only the addon's guarded code may read it: JavaScript must not
   // (a truncated file raises SIGBUS; see io/native/mapped_input.cc).
   mapInput(fd: number, offset: number, length: number, populate?: boolean): Buffer;
+  // Feeds PAGE records into the pipe outFd by reference (vmsplice of the data
+  // file's pages, io/native/feed.cc): for the pages at index[i] (ascending) of
+  // the window of windowPages pages at offset of dataFd, each after its header,
+  // the i-th of heads (the first heads.length - 8*(n-1) bytes, the others 8).
+  // Synchronous.
+  feedPages(outFd: number, dataFd: number, offset: number, windowPages: number, index: Uint32Array, heads: Uint8Array): void;
+  // write(2) of all of buf, waiting while a non-blocking fd is full.
+  writeAll(fd: number, buf: Uint8Array): void;
+  // Whether fd is a pipe (FIFO).
+  isPipe(fd: number): boolean;
   // zlib's CRC-32 of buf continuing from crc (0 to start), at memory speed.
   // Throws code INPUT_TRUNCATED if buf is a mapInput view whose file shrank.
   crc32(buf: Uint8Array, crc?: number): number;

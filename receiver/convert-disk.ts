@@ -4,6 +4,7 @@
 import * as fs from 'node:fs';
 import { openPrivateFile, type CreateOptions } from '../io/private-file';
 import type { ImageReader } from './image-reader';
+import { Progress } from '../io/progress';
 
 export async function convertToDisk(img: ImageReader, driveId: string, outPath: string, create: CreateOptions = {}): Promise<{ size: number; dataBytes: number }> {
   const drives = await img.drives();
@@ -18,7 +19,9 @@ export async function convertToDisk(img: ImageReader, driveId: string, outPath: 
     fs.ftruncateSync(fd, drive.size);
     const pageSize = img.format.pageSize;
     const buf = Buffer.allocUnsafe(256 * pageSize);
+    const progress = new Progress('bgsnap-convert', img.blocks[drive.block].pages, 'pages');
     for await (const run of img.runs(drive.block)) {
+      progress.add(run.count);
       if (!run.data) continue;
       const bytes = img.readPages(drive.block, run.first, run.count, buf);
       const at = run.first * pageSize;
@@ -27,6 +30,7 @@ export async function convertToDisk(img: ImageReader, driveId: string, outPath: 
       dataBytes += len;
     }
     fs.fsyncSync(fd);
+    progress.done();
   } finally {
     fs.closeSync(fd);
   }

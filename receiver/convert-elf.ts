@@ -31,6 +31,7 @@
 import * as fs from 'node:fs';
 import { openPrivateFile, type CreateOptions } from '../io/private-file';
 import type { ImageReader } from './image-reader';
+import { Progress } from '../io/progress';
 import { decodeProcessState, STATE_KIND, type ProcessMap, type ProcessState, type ProcessThread } from '../format/process-state';
 
 const EHDR_SIZE = 64;
@@ -386,15 +387,18 @@ function layout(loads: ElfLoad[], notes: Buffer, pageSize: number): { head: Buff
 async function writeLoads(img: ImageReader, fd: number, loads: ElfLoad[]): Promise<void> {
   const ps = img.format.pageSize;
   const buf = Buffer.allocUnsafe(256 * ps);
+  const progress = new Progress('bgsnap-convert', loads.reduce((s, l) => s + (l.block < 0 ? 0 : img.blocks[l.block].pages), 0), 'pages');
   for (const l of loads) {
     if (l.data) fs.writeSync(fd, l.data, 0, l.data.length, l.offset);
     if (l.block < 0) continue;
     for await (const run of img.runs(l.block)) {
+      progress.add(run.count);
       if (!run.data) continue;
       const bytes = img.readPages(l.block, run.first, run.count, buf);
       fs.writeSync(fd, bytes, 0, bytes.length, l.offset + run.first * ps);
     }
   }
+  progress.done();
 }
 
 export async function readProcessState(img: ImageReader): Promise<ProcessState> {

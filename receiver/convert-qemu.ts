@@ -5,11 +5,35 @@
 // destination's RAM is zero); the small blocks (ROMs, ACPI tables) get explicit
 // ZERO records because the destination fills them itself when it builds the machine.
 import { RamPartWriter, encodeRamStart, type RamSectionInfo } from '../format/qemu-encode';
-import type { ImageReader } from './image-reader';
+import type { ImageReader, PageRun } from './image-reader';
 import type { Output } from '../io/output';
+import { fileops } from '../io/fileops';
 import { Progress } from '../io/progress';
 
 const RUN = 512; // pages per read and per write: 2 MiB
+const WINDOW = 2048; // pages of the data file mapped at once for the pipe feed: 8 MiB
+
+// stdout as a pipe, written with plain syscalls (never through process.stdout,
+// whose buffered writes could land after pages spliced in meanwhile): the page
+// runs go in by reference (fileops.feedPages), so this side copies no page.
+export class PipeFeed {
+  bytes = 0;
+  private constructor(readonly fd: number) {}
+
+  // A PipeFeed on fd when it is a pipe, else undefined (write through Output).
+  // BGSNAP_FEED=copy takes the copying path anyway, for comparing the two.
+  static open(fd: number): PipeFeed | undefined {
+    if (process.env.BGSNAP_FEED === 'copy' || !fileops.isPipe(fd)) return undefined;
+    // Each record takes two pipe slots (header, page): 1 MiB holds 128 pages.
+    fileops.setPipeSize(fd, 1 << 20);
+    return new PipeFeed(fd);
+  }
+
+  async write(buf: Buffer): Promise<void> {
+    fileops.writeAll(this.fd, buf);
+    this.bytes += buf.length;
+  }
+}
 
 export async function requiredState(img: ImageReader, kind: string): Promise<Buffer> {
   const b = await img.state(kind);
@@ -17,7 +41,7 @@ export async function requiredState(img: ImageReader, kind: string): Promise<Buf
   return b;
 }
 
-export async function convertToQemu(img: ImageReader, out: Output): Promise<void> {
+export async function convertToQemu(img: ImageReader, out: Output | PipeFeed): Promise<void> {
   const preamble = await requiredState(img, 'qemu.preamble');
   const ram = JSON.parse((await requiredState(img, 'qemu.ram-section')).toString('utf8')) as RamSectionInfo;
   const devices = await requiredState(img, 'qemu.devices');
@@ -31,36 +55,88 @@ export async function convertToQemu(img: ImageReader, out: Output): Promise<void
   await out.write(part.begin());
   const main = img.mainBlock;
   const progress = new Progress('bgsnap-convert', mem.reduce((s, b) => s + img.blocks[b].pages, 0), 'pages');
-  for (let r = 0; r < mem.length; r++) await writeBlock(img, out, part, mem[r], r, mem[r] !== main, progress);
+  // A chain image's pages lie in several generations' files: those are read.
+  const splice = out instanceof PipeFeed && !img.chain && img.format.pageSize === 4096 ? out : undefined;
+  for (let r = 0; r < mem.length; r++) {
+    const w = { img, part, b: mem[r], ramIndex: r, zeros: mem[r] !== main, progress };
+    await (splice ? spliceBlock(w, splice) : writeBlock(w, out as Output));
+  }
   await out.write(part.end());
   await out.write(devices);
   progress.done();
 }
 
+interface BlockWork {
+  img: ImageReader;
+  part: RamPartWriter;
+  b: number; // the block in the image
+  ramIndex: number; // its position among the RAM blocks, which records name
+  zeros: boolean; // write ZERO records for its zero pages
+  progress: Progress;
+}
+
 // Data pages are read straight into their records (pageSlots + preadv), so each
-// page is copied once on its way from the image to the stream. Records name the
-// block by its position among the RAM blocks (ramIndex). Two record buffers take
-// turns: one is being written while the next run is read into the other, and a
-// buffer is refilled only once its write settled.
-async function writeBlock(img: ImageReader, out: Output, part: RamPartWriter, b: number, ramIndex: number, zeros: boolean, progress: Progress): Promise<void> {
+// page is copied once on its way from the image to the stream. Two record
+// buffers take turns: one is being written while the next run is read into
+// the other, and a buffer is refilled only once its write settled.
+async function writeBlock(w: BlockWork, out: Output): Promise<void> {
   const bufs = [Buffer.allocUnsafe(RUN * (8 + 4096) + 256), Buffer.allocUnsafe(RUN * (8 + 4096) + 256)];
   const inFlight: (Promise<void> | undefined)[] = [undefined, undefined];
   let turn = 0;
-  for await (const run of img.runs(b, RUN)) {
+  for await (const run of w.img.runs(w.b, RUN)) {
     if (run.data) {
       await inFlight[turn];
-      const { out: records, slots } = part.pageSlots(ramIndex, run.first, run.count, bufs[turn]);
-      img.readPagesInto(b, run.first, slots);
+      const { out: records, slots } = w.part.pageSlots(w.ramIndex, run.first, run.count, bufs[turn]);
+      w.img.readPagesInto(w.b, run.first, slots);
       const written = out.writeSettled(records);
       written.catch(() => undefined); // a failed write rejects where it is awaited, not as unhandled
       inFlight[turn] = written;
       turn ^= 1;
-    } else if (zeros) {
-      const index = new Uint32Array(run.count);
-      for (let i = 0; i < run.count; i++) index[i] = run.first + i;
-      await out.write(part.zeros(ramIndex, index));
+    } else if (w.zeros) {
+      await out.write(zeroRecords(w, run));
     }
-    progress.add(run.count);
+    w.progress.add(run.count);
   }
   await Promise.all(inFlight);
+}
+
+// The same records into a pipe, each page spliced from the data file's page
+// cache after a header the encoder made (pageHeads): byte for byte what
+// writeBlock writes. Data pages are gathered across the zero runs between them
+// (a main block's zero pages are not written) into windows of up to WINDOW
+// pages, one mapping and one run of vmsplice calls each; a block whose zero
+// pages are written sends what it gathered before each ZERO record.
+async function spliceBlock(w: BlockWork, out: PipeFeed): Promise<void> {
+  const base = w.img.blocks[w.b].base;
+  const idx = new Uint32Array(WINDOW);
+  let n = 0;
+  let start = 0;
+  const flush = () => {
+    if (n === 0) return;
+    const pages = idx.subarray(0, n);
+    const heads = w.part.pageHeads(w.ramIndex, pages);
+    fileops.feedPages(out.fd, w.img.dataFd, base + start * 4096, pages[n - 1] - start + 1, pages.map((p) => p - start), heads);
+    out.bytes += heads.length + n * 4096;
+    n = 0;
+  };
+  for await (const run of w.img.runs(w.b, RUN)) {
+    if (run.data) {
+      for (let p = run.first; p < run.first + run.count; p++) {
+        if (n > 0 && p - start >= WINDOW) flush();
+        if (n === 0) start = p;
+        idx[n++] = p;
+      }
+    } else if (w.zeros) {
+      flush();
+      await out.write(zeroRecords(w, run));
+    }
+    w.progress.add(run.count);
+  }
+  flush();
+}
+
+function zeroRecords(w: BlockWork, run: PageRun): Buffer {
+  const index = new Uint32Array(run.count);
+  for (let i = 0; i < run.count; i++) index[i] = run.first + i;
+  return w.part.zeros(w.ramIndex, index);
 }

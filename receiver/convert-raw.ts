@@ -5,6 +5,7 @@
 import * as fs from 'node:fs';
 import { openPrivateFile, type CreateOptions } from '../io/private-file';
 import type { ImageReader } from './image-reader';
+import { Progress } from '../io/progress';
 
 export interface RawLayout {
   name: string;
@@ -35,14 +36,17 @@ export async function convertToRaw(img: ImageReader, outPath: string, blockName?
   try {
     fs.ftruncateSync(fd, size);
     const buf = Buffer.allocUnsafe(256 * img.format.pageSize);
+    const progress = new Progress('bgsnap-convert', layout.reduce((s, l) => s + img.blocks[l.block].pages, 0), 'pages');
     for (const l of layout) {
       for await (const run of img.runs(l.block)) {
+        progress.add(run.count);
         if (!run.data) continue;
         const bytes = img.readPages(l.block, run.first, run.count, buf);
         fs.writeSync(fd, bytes, 0, bytes.length, l.offset + run.first * img.format.pageSize);
       }
     }
     fs.fsyncSync(fd);
+    progress.done();
   } finally {
     fs.closeSync(fd);
   }

@@ -148,6 +148,7 @@ static Napi::Value CopyRange(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value WritePages(const Napi::CallbackInfo& info);  // pagewrite.cc
+void InitFeed(Napi::Env env, Napi::Object exports);     // feed.cc
 
 Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("tell", Napi::Function::New(env, Tell, "tell"));
@@ -159,6 +160,7 @@ Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("copyRange", Napi::Function::New(env, CopyRange, "copyRange"));
+  InitFeed(env, exports);
   return exports;
 }
 
