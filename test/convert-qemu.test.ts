@@ -41,6 +41,13 @@ test('convert --to qemu shows progress on a terminal', async () => {
   assert.ok(fs.readFileSync(at('tty.qemu')).equals(fs.readFileSync(at('a.qemu'))), 'the same stream with or without a terminal');
 });
 
+test('convert --to raw shows progress on a terminal, and only there', async () => {
+  const tty = await sh(`script -qec "${BIN.convert.replace(/'/g, '')} ${at('a')} --to raw -o ${at('tty.raw')} --allow-incomplete" /dev/null`, 60_000);
+  assert.is(tty.code, 0, tty.stdout + tty.stderr);
+  assert.match(tty.stdout, /bgsnap-convert: \d+ of \d+ pages \(\d+%\)/);
+  assert.ok(fs.readFileSync(at('tty.raw')).equals(fs.readFileSync(at('a.raw'))), 'the same memory with or without a terminal');
+});
+
 test('--to qemu-mapped-ram: each block\'s pages at its offset, bits for the main block\'s data pages and every page of the others, then the device state', async () => {
   const g = genStream(43, { records: 3000, maxPages: 1500 });
   assert.is((await run(BIN.receive, ['-q', '-o', at('m')], 60_000, g.bytes)).code, 2);

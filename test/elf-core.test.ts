@@ -64,6 +64,14 @@ test('bgsnap-convert --to elf-core writes a sparse core, no warnings', async () 
   assert.match(re.stdout, /Type:\s+CORE/);
 });
 
+test('--to elf-core shows progress on a terminal; the same core', async () => {
+  // script(1) gives convert a pseudo-terminal, as an interactive user has.
+  const tty = await sh(`script -qec "${BIN.convert.replace(/'/g, '')} ${image} --to elf-core -o ${core}.tty" /dev/null`, 60_000);
+  assert.is(tty.code, 0, tty.stdout + tty.stderr);
+  assert.match(tty.stdout, /bgsnap-convert: \d+ of \d+ pages \(\d+%\)/);
+  assert.ok(fs.readFileSync(`${core}.tty`).equals(fs.readFileSync(core)), 'the same core with or without a terminal');
+});
+
 test('RELRO and vdso captured read-only: the DT_DEBUG page is real, not rebuilt', async () => {
   const img = await ImageReader.open(image);
   try {

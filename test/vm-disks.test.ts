@@ -13,7 +13,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { ensureGuest } from './helpers/guest';
 import { DiskVms, chain, copyLater } from './helpers/disk-vm';
-import { BIN, run } from './helpers/cli';
+import { BIN, run, sh } from './helpers/cli';
 
 let ctx: DiskVms;
 
@@ -67,6 +67,11 @@ test('qcow2 disk with a backing file: restore agrees, chain unchanged', async ()
   await vm.kill();
   const restored = path.join(ctx.dir, 'restored2.raw');
   assert.is((await run(BIN.convert, [image, '--to', 'disk', '--drive', 'd0', '-o', restored])).code, 0);
+  // On a terminal (script(1) gives it one) convert shows progress; the same disk.
+  const tty = await sh(`script -qec "${BIN.convert.replace(/'/g, '')} ${image} --to disk --drive d0 -o ${restored}.tty" /dev/null`, 60_000);
+  assert.is(tty.code, 0, tty.stdout + tty.stderr);
+  assert.match(tty.stdout, /bgsnap-convert: \d+ of \d+ pages \(\d+%\)/);
+  assert.ok(fs.readFileSync(`${restored}.tty`).equals(fs.readFileSync(restored)), 'the same disk with or without a terminal');
   const fd = fs.openSync(restored, 'r');
   const b = Buffer.alloc(4096);
   fs.readSync(fd, b, 0, 4096, 9 << 20);
