@@ -46,12 +46,17 @@ function generate(file: string, bytes: number): void {
   fs.closeSync(fd);
 }
 
-function timed(cmd: string): number {
+// Wall seconds, and CPU seconds of every process of the pipeline (bash's
+// `times`: its children's user and system time), which others' load on the
+// machine disturbs much less than the wall time.
+function timed(cmd: string): { s: number; cpu: number } {
   const t = process.hrtime.bigint();
   // pipefail: a convert that fails inside a pipeline must fail the run.
-  const r = spawnSync('bash', ['-o', 'pipefail', '-c', cmd], { stdio: ['ignore', 'ignore', 'inherit'] });
-  if (r.status !== 0) throw new Error(`${cmd} failed with ${r.status}`);
-  return Number(process.hrtime.bigint() - t) / 1e9;
+  const r = spawnSync('bash', ['-o', 'pipefail', '-c', `${cmd} && times >&2`], { stdio: ['ignore', 'ignore', 'pipe'], encoding: 'utf8' });
+  const s = Number(process.hrtime.bigint() - t) / 1e9;
+  if (r.status !== 0) throw new Error(`${cmd} failed with ${r.status}: ${r.stderr}`);
+  const m = /(\d+)m([\d.]+)s (\d+)m([\d.]+)s\s*$/.exec(r.stderr); // the children's line, the last
+  return { s, cpu: m ? 60 * Number(m[1]) + Number(m[2]) + 60 * Number(m[3]) + Number(m[4]) : NaN };
 }
 
 function main(): void {
@@ -64,24 +69,28 @@ function main(): void {
   try {
     generate(stream, gib * 1024 ** 3);
     timed(`${process.execPath} ${bin('bgsnap-receive')} -q -o ${dir}/img < ${stream}`);
-    const rows: [string, string, number[]][] = [
-      ['cat FILE | cat', `cat ${stream} | cat > /dev/null`, []],
-      ['cat FILE > /dev/null', `cat ${stream} > /dev/null`, []],
-      ['convert (splice) | cat', convert(bin('bgsnap-convert')), []],
-      ['convert (copy) | cat', convert(bin('bgsnap-convert'), 'BGSNAP_FEED=copy'), []],
+    const row = (name: string, cmd: string) => ({ name, cmd, s: [] as number[], cpu: [] as number[] });
+    const rows = [
+      row('cat FILE | cat', `cat ${stream} | cat > /dev/null`),
+      row('cat FILE > /dev/null', `cat ${stream} > /dev/null`),
+      row('convert (splice) | cat', convert(bin('bgsnap-convert'))),
+      row('convert (copy) | cat', convert(bin('bgsnap-convert'), 'BGSNAP_FEED=copy')),
     ];
     const before = arg('--before', '');
-    if (before) rows.push(['convert (--before) | cat', convert(before), []]);
+    if (before) rows.push(row('convert (--before) | cat', convert(before)));
     const load0 = os.loadavg();
     for (let r = 0; r < rounds; r++) for (let k = 0; k < rows.length; k++) {
-      const row = rows[(k + r) % rows.length];
-      row[2].push(timed(row[1]));
+      const c = rows[(k + r) % rows.length];
+      const t = timed(c.cmd);
+      c.s.push(t.s);
+      c.cpu.push(t.cpu);
     }
     const mb = fs.statSync(stream).size / 1e6;
     const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
     console.log(`load average ${load0.map((l) => l.toFixed(1)).join(' ')} before, ${os.loadavg().map((l) => l.toFixed(1)).join(' ')} after; ${gib} GiB guest RAM, QEMU stream ${mb.toFixed(0)} MB, ${rounds} rounds`);
-    for (const [name, , s] of rows) {
-      console.log(`${name.padEnd(26)} ${range(s, 2).padStart(22)} s ${(mb / med(s)).toFixed(0).padStart(6)} MB/s  ${(med(rows[0][2]) / med(s)).toFixed(2)}x of cat | cat`);
+    for (const c of rows) {
+      console.log(`${c.name.padEnd(26)} ${range(c.s, 2).padStart(22)} s ${(mb / med(c.s)).toFixed(0).padStart(6)} MB/s  ${(med(rows[0].s) / med(c.s)).toFixed(2)}x of cat | cat; ` +
+        `CPU ${range(c.cpu, 2)} s`);
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

@@ -14,7 +14,7 @@
 // timestamps are QEMU's clock); "from spawn" adds QEMU's start. Every run must
 // end completed with the VM paused. Files are read from the page cache (each
 // was just written or read), the same for every contender.
-//   node dist/bench/restore-qemu.js [--mib 2048] [--guest-mb 1536] [--rounds 3] [--channels 2] [--dir DIR]
+//   node dist/bench/restore-qemu.js [--mib 2048] [--guest-mb 1536] [--rounds 3] [--channels 2] [--dir DIR] [--before DIST/bin/bgsnap-convert.js]
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -30,6 +30,16 @@ interface Contender {
   caps: string[]; // capabilities turned on at the destination
   ms: number[]; // migrate-incoming -> completed
   fromSpawn: number[];
+  cpu: number[]; // CPU seconds of QEMU and its exec: child (the feeder) over the load
+}
+
+// CPU seconds QEMU has used, with those of its children it reaped (an exec:
+// URI's command, reaped when QEMU closes the channel): on a machine others
+// load, what a restore costs varies much less than how long it takes.
+function cpuSeconds(pid: number): number {
+  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return [11, 12, 13, 14].reduce((s, i) => s + Number(fields[i]), 0) / 100; // utime stime cutime cstime, in USER_HZ
 }
 
 const bin = (n: string) => `${process.execPath} ${path.join(__dirname, '..', 'bin', `${n}.js`)}`;
@@ -78,6 +88,7 @@ async function restore(g: Guest, q: QemuBinary, mib: number, c: Contender, chann
     await vm.qmp.execute('migrate-set-capabilities', { capabilities: caps });
     if (c.caps.includes('multifd')) await vm.qmp.execute('migrate-set-parameters', { 'multifd-channels': channels });
     const done = vm.qmp.waitForEvent('MIGRATION', 300_000, (e) => ['completed', 'failed'].includes(String(e.data?.status)));
+    const cpu0 = cpuSeconds(vm.pid);
     const t0 = Date.now();
     await vm.qmp.execute('migrate-incoming', { uri: c.uri });
     const ev = await done;
@@ -85,6 +96,8 @@ async function restore(g: Guest, q: QemuBinary, mib: number, c: Contender, chann
     const at = ev.timestamp!.seconds * 1000 + ev.timestamp!.microseconds / 1000;
     const { status } = await vm.qmp.execute<{ status: string }>('query-status');
     if (status !== 'paused') throw new Error(`${c.name}: VM is '${status}' after the load, not paused`);
+    await sleep(300); // QEMU reaps the exec: child after the channel closes
+    c.cpu.push(cpuSeconds(vm.pid) - cpu0);
     c.ms.push(at - t0);
     c.fromSpawn.push(at - spawned);
   } finally {
@@ -104,7 +117,7 @@ async function main(): Promise<void> {
     await saveGuest(g, q, mib, guestMb, dir);
     const receiveS = timedSh(`${bin('bgsnap-receive')} -q -o ${dir}/img < ${dir}/own.qemu`);
     const convertS = timedSh(`${bin('bgsnap-convert')} ${dir}/img --to qemu-mapped-ram -o ${dir}/ours.mr`);
-    const mk = (name: string, uri: string, caps: string[] = []): Contender => ({ name, uri, caps, ms: [], fromSpawn: [] });
+    const mk = (name: string, uri: string, caps: string[] = []): Contender => ({ name, uri, caps, ms: [], fromSpawn: [], cpu: [] });
     const cs = [
       mk('QEMU file, exec:cat', `exec:cat ${dir}/own.qemu`),
       mk('QEMU file, file:', `file:${dir}/own.qemu`),
@@ -114,6 +127,8 @@ async function main(): Promise<void> {
       mk(`bgsnap mapped-ram, multifd ${channels}`, `file:${dir}/ours.mr`, ['mapped-ram', 'multifd']),
       mk(`QEMU mapped-ram, multifd ${channels}`, `file:${dir}/own.mr`, ['mapped-ram', 'multifd']),
     ];
+    const before = arg('--before', ''); // another build's bgsnap-convert.js, e.g. main's
+    if (before) cs.splice(4, 0, mk('convert --to qemu, --before', `exec:${process.execPath} ${before} ${dir}/img --to qemu -o -`));
     for (let r = 0; r < rounds; r++) {
       for (let k = 0; k < cs.length; k++) await restore(g, q, mib, cs[(k + r) % cs.length], channels); // rotate the order
     }
@@ -135,7 +150,7 @@ function report(cs: Contender[], o: { mib: number; guestMb: number; receiveS: nu
   const fileBase = med(cs[1].ms);
   for (const c of cs) {
     console.log(`  ${c.name.padEnd(34)} ${range(c.ms.map((x) => x / 1000), 2).padStart(14)} s  (from spawn ${range(c.fromSpawn.map((x) => x / 1000), 2)} s)  ` +
-      `${(base / med(c.ms)).toFixed(2)}x exec:cat's speed, ${(fileBase / med(c.ms)).toFixed(2)}x file:'s`);
+      `${(base / med(c.ms)).toFixed(2)}x exec:cat's speed, ${(fileBase / med(c.ms)).toFixed(2)}x file:'s; CPU ${range(c.cpu, 2)} s`);
   }
 }
 
