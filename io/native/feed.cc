@@ -94,43 +94,61 @@ std::vector<struct iovec> Interleave(char* heads, size_t first, char* window, co
   return v;
 }
 
+// One call's work: n pages at index[i] of a window of the data file, each
+// after its header (heads: the first `first` bytes long, the others 8).
+struct Window {
+  int out, data;
+  int64_t offset;
+  size_t pages;
+  const uint32_t* index;
+  size_t n;
+  const uint8_t* heads;
+  size_t headBytes;
+};
+
+// Maps the window (without populating it: its holes, zero pages, would become
+// page-cache pages), splices the records, unmaps. Returns 0 or the errno,
+// with what failed in *what.
+int SpliceWindow(const Window& w, std::string* what) {
+  void* h = FreshCopy(w.heads, w.headBytes);
+  if (!h) {
+    int e = errno;  // before the string's allocation may change it
+    *what = "mmap of record headers";
+    return e;
+  }
+  void* m = mmap(nullptr, w.pages * kPage, PROT_READ, MAP_SHARED, w.data, w.offset);
+  int err = m == MAP_FAILED ? errno : 0;  // read before the string below allocates
+  *what = "mmap of the image's data file at " + std::to_string(w.offset);
+  if (!err) {
+    std::vector<struct iovec> v = Interleave(static_cast<char*>(h), w.headBytes - (w.n - 1) * 8, static_cast<char*>(m), w.index, w.n);
+    err = SpliceAll(w.out, v);
+    *what = "vmsplice of " + std::to_string(w.n) + " pages from data offset " + std::to_string(w.offset) + " into fd " + std::to_string(w.out);
+    munmap(m, w.pages * kPage);
+  }
+  munmap(h, w.headBytes);
+  return err;
+}
+
 }  // namespace
 
 // feedPages(outFd, dataFd, offset, windowPages, index, heads): PAGE records
 // into the pipe outFd for the pages at index[i] (ascending) of the window of
 // windowPages pages at offset of dataFd; page i's header is the i-th of heads
 // (the first heads.length - 8*(n-1) bytes, the others 8). offset must be page
-// aligned. Throws with the errno as code. The window is mapped without
-// populating it: its holes (zero pages) would become page-cache pages.
+// aligned. Throws with the errno as code.
 static Napi::Value FeedPages(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  int out = info[0].As<Napi::Number>().Int32Value();
-  int data = info[1].As<Napi::Number>().Int32Value();
-  int64_t offset = info[2].As<Napi::Number>().Int64Value();
-  size_t window = info[3].As<Napi::Number>().Uint32Value();
   Napi::Uint32Array index = info[4].As<Napi::Uint32Array>();
   Napi::Uint8Array heads = info[5].As<Napi::Uint8Array>();
-  size_t n = index.ElementLength();
-  if (n == 0 || offset % kPage != 0 || heads.ByteLength() < n * 8 || index[n - 1] >= window) {
+  Window w = {info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(),
+              info[2].As<Napi::Number>().Int64Value(), info[3].As<Napi::Number>().Uint32Value(),
+              index.Data(), index.ElementLength(), heads.Data(), heads.ByteLength()};
+  if (w.n == 0 || w.offset % kPage != 0 || w.headBytes < w.n * 8 || index[w.n - 1] >= w.pages) {
     Napi::RangeError::New(env, "feedPages: need a page-aligned offset, pages inside the window and 8 header bytes per page").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  size_t first = heads.ByteLength() - (n - 1) * 8;
-  void* h = FreshCopy(heads.Data(), heads.ByteLength());
-  if (!h) {
-    ErrnoError(env, errno, "mmap of record headers").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  void* m = mmap(nullptr, window * kPage, PROT_READ, MAP_SHARED, data, offset);
-  int err = m == MAP_FAILED ? errno : 0;
-  std::string what = "mmap of the image's data file at " + std::to_string(offset);
-  if (!err) {
-    std::vector<struct iovec> v = Interleave(static_cast<char*>(h), first, static_cast<char*>(m), index.Data(), n);
-    err = SpliceAll(out, v);
-    what = "vmsplice of " + std::to_string(n) + " pages from data offset " + std::to_string(offset) + " into fd " + std::to_string(out);
-    munmap(m, window * kPage);
-  }
-  munmap(h, heads.ByteLength());
+  std::string what;
+  int err = SpliceWindow(w, &what);
   if (err) ErrnoError(env, err, what).ThrowAsJavaScriptException();
   return env.Undefined();
 }
