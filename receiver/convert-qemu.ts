@@ -33,7 +33,14 @@ export class PipeFeed {
     fileops.writeAll(this.fd, buf);
     this.bytes += buf.length;
   }
+
+  // write(2) returns once the pipe holds a copy: the caller may reuse buf.
+  writeSettled(buf: Buffer): Promise<void> {
+    return this.write(buf);
+  }
 }
+
+type ByteOut = Pick<Output, 'write' | 'writeSettled'>;
 
 export async function requiredState(img: ImageReader, kind: string): Promise<Buffer> {
   const b = await img.state(kind);
@@ -59,7 +66,7 @@ export async function convertToQemu(img: ImageReader, out: Output | PipeFeed): P
   const splice = out instanceof PipeFeed && !img.chain && img.format.pageSize === 4096 ? out : undefined;
   for (let r = 0; r < mem.length; r++) {
     const w = { img, part, b: mem[r], ramIndex: r, zeros: mem[r] !== main, progress };
-    await (splice ? spliceBlock(w, splice) : writeBlock(w, out as Output));
+    await (splice ? spliceBlock(w, splice) : writeBlock(w, out));
   }
   await out.write(part.end());
   await out.write(devices);
@@ -79,7 +86,7 @@ interface BlockWork {
 // page is copied once on its way from the image to the stream. Two record
 // buffers take turns: one is being written while the next run is read into
 // the other, and a buffer is refilled only once its write settled.
-async function writeBlock(w: BlockWork, out: Output): Promise<void> {
+async function writeBlock(w: BlockWork, out: ByteOut): Promise<void> {
   const bufs = [Buffer.allocUnsafe(RUN * (8 + 4096) + 256), Buffer.allocUnsafe(RUN * (8 + 4096) + 256)];
   const inFlight: (Promise<void> | undefined)[] = [undefined, undefined];
   let turn = 0;
