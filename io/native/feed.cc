@@ -116,6 +116,11 @@ int SpliceWindow(const Window& w, std::string* what) {
     *what = "mmap of record headers";
     return e;
   }
+  // Pages that are not cached yet would be read one fault at a time (a
+  // mapping's read-around, synchronous), where pread's readahead streams:
+  // 2x slower than the copying writer from a cold cache. So ask for this
+  // window and the next one ahead, asynchronously.
+  posix_fadvise(w.data, w.offset, 2 * w.pages * kPage, POSIX_FADV_WILLNEED);
   void* m = mmap(nullptr, w.pages * kPage, PROT_READ, MAP_SHARED, w.data, w.offset);
   int err = m == MAP_FAILED ? errno : 0;  // read before the string below allocates
   *what = "mmap of the image's data file at " + std::to_string(w.offset);
