@@ -34,11 +34,21 @@ function pvmcopyBin(): string {
   return out;
 }
 
-// Plain sequential copy of [base, base+size) into /dev/null: seconds.
+// Plain sequential copy of [base, base+size) into /dev/null: seconds of its
+// copy loop (timed inside pvmcopy, after its start-up).
 export function plainCopy(pid: number, base: number, size: number): number {
-  const r = spawnSync('sh', ['-c', `'${pvmcopyBin()}' ${pid} ${base.toString(16)} ${size} > /dev/null`], { encoding: 'utf8' });
+  return plainCopyTimed(pid, base, size).inside;
+}
+
+// Both clocks: `inside` is pvmcopy's own loop, `wall` the whole command from
+// outside (through sh, start-up included), as pipeCapture times bgsnap-capture.
+export function plainCopyTimed(pid: number, base: number, size: number): { inside: number; wall: number } {
+  const bin = pvmcopyBin();
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync('sh', ['-c', `'${bin}' ${pid} ${base.toString(16)} ${size} > /dev/null`], { encoding: 'utf8' });
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
   if (r.status !== 0) throw new Error(`pvmcopy failed: ${r.stderr}`);
-  return Number(r.stderr.trim().split(' ')[0]);
+  return { inside: Number(r.stderr.trim().split(' ')[0]), wall };
 }
 
 // gcore's wall time: it stops the target for the whole dump.

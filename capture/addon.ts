@@ -53,6 +53,7 @@ export interface NativeBatch {
   index: Uint32Array;
   zero: Uint8Array;
   data: Buffer;
+  crcs: Uint32Array; // CRC-32 of each data page, in data order (the saver's, taken while the page was in its cache)
 }
 
 // The engine reports mappings in the process-state codec's shape.

@@ -88,7 +88,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
       addon.releaseBuffer(handle!, b.id);
       return { type: 'pages', batch: copy };
     }
-    const batch: PageBatch = { block, index: b.index, zero: b.zero, data: b.data };
+    const batch: PageBatch = { block, index: b.index, zero: b.zero, data: b.data, crcs: b.crcs };
     held.set(batch, b.id);
     return { type: 'pages', batch };
   }

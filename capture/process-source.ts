@@ -112,7 +112,7 @@ export function stateOf(info: CaptureInfo): ProcessState {
 }
 
 export function copyBatch(b: NativeBatch): PageBatch {
-  return { block: b.block, index: Uint32Array.from(b.index), zero: Uint8Array.from(b.zero), data: Buffer.from(b.data) };
+  return { block: b.block, index: Uint32Array.from(b.index), zero: Uint8Array.from(b.zero), data: Buffer.from(b.data), crcs: Uint32Array.from(b.crcs) };
 }
 
 const NO_UNSEEN: UnseenWrites = { ioUringBuffers: 0, ioUringBufferBytes: 0, deviceFds: [], directIoFds: [], mappedFds: [], warnings: [] };
@@ -168,7 +168,7 @@ export function captureProcess(pid: number, opts: ProcessCaptureOptions = {}): P
       addon.releaseBuffer(handle!, b.id);
       return { type: 'pages', batch: copy };
     }
-    const batch: PageBatch = { block: b.block, index: b.index, zero: b.zero, data: b.data };
+    const batch: PageBatch = { block: b.block, index: b.index, zero: b.zero, data: b.data, crcs: b.crcs };
     held.set(batch, b.id);
     return { type: 'pages', batch };
   }

@@ -5,7 +5,7 @@
 import * as zstd from 'zstd-napi';
 import { crc32 } from './crc32';
 import {
-  CHAIN_VERSION, FLAG_ZSTD, FrameType, MAGIC, SOURCES, VERSION, emptyTotals, frame, pad4, u32, type Crc32Fn,
+  CHAIN_VERSION, FLAG_ZSTD, FrameType, MAGIC, SOURCES, VERSION, emptyTotals, frame, pad4, u32, type Crc32Fn, type PartCrcs,
 } from './bgsnap-frame';
 import { CHAIN_END_BYTES, emptyGenerationTotals, encodeGeneration, encodeGenerationEnd } from './chain';
 import type { BlockInfo, DiscardBatch, GenerationStart, GenerationTotals, PageBatch, StateBlob, StreamHeader } from './events';
@@ -123,9 +123,16 @@ export class BgsnapEncoder {
     this.count('pages', n);
     this.count('zeroPages', zeros);
     this.count('batches', 1);
-    if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data]);
+    if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data], 0, undefined, this.pageCrcs(batch, n - zeros));
     const raw = Buffer.concat([meta, batch.data]);
     return frame(this.crc, FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
+  }
+
+  // The batch's own page CRCs when it carries one per data page (the process
+  // capture engine's): the frame checksum is then combined from them.
+  private pageCrcs(batch: PageBatch, dataPages: number): PartCrcs | undefined {
+    const c = batch.crcs;
+    return c && c.length === dataPages && dataPages > 0 ? { crcs: c, pageSize: this.pageSizeBytes } : undefined;
   }
 
   discard(batch: DiscardBatch): Buffer[] {

@@ -1,6 +1,7 @@
 // The bgsnap stream's framing, shared by its encoder (bgsnap-encode.ts) and
 // decoder (bgsnap.ts): magic, versions, frame types, limits and the frame
 // header with its checksum. See SPEC.md.
+import { crc32Combine } from './crc32';
 import type { SourceKind, StreamTotals } from './events';
 
 export const MAGIC = Buffer.from('BGSNAP', 'latin1');
@@ -37,7 +38,15 @@ export function pad4(n: number): number {
   return (4 - (n % 4)) % 4;
 }
 
-export function frame(crcFn: Crc32Fn, type: FrameType, parts: Buffer[], flags = 0, rawLength?: number): Buffer[] {
+// The last part may come with the CRC-32 of each of its pages (a producer
+// that checksummed them while they were in its cache): they are combined into
+// the frame's checksum instead of reading the part again.
+export interface PartCrcs {
+  crcs: Uint32Array;
+  pageSize: number;
+}
+
+export function frame(crcFn: Crc32Fn, type: FrameType, parts: Buffer[], flags = 0, rawLength?: number, lastCrcs?: PartCrcs): Buffer[] {
   const length = parts.reduce((s, p) => s + p.length, 0);
   if (length > MAX_PAYLOAD) throw new Error(`bgsnap frame of ${length} bytes exceeds ${MAX_PAYLOAD}`);
   const h = Buffer.alloc(FRAME_HEADER);
@@ -46,7 +55,9 @@ export function frame(crcFn: Crc32Fn, type: FrameType, parts: Buffer[], flags = 
   h.writeUInt32LE(length, 4);
   h.writeUInt32LE(rawLength ?? length, 8);
   let crc = crcFn(h.subarray(0, 12), 0);
-  for (const p of parts) crc = p.length ? crcFn(p, crc) : crc;
+  const read = lastCrcs ? parts.length - 1 : parts.length;
+  for (let i = 0; i < read; i++) crc = parts[i].length ? crcFn(parts[i], crc) : crc;
+  if (lastCrcs) for (const c of lastCrcs.crcs) crc = crc32Combine(crc, c, lastCrcs.pageSize);
   h.writeUInt32LE(crc, 12);
   return [h, ...parts];
 }

@@ -30,7 +30,7 @@ export interface PageBatch {
   index: Uint32Array;
   zero: Uint8Array;
   data: Buffer;
-  crcs?: Uint32Array; // CRC-32 of each data page, in data order, when the decoder already computed them
+  crcs?: Uint32Array; // CRC-32 of each data page, in data order, when the decoder (or the capture engine) already computed them
   check?: PageCheck; // set when the decoder left the frame's checksum to the sink (see PageCheck)
 }
 

@@ -33,7 +33,7 @@ bool BufferPool::Init(uint32_t totalMb, Failure* f) {
   size_t count = std::max<size_t>(total / dataBytes, 2);
   uint32_t capData = static_cast<uint32_t>(dataBytes / kPage);
   uint32_t capIndex = capData * 16;  // zero records carry no data
-  size_t per = dataBytes + capIndex * sizeof(uint32_t) + capIndex;
+  size_t per = dataBytes + capIndex * sizeof(uint32_t) + capData * sizeof(uint32_t) + capIndex;
   per = (per + kPage - 1) & ~(kPage - 1);
   memory = std::make_shared<Memory>();
   memory->length = per * count;
@@ -48,7 +48,8 @@ bool BufferPool::Init(uint32_t totalMb, Failure* f) {
     b.id = static_cast<uint32_t>(i);
     b.data = base;
     b.index = reinterpret_cast<uint32_t*>(base + dataBytes);
-    b.zero = base + dataBytes + capIndex * sizeof(uint32_t);
+    b.crcs = b.index + capIndex;
+    b.zero = base + dataBytes + (capIndex + capData) * sizeof(uint32_t);
     b.capData = capData;
     b.capIndex = capIndex;
     free_.push_back(b.id);

@@ -176,6 +176,10 @@ struct Batch {
   uint8_t* data = nullptr;
   uint32_t* index = nullptr;
   uint8_t* zero = nullptr;
+  // CRC-32 (zlib's) of each data page, in data order: taken by the saver right
+  // after its read, while the page is still in its cache, so the stream
+  // encoder does not read every page again, cold, on the JavaScript thread.
+  uint32_t* crcs = nullptr;
   uint32_t capData = 0, capIndex = 0;
   int block = -1;
   uint32_t count = 0, dataPages = 0;

@@ -3,7 +3,8 @@
 //       resolves once the target was frozen, protected and resumed (the
 //       snapshot point), rejects with an errno `code` if that failed;
 //   nextBuffer(handle) -> Promise<{id, block, index, zero, data} | null>
-//       a filled batch (views of native memory: release it when written),
+//       a filled batch (views of native memory: release it when written;
+//       crcs: the CRC-32 of each data page, taken by the saver),
 //       or null when every page was saved;
 //   releaseBuffer(handle, id), takeDiscards(handle), captureInfo(handle),
 //   abortCapture(handle), closeCapture(handle).
@@ -53,6 +54,8 @@ Napi::Object BatchObject(Napi::Env env, Session& s, Batch* bt) {
   o.Set("index", Napi::Uint32Array::New(env, bt->count, ib, 0));
   auto zb = Napi::ArrayBuffer::New(env, bt->zero, bt->count, Finalize, keep());
   o.Set("zero", Napi::Uint8Array::New(env, bt->count, zb, 0));
+  auto cb = Napi::ArrayBuffer::New(env, bt->crcs, bt->dataPages * 4, Finalize, keep());
+  o.Set("crcs", Napi::Uint32Array::New(env, bt->dataPages, cb, 0));
   size_t bytes = uint64_t(bt->dataPages) * kPage;
   o.Set("data", bytes ? Napi::Buffer<uint8_t>::New(env, bt->data, bytes, Finalize, keep())
                       : Napi::Buffer<uint8_t>::New(env, 0));

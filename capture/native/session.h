@@ -150,7 +150,7 @@ class Session {
   uint32_t StillProtected(int b, uint32_t p, uint64_t addr, uint32_t n);
   bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
-  void Commit(Batch* bt, int b, uint32_t p, uint32_t n);
+  void Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed = 0);
   Batch* OpenBatch(int b, Failure* f);
   void PublishAll();
   bool Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f);
