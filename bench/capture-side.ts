@@ -18,10 +18,9 @@ import * as path from 'node:path';
 import { startTarget } from '../test/process-target';
 import { arg, machine, pipeCapture, plainCopyTimed, range } from './process-common';
 
-interface Round { plainIn: number; plainWall: number; capIn: number; capWall: number; load: string }
+interface Round { plainIn: number; plainWall: number; capIn: number; capWall: number; load: string; detail: string }
 
 const load = () => os.loadavg().map((x) => x.toFixed(1)).join(' ');
-const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 async function rounds(mib: number, writers: number, n: number, bufferMb: string, dir: string): Promise<Round[]> {
   const t = await startTarget('anon', mib, writers);
@@ -41,6 +40,10 @@ async function rounds(mib: number, writers: number, n: number, bufferMb: string,
         const work = (c.stats.timing as { workMs: number }).workMs / 1000;
         r.capIn = bytes / 1e6 / work;
         r.capWall = bytes / 1e6 / c.seconds;
+        const st = c.stats as typeof c.stats & { timing: { startupMs: number }; smaps: { ms: number } };
+        r.detail = `bgsnap: start-up ${st.timing.startupMs.toFixed(0)} ms, work ${(work * 1000).toFixed(0)} ms ` +
+          `(smaps ${st.smaps.ms.toFixed(0)}, pre-protect ${st.pause?.preProtectMs.toFixed(0)}, pause ${st.pauseMs?.toFixed(1)}, ` +
+          `scan waited for the output ${st.scanWaitMs?.toFixed(0)} ms), engine ${((st.seconds ?? 0) * 1000).toFixed(0)} ms`;
       };
       if (i % 2 === 0) { plain(); cap(); } else { cap(); plain(); }
       out.push(r as Round);
@@ -57,8 +60,9 @@ function report(title: string, rs: Round[]): void {
     console.log(`  round ${i + 1} (${i % 2 ? 'bgsnap first' : 'plain first'}, load ${r.load}): ` +
       `inside ${r.capIn.toFixed(0)} / ${r.plainIn.toFixed(0)} MB/s = ${(r.capIn / r.plainIn).toFixed(2)}x, ` +
       `outside ${r.capWall.toFixed(0)} / ${r.plainWall.toFixed(0)} MB/s = ${(r.capWall / r.plainWall).toFixed(2)}x`);
+    console.log(`      ${r.detail}`);
   }
-  const col = (k: keyof Omit<Round, 'load'>) => rs.map((r) => r[k]);
+  const col = (k: keyof Omit<Round, 'load' | 'detail'>) => rs.map((r) => r[k]);
   const ratio = (a: number[], b: number[]) => a.map((x, i) => x / b[i]);
   console.log(`  plain copy, inside (its loop)        ${range(col('plainIn'), 0).padStart(26)} MB/s`);
   console.log(`  plain copy, outside (wall)           ${range(col('plainWall'), 0).padStart(26)} MB/s`);
@@ -66,7 +70,6 @@ function report(title: string, rs: Round[]): void {
   console.log(`  bgsnap-capture --pid, outside (wall) ${range(col('capWall'), 0).padStart(26)} MB/s`);
   console.log(`  ratio inside  (own clocks, no start-up): ${range(ratio(col('capIn'), col('plainIn')), 2)}x`);
   console.log(`  ratio outside (wall, start-up included): ${range(ratio(col('capWall'), col('plainWall')), 2)}x`);
-  console.log(`  medians: inside ${(med(col('capIn')) / med(col('plainIn'))).toFixed(2)}x, outside ${(med(col('capWall')) / med(col('plainWall'))).toFixed(2)}x`);
 }
 
 async function main(): Promise<void> {

@@ -4,9 +4,7 @@
 // The target keeps running throughout; if this program dies, it is released.
 import { Command } from 'commander';
 import { emitStream, type EmitProgress } from '../capture/emit';
-import { captureQemu } from '../capture/qemu-events';
 import { captureProcess, type ProcessCaptureOptions } from '../capture/process-source';
-import { captureProcessChain } from '../capture/process-chain';
 import { addNetOptions, NetOutput, type NetFlags } from '../net/client';
 import type { CaptureSource } from '../capture/source';
 import type { PageBatch } from '../format/events';
@@ -56,10 +54,15 @@ function testHold(): Pick<ProcessCaptureOptions, 'testHoldAt' | 'testHoldMs'> {
   return at ? { testHoldAt: at as ProcessCaptureOptions['testHoldAt'], testHoldMs: Number(ms) } : {};
 }
 
+// The QEMU and chain sources load only when asked for: a --pid capture's
+// start-up is part of its wall time (bench/capture-side.ts).
+const qemuEvents = () => require('../capture/qemu-events') as typeof import('../capture/qemu-events');
+const processChain = () => require('../capture/process-chain') as typeof import('../capture/process-chain');
+
 function openChain(pid: number) {
   if (!(opts.every! > 0)) throw new Error(`--every needs a number of seconds above 0, got ${opts.every}`);
   if (opts.count !== undefined && opts.count < 1) throw new Error('--count must be at least 1');
-  return captureProcessChain(pid, {
+  return processChain().captureProcessChain(pid, {
     everyMs: opts.every! * 1000, count: opts.count, bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true,
     allowNonDumpable: opts.allowNondumpable, includeDontDump: opts.includeDontdump, ...testHold(),
     testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
@@ -80,7 +83,7 @@ async function openSource(): Promise<Source> {
   if (opts.qmp || opts.domain) {
     const disks = chosenDisks();
     const target = opts.domain ? { domain: opts.domain, connect: opts.connect } : opts.qmp!;
-    return captureQemu(target, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
+    return qemuEvents().captureQemu(target, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
   }
   if (opts.pid !== undefined && opts.every !== undefined) return openChain(opts.pid);
   if (opts.pid !== undefined) {

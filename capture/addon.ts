@@ -118,6 +118,7 @@ export interface CaptureCounters {
   remapEvents: number;
   batches: number;
   bufferWaits: number;
+  scanWaitUs: number; // the linear scan's time waiting for the output to release buffers
   rollbacks: number;
   unregistered: number;
   lostProtection: number;

@@ -164,6 +164,9 @@ struct Counters {
   std::atomic<uint64_t> removeEvents{0}, unmapEvents{0}, remapEvents{0};
   std::atomic<uint64_t> batches{0}, bufferWaits{0}, rollbacks{0};
   std::atomic<uint64_t> unregistered{0};
+  // Microseconds the linear scan waited for the output to hand buffers back:
+  // tells a capture limited by its writer from one limited by the saver.
+  std::atomic<uint64_t> scanWaitUs{0};
   std::atomic<uint64_t> lostProtection{0};  // pages KSM un-protected and the target then wrote: discarded  // saved ranges released by UFFDIO_UNREGISTER (EAGAIN storms)
 };
 

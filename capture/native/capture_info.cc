@@ -63,6 +63,7 @@ static Napi::Object CountersObject(Napi::Env env, Session& s) {
   set("remapEvents", c.remapEvents);
   set("batches", c.batches);
   set("bufferWaits", c.bufferWaits);
+  set("scanWaitUs", c.scanWaitUs);
   set("rollbacks", c.rollbacks);
   set("unregistered", c.unregistered);
   set("lostProtection", c.lostProtection);

@@ -39,7 +39,11 @@ bool Session::SaverLoop(Failure* f) {
     heartbeat_ = NowMs();
     if (abort_) { f->Set(ECANCELED, "capture aborted"); break; }
     if (cb >= blocks.size()) break;
-    if (!pool.ScanRoom() && !WaitScanRoom(f)) break;
+    if (!pool.ScanRoom()) {
+      double w0 = NowMs();
+      if (!WaitScanRoom(f)) break;
+      counters.scanWaitUs += static_cast<uint64_t>((NowMs() - w0) * 1000);
+    }
     {
       std::lock_guard<PiMutex> lock(saveMu_);
       if (!ScanChunk(&cb, &cp, f)) break;
