@@ -43,7 +43,8 @@ async function rounds(mib: number, writers: number, n: number, bufferMb: string,
         const st = c.stats as typeof c.stats & { timing: { startupMs: number }; smaps: { ms: number } };
         r.detail = `bgsnap: start-up ${st.timing.startupMs.toFixed(0)} ms, work ${(work * 1000).toFixed(0)} ms ` +
           `(smaps ${st.smaps.ms.toFixed(0)}, pre-protect ${st.pause?.preProtectMs.toFixed(0)}, pause ${st.pauseMs?.toFixed(1)}, ` +
-          `scan waited for the output ${st.scanWaitMs?.toFixed(0)} ms), engine ${((st.seconds ?? 0) * 1000).toFixed(0)} ms`;
+          `scan waited for the output ${st.scanWaitMs?.toFixed(0)} ms), engine ${((st.seconds ?? 0) * 1000).toFixed(0)} ms, ` +
+          `saver thread ${st.saver?.cpuMs.toFixed(0)} ms CPU in ${st.saver?.wallMs.toFixed(0)} ms`;
       };
       if (i % 2 === 0) { plain(); cap(); } else { cap(); plain(); }
       out.push(r as Round);

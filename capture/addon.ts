@@ -119,6 +119,8 @@ export interface CaptureCounters {
   batches: number;
   bufferWaits: number;
   scanWaitUs: number; // the linear scan's time waiting for the output to release buffers
+  saverCpuUs: number; // the saver thread's CPU time over its run…
+  saverWallUs: number; // …and its wall time (chains: summed over generations)
   rollbacks: number;
   unregistered: number;
   lostProtection: number;

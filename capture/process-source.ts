@@ -80,6 +80,7 @@ export interface ProcessCaptureStats {
   layoutEvents: { remove: number; unmap: number; remap: number; eagain: number; rollbacks: number; strayFaults: number; unregistered: number };
   bufferWaits: number;
   scanWaitMs: number; // the linear scan's time waiting for the output to hand buffers back
+  saver: { cpuMs: number; wallMs: number }; // the saver thread's CPU and wall time: is it the limit?
   sysctlToggled: boolean; // vm.unprivileged_userfaultfd was opened around the injection
   // /proc/PID/smaps (MADV_DONTDUMP) read before the freeze, and again inside it
   // only when the layout had changed in between (reread).
@@ -144,7 +145,8 @@ export function statsOf(info: CaptureInfo | undefined, pid: number, ro?: ReadOnl
       remove: c?.removeEvents ?? 0, unmap: c?.unmapEvents ?? 0, remap: c?.remapEvents ?? 0, eagain: c?.eagain ?? 0,
       rollbacks: c?.rollbacks ?? 0, strayFaults: c?.spuriousFaults ?? 0, unregistered: c?.unregistered ?? 0,
     },
-    bufferWaits: c?.bufferWaits ?? 0, scanWaitMs: (c?.scanWaitUs ?? 0) / 1000, sysctlToggled: f?.sysctlToggled ?? false, uffdVia: ['', 'syscall', 'dev', 'sysctl'][f?.uffdVia ?? 0] ?? '',
+    bufferWaits: c?.bufferWaits ?? 0, scanWaitMs: (c?.scanWaitUs ?? 0) / 1000,
+    saver: { cpuMs: (c?.saverCpuUs ?? 0) / 1000, wallMs: (c?.saverWallUs ?? 0) / 1000 }, sysctlToggled: f?.sysctlToggled ?? false, uffdVia: ['', 'syscall', 'dev', 'sysctl'][f?.uffdVia ?? 0] ?? '',
     smaps: { ms: f?.smapsMs ?? 0, frozenMs: f?.smapsFrozenMs ?? 0, reread: f?.smapsReread ?? false },
     readOnly: { blocks: ro?.blocks.length ?? 0, bytes: ro?.bytes ?? 0, skipped: ro?.skipped ?? [] },
     seccompSuspended: f?.seccompSuspended ?? false, unseenWrites: unseen,

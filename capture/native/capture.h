@@ -167,6 +167,10 @@ struct Counters {
   // Microseconds the linear scan waited for the output to hand buffers back:
   // tells a capture limited by its writer from one limited by the saver.
   std::atomic<uint64_t> scanWaitUs{0};
+  // The saver thread's CPU time and wall time from its start to its end: a
+  // saver busy nearly all of its time is the limit; one that is not waited
+  // (for the output, for saveMu_, or for a core on a busy machine).
+  std::atomic<uint64_t> saverCpuUs{0}, saverWallUs{0};
   std::atomic<uint64_t> lostProtection{0};  // pages KSM un-protected and the target then wrote: discarded  // saved ranges released by UFFDIO_UNREGISTER (EAGAIN storms)
 };
 

@@ -64,6 +64,8 @@ static Napi::Object CountersObject(Napi::Env env, Session& s) {
   set("batches", c.batches);
   set("bufferWaits", c.bufferWaits);
   set("scanWaitUs", c.scanWaitUs);
+  set("saverCpuUs", c.saverCpuUs);
+  set("saverWallUs", c.saverWallUs);
   set("rollbacks", c.rollbacks);
   set("unregistered", c.unregistered);
   set("lostProtection", c.lostProtection);

@@ -12,6 +12,7 @@
 #include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -29,11 +30,18 @@ static constexpr uint64_t kFaultGranule = 64 << 10;
 
 thread_local bool Session::faultMode_ = false;
 
+static double ThreadCpuMs() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
 bool Session::SaverLoop(Failure* f) {
   size_t cb = 0;
   uint32_t cp = 0;
   bool held = false;
   lastLook_ = paceStart_ = NowMs();
+  const double cpu0 = ThreadCpuMs(), wall0 = paceStart_;
   if (!StartFaultServer(f)) return false;
   while (!f->failed()) {
     heartbeat_ = NowMs();
@@ -60,6 +68,8 @@ bool Session::SaverLoop(Failure* f) {
     }
     Pace(f);
   }
+  counters.saverCpuUs += static_cast<uint64_t>((ThreadCpuMs() - cpu0) * 1000);
+  counters.saverWallUs += static_cast<uint64_t>((NowMs() - wall0) * 1000);
   StopFaultServer(f);
   return !f->failed();
 }
@@ -302,6 +312,31 @@ static uint32_t SumPages(const uint8_t* pages, uint32_t n, uint32_t* crcs) {
   return n;
 }
 
+// process_vm_readv of n pages at addr into dst, in pieces of up to 256 KiB,
+// each checksummed right after its read: the kernel's copy leaves a piece that
+// size in this core's cache, but not a whole 1 MiB batch (measured here with
+// destinations rotating over a 64 MiB pool: read+CRC took 1.48x the read alone
+// with 1 MiB reads, 1.2x with 256 KiB pieces). Returns like one call: the bytes
+// read until a piece came up short, or -1 with *err if none.
+ssize_t Session::ReadSummed(uint64_t addr, uint8_t* dst, uint32_t n, uint32_t* crcs, uint32_t* summed, int* err) {
+  static constexpr uint32_t kPiece = 64;  // pages
+  ssize_t total = 0;
+  for (uint32_t done = 0; done < n;) {
+    uint32_t k = std::min(kPiece, n - done);
+    iovec local{dst + uint64_t(done) * kPage, k * kPage};
+    iovec remote{reinterpret_cast<void*>(addr + uint64_t(done) * kPage), k * kPage};
+    ssize_t r = process_vm_readv(pid_, &local, 1, &remote, 1, 0);
+    if (r < 0 && total == 0) return *err = errno, -1;
+    if (r <= 0) break;
+    uint32_t got = static_cast<uint32_t>(r / kPage);
+    *summed += SumPages(dst + uint64_t(done) * kPage, got, crcs + done);
+    total += r;
+    done += got;
+    if (got < k) break;
+  }
+  return total;
+}
+
 // Read up to n pages starting at page p of block b into the open batch.
 // Returns pages settled, or -1 to retry (layout changed) / on failure.
 // The scan reads without saveMu_, so faults are served meanwhile; pages a fault
@@ -327,13 +362,11 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   uint64_t addr = s->start + uint64_t(p - s->firstPage) * kPage;
   size_t mark = touched_.size();
   if (scan) touched_.clear(), mark = 0;  // no other read is in flight now
-  iovec local{dst, n * kPage};
-  iovec remote{reinterpret_cast<void*>(addr), n * kPage};
   if (scan) saveMu_.unlock();
-  ssize_t r = process_vm_readv(pid_, &local, 1, &remote, 1, 0);
-  int err = errno;
   // Checksummed before saveMu_ is taken again, so faults do not wait for it.
-  uint32_t summed = r > 0 ? SumPages(dst, static_cast<uint32_t>(r / kPage), bt->crcs + bt->dataPages) : 0;
+  int err = 0;
+  uint32_t summed = 0;
+  ssize_t r = ReadSummed(addr, dst, n, bt->crcs + bt->dataPages, &summed, &err);
   if (scan) saveMu_.lock();
   if (!Drain(f)) return -1;
   // Redo the read only if an event touched what was read (a munmap, mremap or
