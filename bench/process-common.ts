@@ -70,13 +70,14 @@ export interface PipeRun {
 }
 
 // `bgsnap-capture ARGS | bgsnap-receive -o IMAGE`, both real processes; with
-// toNull the stream goes to /dev/null instead (the capture side alone).
-export function pipeCapture(captureArgs: string[], dir: string, toNull = false): PipeRun {
+// toNull the stream goes to /dev/null instead (the capture side alone). `capture`:
+// another build's bgsnap-capture.js, to compare builds side by side.
+export function pipeCapture(captureArgs: string[], dir: string, toNull = false, capture = BIN.capture): PipeRun {
   const image = path.join(dir, `img-${Date.now()}`);
   const statsFile = path.join(dir, 'capture.json');
   const code = path.join(dir, 'capture.code');
   const sink = toNull ? '> /dev/null' : `| node ${BIN.receive} -q -o ${image}`;
-  const cmd = `{ node ${BIN.capture} ${captureArgs.join(' ')} --stats ${statsFile}; echo $? > ${code}; } ${sink}`;
+  const cmd = `{ node ${capture} ${captureArgs.join(' ')} --stats ${statsFile}; echo $? > ${code}; } ${sink}`;
   const t0 = process.hrtime.bigint();
   const r = spawnSync('sh', ['-c', cmd], { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
