@@ -2,7 +2,7 @@
 // (version 2, `chain: true`). Produces frames as Buffer lists (header + payload
 // parts) so page data is written to the sink without being copied; the caller
 // writes them in order. Layouts in bgsnap.ts and SPEC.md.
-import * as zstd from 'zstd-napi';
+import type * as Zstd from 'zstd-napi';
 import { crc32 } from './crc32';
 import {
   CHAIN_VERSION, FLAG_ZSTD, FrameType, MAGIC, SOURCES, VERSION, emptyTotals, frame, pad4, u32, type Crc32Fn, type PartCrcs,
@@ -125,6 +125,8 @@ export class BgsnapEncoder {
     this.count('batches', 1);
     if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data], 0, undefined, this.pageCrcs(batch, n - zeros));
     const raw = Buffer.concat([meta, batch.data]);
+    // Loaded only with compression on: a capture's start-up is part of its wall time.
+    const zstd = require('zstd-napi') as typeof Zstd;
     return frame(this.crc, FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
   }
 

@@ -24,7 +24,7 @@
 //
 // Pages carry no per-page header beyond 5 bytes of index and flag, so a batch of
 // 256 pages is one frame of ~1 MiB with one checksum. See SPEC.md for the rules.
-import * as zstdBinding from 'zstd-napi/binding';
+import type * as zstdBinding from 'zstd-napi/binding';
 import { StreamError } from './errors';
 import { ChunkQueue } from './chunks';
 import { crc32, crc32Combine } from './crc32';
@@ -217,7 +217,9 @@ export class BgsnapDecoder implements StreamDecoder {
     const out = Buffer.allocUnsafe(rawLength);
     let n = -1;
     try {
-      n = (this.dctx ??= new zstdBinding.DCtx()).decompress(out, wire);
+      // Loaded on the first compressed frame: most streams have none, and every command's start-up pays for it.
+      const { DCtx } = require('zstd-napi/binding') as typeof zstdBinding;
+      n = (this.dctx ??= new DCtx()).decompress(out, wire);
     } catch (e) {
       this.fail('MALFORMED', `frame ${this.frameNo}: zstd payload does not decompress to ${rawLength} bytes (${(e as Error).message})`);
     }
