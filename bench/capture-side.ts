@@ -11,26 +11,26 @@
 // MB/s is the bytes each one covers over its time (for bgsnap, every captured
 // mapping). Rounds alternate which contender goes first; load average printed
 // with each round, since the machine is shared.
-// --before DIR adds another build's bgsnap-capture (DIR/dist/bin, built) to
-// each round, by its wall time only (older builds report no work time).
-//   node dist/bench/capture-side.js [--mib 2048] [--rounds 3] [--writers 0,3] [--buffer-mb 64] [--before DIR]
+// --before DIR[,DIR...] adds other builds' bgsnap-capture (DIR/dist/bin, built)
+// to each round, by wall time only (older builds report no work time).
+//   node dist/bench/capture-side.js [--mib 2048] [--rounds 3] [--writers 0,3] [--buffer-mb 64] [--before DIR,...]
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { startTarget } from '../test/process-target';
 import { arg, machine, pipeCapture, plainCopyTimed, range } from './process-common';
 
-interface Round { plainIn: number; plainWall: number; capIn: number; capWall: number; beforeWall?: number; load: string; detail: string }
+interface Round { plainIn: number; plainWall: number; capIn: number; capWall: number; beforeWall: number[]; load: string; detail: string }
 
 const load = () => os.loadavg().map((x) => x.toFixed(1)).join(' ');
 
-async function rounds(mib: number, writers: number, n: number, bufferMb: string, dir: string, before?: string): Promise<Round[]> {
+async function rounds(mib: number, writers: number, n: number, bufferMb: string, dir: string, before: string[]): Promise<Round[]> {
   const t = await startTarget('anon', mib, writers);
   const out: Round[] = [];
   try {
     await new Promise((r) => setTimeout(r, 500));
     for (let i = 0; i < n; i++) {
-      const r: Partial<Round> = { load: load() };
+      const r: Partial<Round> = { load: load(), beforeWall: [] };
       const plain = () => {
         const p = plainCopyTimed(t.pid, t.base, t.size);
         r.plainIn = t.size / 1e6 / p.inside;
@@ -49,9 +49,10 @@ async function rounds(mib: number, writers: number, n: number, bufferMb: string,
           `saver thread ${st.saver?.cpuMs.toFixed(0)} ms CPU in ${st.saver?.wallMs.toFixed(0)} ms`;
       };
       const old = () => {
-        if (!before) return;
-        const c = pipeCapture(['--pid', String(t.pid), '--buffer-mb', bufferMb], dir, true, path.join(before, 'dist', 'bin', 'bgsnap-capture.js'));
-        r.beforeWall = (c.stats.capturedBytes ?? 0) / 1e6 / c.seconds;
+        for (const b of before) {
+          const c = pipeCapture(['--pid', String(t.pid), '--buffer-mb', bufferMb], dir, true, path.join(b, 'dist', 'bin', 'bgsnap-capture.js'));
+          r.beforeWall!.push((c.stats.capturedBytes ?? 0) / 1e6 / c.seconds);
+        }
       };
       if (i % 2 === 0) { plain(); cap(); old(); } else { old(); cap(); plain(); }
       out.push(r as Round);
@@ -62,14 +63,14 @@ async function rounds(mib: number, writers: number, n: number, bufferMb: string,
   return out;
 }
 
-function report(title: string, rs: Round[]): void {
+function report(title: string, rs: Round[], before: string[]): void {
   console.log(title);
   for (const [i, r] of rs.entries()) {
     console.log(`  round ${i + 1} (${i % 2 ? 'bgsnap first' : 'plain first'}, load ${r.load}): ` +
       `inside ${r.capIn.toFixed(0)} / ${r.plainIn.toFixed(0)} MB/s = ${(r.capIn / r.plainIn).toFixed(2)}x, ` +
       `outside ${r.capWall.toFixed(0)} / ${r.plainWall.toFixed(0)} MB/s = ${(r.capWall / r.plainWall).toFixed(2)}x`);
     console.log(`      ${r.detail}`);
-    if (r.beforeWall) console.log(`      before (--before build): outside ${r.beforeWall.toFixed(0)} MB/s = ${(r.beforeWall / r.plainWall).toFixed(2)}x`);
+    r.beforeWall.forEach((w, k) => console.log(`      ${before[k]}: outside ${w.toFixed(0)} MB/s = ${(w / r.plainWall).toFixed(2)}x`));
   }
   const col = (k: 'plainIn' | 'plainWall' | 'capIn' | 'capWall') => rs.map((r) => r[k]);
   const ratio = (a: number[], b: number[]) => a.map((x, i) => x / b[i]);
@@ -79,7 +80,7 @@ function report(title: string, rs: Round[]): void {
   console.log(`  bgsnap-capture --pid, outside (wall) ${range(col('capWall'), 0).padStart(26)} MB/s`);
   console.log(`  ratio inside  (own clocks, no start-up): ${range(ratio(col('capIn'), col('plainIn')), 2)}x`);
   console.log(`  ratio outside (wall, start-up included): ${range(ratio(col('capWall'), col('plainWall')), 2)}x`);
-  if (rs[0].beforeWall) console.log(`  ratio outside of the --before build:      ${range(ratio(rs.map((r) => r.beforeWall!), col('plainWall')), 2)}x`);
+  before.forEach((b, k) => console.log(`  ratio outside of ${b}: ${range(ratio(rs.map((r) => r.beforeWall[k]), col('plainWall')), 2)}x`));
 }
 
 async function main(): Promise<void> {
@@ -87,13 +88,13 @@ async function main(): Promise<void> {
   const n = Number(arg('--rounds', '3'));
   const writers = arg('--writers', '0,3').split(',').map(Number);
   const bufferMb = arg('--buffer-mb', '64');
-  const before = arg('--before', '') || undefined;
+  const before = arg('--before', '').split(',').filter(Boolean);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-bench-side-'));
   console.log(`machine: ${machine()}`);
   try {
     for (const w of writers) {
       const rs = await rounds(mib, w, n, bufferMb, dir, before);
-      report(`${mib} MiB target, ${w ? `${w} busy writers` : 'idle (a sleeper and a reader)'}, --buffer-mb ${bufferMb}:`, rs);
+      report(`${mib} MiB target, ${w ? `${w} busy writers` : 'idle (a sleeper and a reader)'}, --buffer-mb ${bufferMb}:`, rs, before);
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

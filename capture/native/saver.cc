@@ -271,6 +271,24 @@ uint64_t Session::FaultGranule(uint64_t addr, int b) {
   return kPage;
 }
 
+// Where a read starting at unsaved page p ends: before the next page not to be
+// read (never-touched pages are recorded, not read: reading one would allocate
+// it) and, for a fault, before the next page already saved. The scan reads on
+// through short stretches of saved pages (Commit skips them): faults that save
+// one page each leave them scattered, and a read per gap cost more than the
+// copy of the gap (3 busy random writers: saver CPU 1.3 s for 2 GiB).
+uint32_t Session::RunEnd(const Block& blk, uint32_t p, uint32_t p1) const {
+  static constexpr uint32_t kBridge = 16;  // pages: a 64 KiB copy against a read's own costs
+  uint32_t z = blk.zeroPending.NextSet(p, p1);
+  uint32_t e = blk.done.NextSet(p, z);
+  while (!faultMode_ && e < z) {
+    uint32_t c = blk.done.NextClear(e, z);  // end of this stretch of saved pages
+    if (c >= z || c - e > kBridge) break;
+    e = blk.done.NextSet(c, z);
+  }
+  return e;
+}
+
 bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
   Block& blk = blocks[b];
   for (uint32_t p = blk.done.NextClear(p0, p1); p < p1; p = blk.done.NextClear(p, p1)) {
@@ -286,8 +304,7 @@ bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
       counters.untouchedPages++;
       continue;
     }
-    uint32_t end = blk.zeroPending.NextSet(p, blk.done.NextSet(p, p1));
-    int r = ReadRun(b, p, end - p, f);
+    int r = ReadRun(b, p, RunEnd(blk, p, p1) - p, f);
     if (r < 0 && f->failed()) return false;
   }
   return true;

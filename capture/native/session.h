@@ -152,6 +152,7 @@ class Session {
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
   void Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed = 0);
   ssize_t ReadSummed(uint64_t addr, uint8_t* dst, uint32_t n, uint32_t* crcs, uint32_t* summed, int* err);
+  uint32_t RunEnd(const Block& blk, uint32_t p, uint32_t p1) const;
   Batch* OpenBatch(int b, Failure* f);
   void PublishAll();
   bool Unprotect(int b, uint32_t p0, uint32_t p1, Failure* f);
