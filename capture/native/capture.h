@@ -101,10 +101,6 @@ struct Block {
   bool thp = false;          // save 2 MiB per fault so huge pages are not split
   Bitmap done;               // saved, recorded as zero, or discarded
   Bitmap zeroPending;        // untouched at the snapshot: emit as zero, never read
-  // A page here was discarded, or a layout event (madvise, munmap, mremap)
-  // touched the block: the scan no longer reads on through saved pages in it
-  // (RunEnd), since a page the target freed would be allocated again by a read.
-  bool discardedAny = false;
   std::vector<uint8_t> copy; // kCopied: the bytes taken while frozen
   std::string name;
   // Chains (generations.cc): a block gone from the layout (unmapped, moved,

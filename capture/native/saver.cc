@@ -141,7 +141,6 @@ void Session::OnRemove(uint64_t start, uint64_t end, bool unmapped) {
   std::vector<Segment> cut;
   CutSegments(start, end, &cut);
   for (const Segment& s : cut) {
-    blocks[s.block].discardedAny = true;  // saved pages there may be freed too: RunEnd
     DiscardPages(s.block, s.firstPage, s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage));
     if (!unmapped) segs_.push_back(s);
   }
@@ -159,12 +158,10 @@ void Session::OnRemap(uint64_t from, uint64_t to, uint64_t len) {
   std::vector<Segment> replaced, moved;
   CutSegments(to, to + len, &replaced);
   for (const Segment& s : replaced) {
-    blocks[s.block].discardedAny = true;
     DiscardPages(s.block, s.firstPage, s.firstPage + static_cast<uint32_t>((s.end - s.start) / kPage));
   }
   CutSegments(from, from + len, &moved);
   for (Segment s : moved) {
-    blocks[s.block].discardedAny = true;  // the old place is gone; RunEnd reads no saved pages here again
     s.start = s.start - from + to;
     s.end = s.end - from + to;
     segs_.push_back(s);
@@ -181,7 +178,6 @@ void Session::DiscardPages(int b, uint32_t p0, uint32_t p1) {
     lost.push_back(p);
   }
   if (lost.empty()) return;
-  blk.discardedAny = true;
   counters.discarded += lost.size();
   std::lock_guard<std::mutex> lock(mu_);
   if (discards_.empty() || discards_.back().first != b) discards_.push_back({b, {}});
@@ -279,16 +275,12 @@ uint64_t Session::FaultGranule(uint64_t addr, int b) {
 // it) and, for a fault, before the next page already saved. The scan reads on
 // through short stretches of saved pages (Commit skips them): faults that save
 // one page each leave them scattered, and a read per gap cost more than the
-// copy of the gap (3 busy random writers: saver CPU 1.3 s for 2 GiB). Not in a
-// block where a page was discarded (done, but freed by the target: reading it
-// would allocate it again), nor in chains (whose done pages are another
-// generation's, tracked in generations.cc).
+// copy of the gap (3 busy random writers: saver CPU 1.3 s for 2 GiB).
 uint32_t Session::RunEnd(const Block& blk, uint32_t p, uint32_t p1) const {
   static constexpr uint32_t kBridge = 16;  // pages: a 64 KiB copy against a read's own costs
   uint32_t z = blk.zeroPending.NextSet(p, p1);
   uint32_t e = blk.done.NextSet(p, z);
-  const bool bridge = !faultMode_ && !opts_.chain && !blk.discardedAny;
-  while (bridge && e < z) {
+  while (!faultMode_ && e < z) {
     uint32_t c = blk.done.NextClear(e, z);  // end of this stretch of saved pages
     if (c >= z || c - e > kBridge) break;
     e = blk.done.NextSet(c, z);
