@@ -275,12 +275,16 @@ uint64_t Session::FaultGranule(uint64_t addr, int b) {
 // it) and, for a fault, before the next page already saved. The scan reads on
 // through short stretches of saved pages (Commit skips them): faults that save
 // one page each leave them scattered, and a read per gap cost more than the
-// copy of the gap (3 busy random writers: saver CPU 1.3 s for 2 GiB).
+// copy of the gap (3 busy random writers: saver CPU 1.3 s for 2 GiB). Pages the
+// target freed are never read through: a madvise or munmap waits until we read
+// its event, which cuts the segments there first, and ReadRun stops at a
+// segment's end. Not in chains, whose done pages are another generation's
+// (generations.cc).
 uint32_t Session::RunEnd(const Block& blk, uint32_t p, uint32_t p1) const {
   static constexpr uint32_t kBridge = 16;  // pages: a 64 KiB copy against a read's own costs
   uint32_t z = blk.zeroPending.NextSet(p, p1);
   uint32_t e = blk.done.NextSet(p, z);
-  while (!faultMode_ && e < z) {
+  while (!faultMode_ && !opts_.chain && e < z) {
     uint32_t c = blk.done.NextClear(e, z);  // end of this stretch of saved pages
     if (c >= z || c - e > kBridge) break;
     e = blk.done.NextSet(c, z);
