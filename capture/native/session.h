@@ -5,7 +5,6 @@
 
 #include <pthread.h>
 
-#include <array>
 #include <functional>
 #include <thread>
 
@@ -143,7 +142,6 @@ class Session {
   const Segment* SegForPage(int b, uint32_t p) const;
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
-  uint64_t FaultGranule(uint64_t addr, int b);
   bool ResolveStray(uint64_t addr, Failure* f);
   bool Touched(uint64_t start, uint64_t end, size_t from) const;
   bool ForceRead(uint64_t addr, uint8_t* dst);
@@ -207,8 +205,6 @@ class Session {
   std::vector<Range> remapTo_;  // mremap destinations seen since Release's unregister
   int memFd_ = -1;              // /proc/PID/mem, opened on the first unreadable page
   double lastLook_ = 0;
-  std::array<Range, 16> served_{};  // the last faults' saved ranges, for FaultGranule
-  size_t servedAt_ = 0;
   // Which thread runs this code: the fault server or the scan. Per thread, as
   // each may let go of saveMu_ (Release, a read) while the other runs.
   static thread_local bool faultMode_;
