@@ -176,6 +176,29 @@ function ourJobs(lv: Libvirtd, name: string): { device: string; offset: number; 
   return qmp<{ device: string; offset: number; len: number }[]>(lv, name, 'query-block-jobs').filter((j) => j.device.startsWith('bgsnap'));
 }
 
+// What a capture's fault must leave as it found it: libvirt's view, QEMU's
+// block graph and sockets, and the disk chain.
+type DomainState = { view: ReturnType<typeof libvirtView>; graph: string; chain: string; fds: number };
+function domainState(lv: Libvirtd, name: string, disk: string): DomainState {
+  return { view: libvirtView(lv, name), graph: blockGraph(lv, name), chain: chainOf(disk), fds: socketFds(lv.qemuPid(name)) };
+}
+function assertAsBefore(lv: Libvirtd, name: string, disk: string, before: DomainState, what: string): void {
+  assert.is(blockGraph(lv, name), before.graph, `${what}: query-named-block-nodes as before`);
+  assert.is(chainOf(disk), before.chain, `${what}: the disk chain is unchanged`);
+  assert.equal(libvirtView(lv, name), before.view, what);
+  assert.is(socketFds(lv.qemuPid(name)), before.fds, `${what}: no socket handed to QEMU is left open`);
+}
+
+// The guest's own disk checks go on after a fault, and none saw an error.
+async function guestCheckingOn(serial: string): Promise<void> {
+  const seen = diskChecks(logLines(serial)).length;
+  await waitFor('the guest checking on', 60_000, () => (diskChecks(logLines(serial)).length > seen + 1 ? true : undefined));
+}
+function assertGuestSawNoError(serial: string): void {
+  const failed = logLines(serial).filter((l) => /disk=FAIL|disk write .* failed|I\/O error/.test(l));
+  assert.equal(failed, [], 'the guest saw no disk or memory error');
+}
+
 // Killed with SIGKILL once the guest runs again while its disk is still being
 // copied (the reader reads nothing until then, so the backup stalls): copy-before-write
 // then holds guest writes on the NBD connection QEMU got as a passed fd, which
@@ -187,10 +210,7 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   const lv = ctx.lv!;
   const name = 'bgsnap-kill';
   const { disk, serial } = await bootDomain(name, true);
-  const before = libvirtView(lv, name);
-  const graph = blockGraph(lv, name);
-  const chain = chainOf(disk);
-  const fdsBefore = socketFds(lv.qemuPid(name));
+  const before = domainState(lv, name, disk);
   const pidFile = path.join(ctx.dir!, 'kill.pid');
   const go = path.join(ctx.dir!, 'kill.go');
   // The reader reads nothing until the capture is dead, so the backup stalls.
@@ -245,14 +265,9 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   await waitFor('our job and node gone', 60_000, () => (!ourJobs(lv, name).length && !ourNodes(lv, name).length ? true : undefined))
     .catch((e: Error) => assert.unreachable(`${e.message}; capture and guards said: ${out.stderr}`));
   assert.equal(qmp<unknown[]>(lv, name, 'query-block-jobs'), []);
-  assert.is(blockGraph(lv, name), graph, 'query-named-block-nodes as before');
-  assert.is(chainOf(disk), chain, 'the disk chain is unchanged');
-  assert.equal(libvirtView(lv, name), before);
-  assert.is(socketFds(lv.qemuPid(name)), fdsBefore, 'no socket handed to QEMU is left open');
-  const after = diskChecks(logLines(serial)).length;
-  await waitFor('the guest checking on', 60_000, () => (diskChecks(logLines(serial)).length > after + 1 ? true : undefined));
-  const failed = logLines(serial).filter((l) => /disk=FAIL|disk write .* failed|I\/O error/.test(l));
-  assert.equal(failed, [], 'the guest saw no disk or memory error');
+  assertAsBefore(lv, name, disk, before, 'SIGKILL');
+  await guestCheckingOn(serial);
+  assertGuestSawNoError(serial);
   lv.virsh(['destroy', name]);
 });
 
@@ -263,10 +278,7 @@ test('--domain, SIGTERM or the reader gone with disks in flight: a clear error, 
   const lv = ctx.lv!;
   const name = 'bgsnap-faults';
   const { disk, serial } = await bootDomain(name, true);
-  const before = libvirtView(lv, name);
-  const graph = blockGraph(lv, name);
-  const chain = chainOf(disk);
-  const fdsBefore = socketFds(lv.qemuPid(name));
+  const before = domainState(lv, name, disk);
   const cases: [string, string, (pid: number) => void, RegExp][] = [
     ['SIGTERM', '(sleep 4; cat > /dev/null)', (pid) => process.kill(pid, 'SIGTERM'), /received SIGTERM/],
     ['the reader gone', 'head -c 3000000 > /dev/null', () => undefined, /bgsnap-capture: .*EPIPE/],
@@ -281,15 +293,10 @@ test('--domain, SIGTERM or the reader gone with disks in flight: a clear error, 
     assert.is.not(rc, '0', `${what}: the capture does not claim success`);
     assert.match(out.stderr, said, `${what}: ${out.stderr}`);
     await waitFor('our job and node gone', 60_000, () => (!ourJobs(lv, name).length && !ourNodes(lv, name).length ? true : undefined));
-    assert.is(blockGraph(lv, name), graph, `${what}: query-named-block-nodes as before`);
-    assert.is(chainOf(disk), chain, `${what}: the disk chain is unchanged`);
-    assert.equal(libvirtView(lv, name), before, what);
-    assert.is(socketFds(lv.qemuPid(name)), fdsBefore, `${what}: no socket handed to QEMU is left open`);
-    const seen = diskChecks(logLines(serial)).length;
-    await waitFor('the guest checking on', 60_000, () => (diskChecks(logLines(serial)).length > seen + 1 ? true : undefined));
+    assertAsBefore(lv, name, disk, before, what);
+    await guestCheckingOn(serial);
   }
-  const failed = logLines(serial).filter((l) => /disk=FAIL|disk write .* failed|I\/O error/.test(l));
-  assert.equal(failed, [], 'the guest saw no disk or memory error');
+  assertGuestSawNoError(serial);
   lv.virsh(['destroy', name]);
 });
 
