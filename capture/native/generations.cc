@@ -177,14 +177,7 @@ bool Session::StopForGeneration(Failure* f) {
   maps.clear();
   ok = ok && ReadProcState(f) && RecheckSmaps(f) && FrozenNext(f);
   double held = Hold("frozen", ok);
-  threads = helper_.threads();
-  freeze.threads = static_cast<int>(threads.size());
-  if (!ok) CloseUffd();  // drop every protection before the threads run again
-  double t6 = NowMs();
-  Failure detach;
-  if (!helper_.Detach(&detach) && ok) *f = detach, ok = false;
-  freeze.detachMs = NowMs() - t6;
-  RealTime(false);
+  ok = Thaw(ok, f);
   freeze.snapshotMs = freeze.totalMs = NowMs() - t0 - held;
   return ok;
 }

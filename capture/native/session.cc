@@ -220,6 +220,21 @@ bool Session::ArmFreeze(Failure* f) {
   return ok;
 }
 
+// The end of every stop, a first capture's or a chain generation's: note the
+// threads, drop every protection if the stop failed (before the threads run
+// again), let them go, and leave real-time. A failed detach fails the stop.
+bool Session::Thaw(bool ok, Failure* f) {
+  threads = helper_.threads();
+  freeze.threads = static_cast<int>(threads.size());
+  if (!ok) CloseUffd();
+  double t0 = NowMs();
+  Failure detach;
+  if (!helper_.Detach(&detach) && ok) *f = detach, ok = false;
+  freeze.detachMs = NowMs() - t0;
+  RealTime(false);
+  return ok;
+}
+
 // The snapshot point: every thread stopped (after planting the userfaultfd
 // when `arm`: the one-stop way), then every page is made either protected,
 // known never touched (zero), or copied now. After PreProtect only what the
@@ -248,14 +263,7 @@ bool Session::SnapshotFreeze(bool arm, Failure* f) {
   }
   ok = ok && RecheckSmaps(f) && FrozenWork(f) && (!arm || helper_.ReadThreads(f));
   held += Hold("frozen", ok);
-  threads = helper_.threads();
-  freeze.threads = static_cast<int>(threads.size());
-  if (!ok) CloseUffd();  // drop any protection before the threads run again
-  double t6 = NowMs();
-  Failure detach;
-  if (!helper_.Detach(&detach) && ok) *f = detach, ok = false;
-  freeze.detachMs = NowMs() - t6;
-  RealTime(false);
+  ok = Thaw(ok, f);
   freeze.snapshotMs = NowMs() - t0 - held;
   freeze.totalMs = freeze.armMs + freeze.snapshotMs;
   return ok;

@@ -140,6 +140,7 @@ class Session {
   void DiscardPages(int b, uint32_t p0, uint32_t p1);
   const Segment* FindSeg(uint64_t addr) const;
   const Segment* SegForPage(int b, uint32_t p) const;
+  bool Thaw(bool ok, Failure* f);
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
   bool ResolveStray(uint64_t addr, Failure* f);
