@@ -176,6 +176,12 @@ async function invariantAt(img: string, k: number, t: Target): Promise<void> {
   }
 }
 
+// n generations, each complete and each holding a consistent region.
+async function everyGenerationHolds(img: string, d: { generations: { status: string }[] }, n: number, t: Target): Promise<void> {
+  assert.equal(d.generations.map((g) => g.status), Array(n).fill('complete'));
+  for (let k = 1; k <= n; k++) await invariantAt(img, k, t);
+}
+
 test('five generations of the multi-threaded invariant target through the CLIs, each consistent on its own', async () => {
   const t = await startTarget('anon', 16, 3);
   const img = path.join(dir, 'inv.img'), stats = path.join(dir, 'inv.json');
@@ -184,8 +190,7 @@ test('five generations of the multi-threaded invariant target through the CLIs, 
     assert.is(r.code, 0, r.stderr);
     assert.is(r.stderr.match(/bgsnap-capture: generation \d+:/g)?.length, 5, r.stderr);
     const d = await inspectJson(img);
-    assert.equal(d.generations.map((g: { status: string }) => g.status), Array(5).fill('complete'));
-    for (let k = 1; k <= 5; k++) await invariantAt(img, k, t);
+    await everyGenerationHolds(img, d, 5, t);
     const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
     assert.is(s.generations.length, 5);
     for (const g of s.generations) console.log(`  generation ${g.generation}: pause ${g.pauseMs.toFixed(1)} ms, ${g.pages} pages (${g.dataPages} data), ${g.faults} faults`);
@@ -207,8 +212,7 @@ for (const mode of ['thp', 'shared', 'memfd', 'storm'] as const) test(`a live ch
     const r = await sh(`${BIN.capture} --pid ${t.pid} --every 0.3 --count 4 | ${BIN.receive} -o ${img}`, 300_000);
     assert.is(r.code, 0, r.stderr);
     const d = await inspectJson(img);
-    assert.equal(d.generations.map((g: { status: string }) => g.status), Array(4).fill('complete'));
-    for (let k = 1; k <= 4; k++) await invariantAt(img, k, t);
+    await everyGenerationHolds(img, d, 4, t);
     console.log(`  ${mode}: ${d.generations.map((g: { pages: number }) => g.pages).join(', ')} pages per generation`);
     assert.ok((await t.command('check')).startsWith('check ok'));
     assert.ok((await allThreadsProgress(t)).ok);
@@ -281,8 +285,7 @@ test('SIGTERM ends a chain without --count cleanly, after the generation in flig
     assert.is(d.status, 'complete');
     const n = d.generations.length;
     assert.ok(n >= 2, `${n} generations`);
-    assert.equal(d.generations.map((g: { status: string }) => g.status), Array(n).fill('complete'));
-    for (let k = 1; k <= n; k++) await invariantAt(img, k, t);
+    await everyGenerationHolds(img, d, n, t);
     assert.is(writeProtectedPages(t.pid, t.base, t.size), 0);
     assert.ok((await allThreadsProgress(t)).ok);
   } finally {
@@ -301,8 +304,7 @@ test('a live chain over --listen TCP', async () => {
     assert.is(r.code, 0, `${r.stderr}\n${rx.stderr()}`);
     const d = await inspectJson(path.join(root, 'live'));
     assert.is(d.status, 'complete');
-    assert.equal(d.generations.map((g: { status: string }) => g.status), Array(3).fill('complete'));
-    for (let k = 1; k <= 3; k++) await invariantAt(path.join(root, 'live'), k, t);
+    await everyGenerationHolds(path.join(root, 'live'), d, 3, t);
   } finally {
     await rx.kill();
     t.kill();
