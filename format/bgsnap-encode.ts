@@ -24,6 +24,7 @@ export class BgsnapEncoder {
   private chainMode: boolean;
   private gen: GenerationTotals | undefined; // the open generation's counts
   private generations = 0;
+  private lastPass = false; // the last generation ended was a pre-copy pass
 
   constructor(opts: EncoderOptions = {}) {
     this.level = opts.compressLevel;
@@ -83,13 +84,16 @@ export class BgsnapEncoder {
     return frame(this.crc, FrameType.GENERATION, [encodeGeneration(g)]);
   }
 
-  // The generation's end record: its counts, checked by the receiver, prove it arrived whole.
-  generationEnd(): Buffer[] {
+  // The generation's end record: its counts, checked by the receiver, prove it
+  // arrived whole. `pass`: it was a pre-copy pass (SPEC.md, "Pre-copy passes"),
+  // so another generation must follow before end().
+  generationEnd(opts: { pass?: boolean } = {}): Buffer[] {
     if (!this.gen) throw new Error('generationEnd() without an open generation');
     const t = this.gen;
     this.gen = undefined;
     this.generations = t.generation;
-    return frame(this.crc, FrameType.GENERATION_END, [encodeGenerationEnd(t)]);
+    this.lastPass = opts.pass === true;
+    return frame(this.crc, FrameType.GENERATION_END, [encodeGenerationEnd({ ...t, pass: opts.pass })]);
   }
 
   blocks(blocks: BlockInfo[]): Buffer[] {
@@ -160,6 +164,7 @@ export class BgsnapEncoder {
 
   end(): Buffer[] {
     if (this.gen) throw new Error(`end() inside generation ${this.gen.generation}: end it first`);
+    if (this.lastPass) throw new Error(`end() right after generation ${this.generations}, a pre-copy pass: a chain ends with a snapshot generation`);
     const t = this.totals;
     const p = Buffer.alloc(this.chainMode ? CHAIN_END_BYTES : 40);
     [t.pages, t.zeroPages, t.discarded, t.batches, t.states].forEach((v, i) => p.writeBigUInt64LE(BigInt(v), i * 8));

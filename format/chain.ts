@@ -3,8 +3,10 @@
 // decoder applies to a chain. Pure: no I/O.
 //
 //   GENERATION      u32 generation u32 nRemoved u64 instantMs, nRemoved × u32 block
-//   GENERATION_END  u32 generation u32 blocksAdded u32 blocksRemoved u32 0
+//   GENERATION_END  u32 generation u32 blocksAdded u32 blocksRemoved u32 flags
 //                   u64 pages u64 zeroPages u64 discarded u64 batches u64 states
+//                   flags bit 0 PASS: a pre-copy pass (fuzzy pages, the base for
+//                   later generations, not a snapshot); other bits must be 0
 //   END (chain)     the version 1 END's five totals, then u64 generations
 import type { StreamErrorCode } from './errors';
 import type { GenerationStart, GenerationTotals } from './events';
@@ -13,6 +15,10 @@ import { MAX_BLOCKS } from './bgsnap-frame';
 export const GENERATION_END_BYTES = 56;
 export const CHAIN_END_BYTES = 48;
 const TOTAL_KEYS = ['pages', 'zeroPages', 'discarded', 'batches', 'states'] as const;
+// What GENERATION_END's counts are checked on: every field but the pass flag,
+// which the sender declares and nothing that arrived can confirm.
+const COUNTED = ['generation', 'blocksAdded', 'blocksRemoved', ...TOTAL_KEYS] as const;
+export const GEN_FLAG_PASS = 1;
 
 export function encodeGeneration(g: GenerationStart): Buffer {
   const p = Buffer.alloc(16 + g.removed.length * 4);
@@ -28,6 +34,7 @@ export function encodeGenerationEnd(t: GenerationTotals): Buffer {
   p.writeUInt32LE(t.generation, 0);
   p.writeUInt32LE(t.blocksAdded, 4);
   p.writeUInt32LE(t.blocksRemoved, 8);
+  p.writeUInt32LE(t.pass ? GEN_FLAG_PASS : 0, 12);
   TOTAL_KEYS.forEach((k, i) => p.writeBigUInt64LE(BigInt(t[k]), 16 + i * 8));
   return p;
 }
@@ -49,6 +56,7 @@ export class ChainRules {
   private open: GenerationTotals | undefined;
   private sawBlocks = false;
   private last = 0; // the last generation that ended
+  private lastPass = false; // ... and whether it was a pre-copy pass
 
   constructor(private readonly fail: Fail) {}
 
@@ -110,15 +118,21 @@ export class ChainRules {
   end(p: Buffer): GenerationTotals {
     this.inside('GENERATION_END');
     if (p.length !== GENERATION_END_BYTES) this.fail('MALFORMED', `GENERATION_END frame has ${p.length} bytes, expected ${GENERATION_END_BYTES}`);
+    const got = this.open!;
+    const flags = p.readUInt32LE(12);
+    // Unknown bits are refused, not ignored: a later flag may change what the
+    // generation means, and reading it as a snapshot would then be wrong.
+    if (flags & ~GEN_FLAG_PASS) this.fail('MALFORMED', `GENERATION_END of generation ${got.generation} has flags 0x${flags.toString(16)}; this build knows only bit 0 (PASS)`);
     const t: GenerationTotals = {
       generation: p.readUInt32LE(0), blocksAdded: p.readUInt32LE(4), blocksRemoved: p.readUInt32LE(8),
       ...(Object.fromEntries(TOTAL_KEYS.map((k, i) => [k, Number(p.readBigUInt64LE(16 + i * 8))])) as Record<(typeof TOTAL_KEYS)[number], number>),
+      ...(flags & GEN_FLAG_PASS ? { pass: true } : {}),
     };
-    const got = this.open!;
-    for (const k of Object.keys(t) as (keyof GenerationTotals)[]) {
+    for (const k of COUNTED) {
       if (t[k] !== got[k]) this.fail('TOTALS_MISMATCH', `GENERATION_END of generation ${got.generation} says ${k}=${t[k]}, generation carried ${got[k]}`);
     }
     this.last = got.generation;
+    this.lastPass = t.pass === true;
     this.open = undefined;
     return t;
   }
@@ -127,5 +141,7 @@ export class ChainRules {
   checkEnd(generations: number): void {
     if (this.open) this.fail('MALFORMED', `END frame inside generation ${this.open.generation}`);
     if (generations !== this.last) this.fail('TOTALS_MISMATCH', `END frame says generations=${generations}, stream carried ${this.last}`);
+    // A pass is only the base of what follows: a chain ending on one holds no snapshot after it.
+    if (this.lastPass) this.fail('MALFORMED', `END frame right after generation ${this.last}, a pre-copy pass; a pass must be followed by a generation`);
   }
 }

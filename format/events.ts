@@ -78,7 +78,10 @@ export interface GenerationStart {
 }
 
 // What one generation carried, as the sender counted it: its GENERATION_END
-// record, which proves the generation arrived whole.
+// record, which proves the generation arrived whole. `pass` is a declaration,
+// not a count: the generation is a pre-copy pass (SPEC.md, "Pre-copy passes"),
+// pages read while the target ran, the base for later generations and not a
+// snapshot of its own. Absent when not a pass.
 export interface GenerationTotals {
   generation: number;
   blocksAdded: number;
@@ -88,6 +91,7 @@ export interface GenerationTotals {
   discarded: number;
   batches: number;
   states: number;
+  pass?: boolean;
 }
 
 export type StreamEvent =

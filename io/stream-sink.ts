@@ -64,7 +64,7 @@ export class StreamSink implements SnapshotSink {
       case 'discard': return this.enc.discard(ev.batch);
       case 'state': return this.enc.state(ev.state);
       case 'generation': return this.enc.generation(ev.generation);
-      case 'generation-end': return this.enc.generationEnd();
+      case 'generation-end': return this.enc.generationEnd({ pass: ev.totals.pass }); // a relay keeps the flag
       case 'end': return this.enc.end();
     }
   }

@@ -6,6 +6,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { BgsnapDecoder, BgsnapEncoder, FrameType } from '../format/bgsnap';
 import { frame } from '../format/bgsnap-frame';
+import { emptyGenerationTotals, encodeGenerationEnd } from '../format/chain';
 import { crc32 } from '../format/crc32';
 import { StreamError } from '../format/errors';
 import type { StreamEvent } from '../format/events';
@@ -171,5 +172,64 @@ test('the encoder refuses misuse: pages outside a generation, generations out of
   assert.throws(() => enc.generation({ generation: 2, instant: 0, removed: [] }), /consecutive from 1/);
   assert.throws(() => new BgsnapEncoder().generation({ generation: 1, instant: 0, removed: [] }), /chain: true/);
 });
+
+// Pre-copy passes (SPEC.md, "Pre-copy passes"): GENERATION_END's flags, bit 0.
+function passChain(passes: boolean[], end = true): Buffer {
+  return chainFrames((enc, f) => {
+    passes.forEach((pass, i) => {
+      if (i === 0) f.push(...enc.generation({ generation: 1, instant: 1, removed: [] }), ...enc.blocks([{ name: 'b0', length: 4096 * 4, address: 0 }]));
+      else f.push(...enc.generation({ generation: i + 1, instant: i + 1, removed: [] }));
+      // The same page twice in one generation: a pass may repeat pages.
+      f.push(...enc.pages({ block: 0, index: Uint32Array.of(0, 1, 2, 3, 1), zero: Uint8Array.of(1, 1, 1, 1, 1), data: Buffer.alloc(0) }));
+      f.push(...enc.generationEnd({ pass }));
+    });
+    if (end) f.push(...enc.end());
+  });
+}
+
+test('pass flag: round trip as bit 0 at +12; pass: true only on passes, absent otherwise', () => {
+  assert.is(encodeGenerationEnd({ ...emptyGenerationTotals(1), pass: true }).readUInt32LE(12), 1);
+  assert.is(encodeGenerationEnd(emptyGenerationTotals(1)).readUInt32LE(12), 0);
+  const stream = passChain([true, true, true, false]);
+  for (const cuts of [[], [7, 100, 101, 333]]) {
+    const ends = decode(stream, cuts).flatMap((e) => (e.type === 'generation-end' ? [e.totals] : []));
+    assert.equal(ends.map((t) => t.pass), [true, true, true, undefined]);
+    assert.not.ok('pass' in ends[3], 'a snapshot generation has no pass field');
+    assert.equal(ends.map((t) => t.pages), [5, 5, 5, 5], 'repeated pages are counted as records');
+  }
+});
+
+test('pass flag: unknown bits refused by name; counts still checked on a pass; END right after a pass refused', () => {
+  for (const flags of [2, 3, 0x80000000]) {
+    const bad = chainFrames((enc, f) => {
+      f.push(...enc.generation({ generation: 1, instant: 1, removed: [] }), ...enc.blocks([]));
+      const p = encodeGenerationEnd({ ...emptyGenerationTotals(1) });
+      p.writeUInt32LE(flags, 12);
+      f.push(...raw(FrameType.GENERATION_END, p));
+    });
+    expectError(bad, 'MALFORMED', new RegExp(`GENERATION_END of generation 1 has flags 0x${flags.toString(16)}; this build knows only bit 0 \\(PASS\\)`));
+  }
+  const lost = chainFrames((enc, f) => {
+    gen1(enc, f);
+    f.push(...enc.generation({ generation: 2, instant: 2, removed: [] }));
+    enc.pages({ block: 0, index: Uint32Array.of(1), zero: Uint8Array.of(1), data: Buffer.alloc(0) }); // counted, never sent
+    f.push(...enc.generationEnd({ pass: true }));
+  });
+  expectError(lost, 'TOTALS_MISMATCH', /GENERATION_END of generation 2 says pages=1, generation carried 0/);
+  const endAfterPass = Buffer.concat([passChain([true, true], false), ...raw(FrameType.END, chainEndPayload(10, 2))]);
+  expectError(endAfterPass, 'MALFORMED', /END frame right after generation 2, a pre-copy pass; a pass must be followed by a generation/);
+  const enc = new BgsnapEncoder({ chain: true });
+  enc.header(makeHeader());
+  enc.generation({ generation: 1, instant: 1, removed: [] });
+  enc.generationEnd({ pass: true });
+  assert.throws(() => enc.end(), /end\(\) right after generation 1, a pre-copy pass/);
+});
+
+// A chain END payload: pages (all zero records), one batch per generation, then the generation count.
+function chainEndPayload(pages: number, generations: number): Buffer {
+  const t = Buffer.alloc(48);
+  t.writeBigUInt64LE(BigInt(pages), 0); t.writeBigUInt64LE(BigInt(pages), 8); t.writeBigUInt64LE(BigInt(generations), 24); t.writeBigUInt64LE(BigInt(generations), 40);
+  return t;
+}
 
 test.run();
