@@ -6,9 +6,11 @@
 // as flat memory, as one drive's sparse raw disk (--to disk --drive ID), or
 // (process images) as an ELF core file for gdb. Refuses incomplete
 // images unless --allow-incomplete. A chain image (format/SPEC.md, "Chains of generations")
-// gives generation K with --generation K, by default its latest complete one.
+// gives generation K with --generation K, by default its latest complete one
+// that is not a pre-copy pass (a pass is never converted: it is no snapshot).
 import { Command, Option } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
+import { noSnapshot } from '../receiver/chain-reader';
 import { PipeFeed, convertToQemu } from '../receiver/convert-qemu';
 import { convertToMappedRam } from '../receiver/convert-mapped-ram';
 import { convertToRaw } from '../receiver/convert-raw';
@@ -31,7 +33,7 @@ const prog = new Command('bgsnap-convert')
   .requiredOption('-o, --output <file>', 'output file ("-" for stdout with --to qemu)')
   .option('--block <name>', 'with --to raw: write only this block')
   .option('--drive <id>', 'with --to disk: the drive to write (its -drive id; bgsnap-inspect lists them)')
-  .option('--generation <K>', 'a chain image: materialise generation K (default: the latest complete one)', parseIntArg('--generation'))
+  .option('--generation <K>', 'a chain image: materialise generation K (default: the latest complete one that is not a pre-copy pass)', parseIntArg('--generation'))
   .option('--allow-incomplete', 'convert an image (or generation) that is marked incomplete')
   .option('--force', 'replace an existing output file (never a symbolic link)')
   .parse();
@@ -65,13 +67,24 @@ async function convert(img: ImageReader): Promise<void> {
   }
 }
 
+// An incomplete image (or generation) only with --allow-incomplete. A chain
+// whose passes arrived but whose snapshot did not has no snapshot: a pass is
+// never converted (its pages are from different moments); the cut snapshot
+// generation is, with --allow-incomplete, with a warning that where it is
+// missing pages the passes' stand in.
+function refuseIncomplete(img: ImageReader): void {
+  const what = img.chain ? `generation ${img.chain.generation} of image ${img.dir}` : `image ${img.dir}`;
+  const none = noSnapshot(img.generations);
+  if (img.chain?.record.pass) throw new Error(`image ${img.dir}: nothing to convert: ${none}`);
+  if (img.complete) return;
+  if (!opts.allowIncomplete) throw new Error(`${what} is incomplete (${img.status.reason})${none ? `; ${none}` : ''}; pass --allow-incomplete to convert what it holds`);
+  if (none) process.stderr.write(`bgsnap-convert: warning: ${none}; pages generation ${img.chain!.generation} did not deliver are the passes', read while the target ran: not a point-in-time snapshot\n`);
+}
+
 main('bgsnap-convert', async () => {
   const img = await ImageReader.open(prog.args[0], { generation: opts.generation });
   try {
-    const what = img.chain ? `generation ${img.chain.generation} of image ${img.dir}` : `image ${img.dir}`;
-    if (!img.complete && !opts.allowIncomplete) {
-      throw new Error(`${what} is incomplete (${img.status.reason}); pass --allow-incomplete to convert what it holds`);
-    }
+    refuseIncomplete(img);
     await convert(img);
   } finally {
     await img.close();

@@ -2,13 +2,15 @@
 // bgsnap-inspect IMAGE [--json]: what an image holds: status, source, blocks,
 // page counts and sizes; for a chain, every generation (instant, pages and
 // bytes it stored, complete or why not) and the blocks of one of them
-// (--generation K; default the latest complete). --verify re-reads every stored
+// (--generation K; default the latest complete one that is not a pre-copy
+// pass: a pass is marked "pass" and is not a snapshot). --verify re-reads every stored
 // page (of every generation) against the CRC32 recorded when it was received;
 // exits 3 if any differs or the image (generation) is incomplete.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Command } from 'commander';
 import { ImageReader } from '../receiver/image-reader';
+import { latestSnapshot, noSnapshot } from '../receiver/chain-reader';
 import { main, parseIntArg } from './common';
 
 const prog = new Command('bgsnap-inspect')
@@ -16,7 +18,7 @@ const prog = new Command('bgsnap-inspect')
   .argument('<image>', 'image directory')
   .option('--json', 'print JSON')
   .option('--verify', 're-check every stored page against its recorded checksum')
-  .option('--generation <K>', 'a chain: show generation K (default: the latest complete one)', parseIntArg('--generation'))
+  .option('--generation <K>', 'a chain: show generation K (default: the latest complete one that is not a pre-copy pass)', parseIntArg('--generation'))
   .parse();
 const opts = prog.opts<{ json?: boolean; verify?: boolean; generation?: number }>();
 
@@ -48,9 +50,11 @@ function chainFields(img: ImageReader) {
   const generations = img.generations.map((r) => ({
     generation: r.generation, instant: new Date(r.instant).toISOString(), instantMs: r.instant, status: r.status, reason: r.reason,
     pages: r.pages, dataPages: r.dataPages, zeroPages: r.zeroPages, discardedPages: r.discardedPages, dataBytes: r.dataBytes,
-    diskBytes: r.diskBytes, blocksAdded: r.added.length, blocksRemoved: r.removed.length, file: r.file,
+    diskBytes: r.diskBytes, blocksAdded: r.added.length, blocksRemoved: r.removed.length, file: r.file, ...(r.pass ? { pass: true } : {}),
   }));
-  return { generation: img.chain.generation, generations };
+  // Which generation is the snapshot (null: none complete), and why not when pre-copy passes are all there is.
+  const none = noSnapshot(img.generations);
+  return { generation: img.chain.generation, snapshotGeneration: latestSnapshot(img.generations)?.generation ?? null, noSnapshot: none || undefined, generations };
 }
 
 function mib(n: number): string {
@@ -67,9 +71,11 @@ function print(d: Awaited<ReturnType<typeof describe>>): void {
     `blocks    ${d.blocks.length}`,
   ];
   if (d.generations) {
-    lines.push(`chain     ${d.generations.length} generations; blocks below are generation ${d.generation}'s`);
+    const passes = d.generations.filter((g) => g.pass).length;
+    lines.push(`chain     ${d.generations.length} generations${passes ? ` (${passes} pre-copy passes)` : ''}; blocks below are generation ${d.generation}'s`);
+    if (d.noSnapshot) lines.push(`          ${d.noSnapshot}`);
     for (const g of d.generations) {
-      lines.push(`  gen ${String(g.generation).padEnd(4)} ${g.instant}  ${g.status.padEnd(10)} ${String(g.pages).padStart(8)} pages (${g.dataPages} data), ` +
+      lines.push(`  gen ${String(g.generation).padEnd(4)} ${g.instant}  ${g.status.padEnd(10)} ${g.pass ? 'pass ' : passes ? '     ' : ''}${String(g.pages).padStart(8)} pages (${g.dataPages} data), ` +
         `${mib(g.dataBytes)} data, ${mib(g.diskBytes)} on disk, +${g.blocksAdded}/-${g.blocksRemoved} blocks${g.reason ? `  (${g.reason})` : ''}`);
     }
   }

@@ -12,6 +12,7 @@ import { StreamSink } from '../io/stream-sink';
 import { ImageWriter } from '../receiver/image';
 import { receive } from '../receiver/receive';
 import { main, parseIntArg, stdinStream, writeStats } from './common';
+import type { ReceiveSummary } from '../io/sink';
 
 const prog = new Command('bgsnap-receive')
   .description('receive a snapshot stream (bgsnap or QEMU migration) from stdin into a fixed-size image')
@@ -55,10 +56,19 @@ main('bgsnap-receive', async () => {
   }
   if (!opts.quiet) {
     const mb = (n: number) => (n / 1048576).toFixed(1);
-    const gens = summary.generations ? `${summary.generations} generations, ` : '';
+    const gens = summary.generations ? `${generationCount(summary)}, ` : '';
     process.stderr.write(
       `bgsnap-receive: ${opts.output ?? `${summary.image} at ${opts.to}`} complete: ${gens}${summary.uniquePages} pages (${summary.dataPages} data, ${summary.zeroPages} zero), ` +
         `${summary.duplicatePages} duplicates dropped, stream ${mb(summary.streamBytes)} MiB -> ${mb(summary.imageBytes)} MiB on disk, ${summary.seconds.toFixed(2)} s\n`,
     );
   }
 });
+
+// "5 generations", or with pre-copy passes "1 snapshot after 3 pre-copy passes":
+// a pass is not a snapshot, so it is not counted as one.
+function generationCount(s: ReceiveSummary): string {
+  const passes = s.passes ?? 0;
+  if (!passes) return `${s.generations} generations`;
+  const snaps = (s.completeGenerations ?? 0) - passes;
+  return `${snaps} snapshot${snaps === 1 ? '' : 's'} after ${passes} pre-copy pass${passes === 1 ? '' : 'es'}`;
+}

@@ -23,6 +23,7 @@ export interface ReceiveSummary {
   seconds: number;
   generations?: number; // a chain: generations received (complete or not)
   completeGenerations?: number;
+  passes?: number; // a chain: of which pre-copy passes (complete, flagged PASS): not snapshots
 }
 
 export interface SnapshotSink {

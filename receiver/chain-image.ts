@@ -6,7 +6,8 @@
 // the pages it carried (zero pages and everything else are holes), so its
 // storage is the pages written in its interval, plus its index records:
 //
-//   gen/K           GenerationRecord (JSON): instant, status and reason, counts
+//   gen/K           GenerationRecord (JSON): instant, status and reason, counts,
+//                   pass: true for a pre-copy pass (not a snapshot of its own)
 //   gbits/K/B/C     the generation's own bitmaps of chunk C of block B
 //                   (present | data | discarded, as bitmap/B/C in a single image)
 //   gcrc/K/B/C      CRC-32 of each of its data pages (as crc/B/C)
@@ -51,6 +52,7 @@ export interface GenerationRecord {
   diskBytes: number; // blocks its data file occupies on disk
   states: string[];
   totals?: GenerationTotals; // its GENERATION_END, when it arrived
+  pass?: boolean; // its GENERATION_END said: a pre-copy pass, the base of later generations, not a snapshot
 }
 
 interface OpenGeneration {
@@ -187,7 +189,7 @@ export class ChainWriter {
     await fsyncDir(this.dir);
     const diskBytes = fs.fstatSync(g.fd).blocks * 512;
     if (g.fd !== this.fd1) fs.closeSync(g.fd);
-    const rec = { ...this.record(reason ? 'incomplete' : 'complete', reason), diskBytes, ...(totals ? { totals } : {}) };
+    const rec = { ...this.record(reason ? 'incomplete' : 'complete', reason), diskBytes, ...(totals ? { totals } : {}), ...(totals?.pass ? { pass: true } : {}) };
     this.gen = undefined;
     this.records.push(rec);
     await this.index.putMany([...this.generationRecords(g), ['blocks', json(this.blocks)], [`gen/${rec.generation}`, json(rec)]], true);
@@ -238,21 +240,41 @@ export class ChainWriter {
     if (!reason && bad) reason = `generation ${bad.generation} is incomplete: ${bad.reason}`;
     if (!reason && !this.ended) reason = `the stream ended after generation ${this.records.length} without its END frame`;
     if (!reason && !this.records.length) reason = 'the chain has no generation';
-    return { status: reason ? 'incomplete' : 'complete', reason };
+    return { status: reason ? 'incomplete' : 'complete', reason: reason && `${reason}${noSnapshotNote(this.records)}` };
   }
 
   indexRecords(summary: ReceiveSummary): [string, Buffer][] {
     return [['blocks', json(this.blocks)], ...(this.ended ? [['totals', json(this.ended)] as [string, Buffer]] : []), ['stats', json(summary)]];
   }
 
-  summary(): Pick<ReceiveSummary, 'uniquePages' | 'dataPages' | 'zeroPages' | 'discardedPages' | 'imageBytes' | 'imageSize' | 'generations' | 'completeGenerations'> {
+  summary(): Pick<ReceiveSummary, 'uniquePages' | 'dataPages' | 'zeroPages' | 'discardedPages' | 'imageBytes' | 'imageSize' | 'generations' | 'completeGenerations' | 'passes'> {
     const sum = (k: 'pages' | 'dataPages' | 'diskBytes') => this.records.reduce((s, r) => s + r[k], 0);
     return {
       uniquePages: sum('pages'), dataPages: sum('dataPages'), zeroPages: sum('pages') - sum('dataPages'), discardedPages: this.discards,
       imageBytes: sum('diskBytes'), imageSize: this.size, generations: this.records.length,
-      completeGenerations: this.records.filter((r) => r.status === 'complete').length,
+      completeGenerations: this.records.filter((r) => r.status === 'complete').length, passes: this.records.filter((r) => r.pass).length,
     };
   }
+}
+
+// A broken chain that got only pre-copy passes whole holds no snapshot: its
+// reason says so, so nobody takes a pass for one.
+function noSnapshotNote(records: GenerationRecord[]): string {
+  const passes = records.filter((r) => r.pass).map((r) => r.generation);
+  if (!passes.length || records.some((r) => r.status === 'complete' && !r.pass)) return '';
+  return `; no complete snapshot: ${passList(passes)}`;
+}
+
+// "generation 2 is a pre-copy pass", "generations 1-3 are pre-copy passes".
+export function passList(gens: number[]): string {
+  const runs: string[] = [];
+  for (let i = 0; i < gens.length; ) {
+    let j = i;
+    while (j + 1 < gens.length && gens[j + 1] === gens[j] + 1) j++;
+    runs.push(j === i ? `${gens[i]}` : `${gens[i]}-${gens[j]}`);
+    i = j + 1;
+  }
+  return gens.length === 1 ? `generation ${gens[0]} is a pre-copy pass` : `generations ${runs.join(', ')} are pre-copy passes`;
 }
 
 function json(v: unknown): Buffer {

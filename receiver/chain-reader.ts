@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { decodeProcessState, encodeProcessState, STATE_KIND } from '../format/process-state';
-import type { ChainBlock, GenerationRecord } from './chain-image';
+import { passList, type ChainBlock, type GenerationRecord } from './chain-image';
 import type { ImageBlock } from './image';
 import { PageCrcs, type IndexStore } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
@@ -19,19 +19,44 @@ export async function loadGenerations(index: IndexStore): Promise<GenerationReco
   return (recs.filter(Boolean) as GenerationRecord[]).sort((a, b) => a.generation - b.generation);
 }
 
-// The generation asked for, or by default the latest complete one (the
-// latest of all when none is complete: it then reads as incomplete).
+// The generation asked for, or by default the snapshot: the latest complete
+// generation that is not a pre-copy pass (SPEC.md, "Pre-copy passes"). With
+// none, the latest of all: it then reads as incomplete (ImageReader says why).
+// A pass asked for by number is refused: its pages were read at different
+// moments while the target ran, so alone it is no snapshot of any instant.
 export function pickGeneration(dir: string, records: GenerationRecord[], requested?: number): GenerationRecord {
-  const list = records.map((r) => `${r.generation} (${r.status})`).join(', ') || 'none';
+  const list = records.map((r) => `${r.generation} (${r.status}${r.pass ? ', pass' : ''})`).join(', ') || 'none';
   if (requested === undefined) {
-    const done = records.filter((r) => r.status === 'complete');
-    const rec = done[done.length - 1] ?? records[records.length - 1];
+    const rec = latestSnapshot(records) ?? records[records.length - 1];
     if (!rec) throw new Error(`${dir}: the chain has no generation; its stream broke before the first one began`);
     return rec;
   }
   const rec = records.find((r) => r.generation === requested);
   if (!rec) throw new Error(`${dir}: the chain has no generation ${requested} (generations: ${list})`);
+  if (rec.pass) throw new Error(`${dir}: generation ${requested} is a pre-copy pass, not a snapshot; ${snapshotAfter(records, requested)}`);
   return rec;
+}
+
+// The latest complete generation that is a snapshot (not a pass).
+export function latestSnapshot(records: GenerationRecord[]): GenerationRecord | undefined {
+  return records.filter((r) => r.status === 'complete' && !r.pass).pop();
+}
+
+// Where the snapshot is that a pass was the base of (the first after it), else the latest.
+function snapshotAfter(records: GenerationRecord[], k: number): string {
+  const s = records.find((r) => r.generation > k && r.status === 'complete' && !r.pass) ?? latestSnapshot(records);
+  return s ? `the snapshot is generation ${s.generation}` : 'this image has no complete snapshot';
+}
+
+// Why a chain with pre-copy passes has no snapshot to read ('' when it has
+// one, or has no passes): the passes, and what became of the generation
+// after them.
+export function noSnapshot(records: GenerationRecord[]): string {
+  const passes = records.filter((r) => r.pass).map((r) => r.generation);
+  if (!passes.length || latestSnapshot(records)) return '';
+  const after = records.find((r) => r.generation > passes[passes.length - 1]);
+  const then = after ? `generation ${after.generation} is ${after.status}${after.reason ? ` (${after.reason})` : ''}` : 'no generation followed';
+  return `this image has no complete snapshot: ${passList(passes)}, ${then}`;
 }
 
 export class ChainView {

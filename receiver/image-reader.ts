@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import type { StreamHeader, StreamTotals } from '../format/events';
 import { CHAIN_INDEX_VERSION, IndexStore, INDEX_VERSION, PageCrcs, type ImageStatus } from './index-store';
-import { ChainView, loadGenerations, pickGeneration } from './chain-reader';
+import { ChainView, loadGenerations, noSnapshot, pickGeneration } from './chain-reader';
 import type { ChainBlock, GenerationRecord } from './chain-image';
 import type { ImageBlock } from './image';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
@@ -37,7 +37,7 @@ export interface PageRun {
 }
 
 export interface OpenOptions {
-  generation?: number; // a chain image: the generation to read (default: the latest complete one)
+  generation?: number; // a chain image: the generation to read (default: the latest complete one that is not a pre-copy pass)
 }
 
 export class ImageReader {
@@ -83,7 +83,10 @@ export class ImageReader {
     const records = await loadGenerations(index);
     const rec = pickGeneration(dir, records, generation);
     const view = new ChainView(dir, index, rec, records, (await index.getJson<ChainBlock[]>('blocks')) ?? [], format.pageSize);
-    const genStatus: ImageStatus = { status: rec.status, reason: rec.reason, updated: status.updated };
+    // A pass is read only when the chain has no snapshot (the default's last resort): never as complete.
+    const genStatus: ImageStatus = rec.pass
+      ? { status: 'incomplete', reason: noSnapshot(records), updated: status.updated }
+      : { status: rec.status, reason: rec.reason, updated: status.updated };
     const img = new ImageReader(dir, index, fs.openSync(path.join(dir, 'data'), 'r'), format, genStatus, { ...header, created: rec.instant }, view.blocks);
     img.chain = view;
     img.chainStatus = status;

@@ -14,6 +14,8 @@ import { ImageWriter } from '../receiver/image';
 import { ImageReader } from '../receiver/image-reader';
 import { receive } from '../receiver/receive';
 import { generateChain, type GeneratedChain } from './helpers/chain-gen';
+import { BgsnapEncoder } from '../format/bgsnap';
+import { makeHeader, pageBytes } from './helpers/streams';
 
 const root = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-chain-img-'));
 test.after(() => fs.rmSync(root, { recursive: true, force: true }));
@@ -166,6 +168,56 @@ test('a chain ended between generations without END: every generation complete, 
   const img = await checkGeneration(dir, c, 3);
   assert.equal(img.generations.map((r) => r.status), ['complete', 'complete', 'complete']);
   await img.close();
+});
+
+// Pre-copy passes (SPEC.md, "Pre-copy passes") and pages repeated in one
+// generation: within a generation the last record of a page wins, whether it
+// repeats in another frame or in the same one, and data then zero leaves a hole.
+test('pages repeated within a generation (a snapshot and a pass): last wins, stored once, CRCs verify; gen records say pass', async () => {
+  const P = (v: number) => pageBytes(v, 4096);
+  const enc = new BgsnapEncoder({ chain: true });
+  const f: Buffer[] = [enc.magic(), ...enc.header(makeHeader())];
+  const pages = (index: number[], vals: (number | 0)[]) =>
+    f.push(...enc.pages({ block: 0, index: Uint32Array.from(index), zero: Uint8Array.from(vals, (v) => (v ? 0 : 1)), data: Buffer.concat(vals.filter((v) => v).map(P)) }));
+  f.push(...enc.generation({ generation: 1, instant: 1, removed: [] }), ...enc.blocks([{ name: 'b', length: 8 * 4096, address: 0 }]));
+  pages([0, 1, 2, 3, 4, 5, 6, 7], [10, 11, 12, 0, 14, 15, 16, 17]);
+  pages([2, 3, 4, 5, 5], [22, 23, 0, 25, 35]); // data->data, zero->data, data->zero, the same page twice in one frame
+  f.push(...enc.generationEnd());
+  f.push(...enc.generation({ generation: 2, instant: 2, removed: [] }));
+  pages([0, 1], [40, 41]);
+  pages([0, 1, 0], [50, 0, 60]);
+  f.push(...enc.generationEnd({ pass: true }));
+  f.push(...enc.generation({ generation: 3, instant: 3, removed: [] }));
+  pages([6], [76]);
+  f.push(...enc.generationEnd(), ...enc.end());
+  const { dir, summary } = await store(Buffer.concat(f));
+  assert.is(summary.status, 'complete', summary.reason);
+  assert.equal([summary.duplicatePages, summary.passes], [8, 1], "5 repeats in generation 1, 3 in the pass");
+  const want: Record<number, (number | 0)[]> = { 1: [10, 11, 22, 23, 0, 35, 16, 17], 3: [60, 0, 22, 23, 0, 35, 76, 17] };
+  for (const k of [1, 3]) {
+    const img = await ImageReader.open(dir, { generation: k });
+    const m = await img.pages(0);
+    const bytes = img.readPages(0, 0, 8, Buffer.alloc(8 * 4096));
+    want[k].forEach((v, p) => {
+      assert.is(m.data.get(p), v !== 0, `generation ${k} page ${p}: data or zero`);
+      assert.ok(bytes.subarray(p * 4096, (p + 1) * 4096).equals(v ? P(v) : Buffer.alloc(4096)), `generation ${k} page ${p}: bytes`);
+    });
+    assert.equal(img.generations.map((r) => [r.pages, r.dataPages, r.pass]), [[8, 7, undefined], [2, 1, true], [1, 1, undefined]]);
+    const v = await img.verify();
+    assert.equal([v.badCount, v.dataPages, v.zeroPages], [0, 9, 2], v.bad.join('\n'));
+    await img.close();
+  }
+  const refused = await ImageReader.open(dir, { generation: 2 }).then(async (i) => (await i.close(), 'opened'), (e: Error) => e.message);
+  assert.match(refused, /generation 2 is a pre-copy pass, not a snapshot; the snapshot is generation 3/);
+  const img = await ImageReader.open(dir);
+  assert.is(img.chain?.generation, 3, 'default: the snapshot');
+  await img.close();
+  // data.2 at page 1: data then zero in the pass, so a hole, not the first bytes.
+  const fd = fs.openSync(path.join(dir, 'data.2'), 'r');
+  const b = Buffer.alloc(4096);
+  fs.readSync(fd, b, 0, 4096, 4096);
+  fs.closeSync(fd);
+  assert.ok(b.every((x) => x === 0), 'the pass stored page 1 as zero');
 });
 
 test.run();
