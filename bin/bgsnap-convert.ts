@@ -77,7 +77,8 @@ function refuseIncomplete(img: ImageReader): void {
   const none = noSnapshot(img.generations);
   if (img.chain?.record.pass) throw new Error(`image ${img.dir}: nothing to convert: ${none}`);
   if (img.complete) return;
-  if (!opts.allowIncomplete) throw new Error(`${what} is incomplete (${img.status.reason})${none ? `; ${none}` : ''}; pass --allow-incomplete to convert what it holds`);
+  const why = none ? `image ${img.dir}: ${none}` : `${what} is incomplete (${img.status.reason})`;
+  if (!opts.allowIncomplete) throw new Error(`${why}; pass --allow-incomplete to convert what it holds`);
   if (none) process.stderr.write(`bgsnap-convert: warning: ${none}; pages generation ${img.chain!.generation} did not deliver are the passes', read while the target ran: not a point-in-time snapshot\n`);
 }
 
