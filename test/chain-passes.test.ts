@@ -5,13 +5,14 @@
 // bgsnap-receive, then read with bgsnap-inspect and bgsnap-convert. The
 // snapshot reads back as exactly the memory at the freeze (its pages override
 // the passes'), a pass is never read as a snapshot, and a stream cut inside the
-// snapshot generation leaves an image that says it has no snapshot.
+// snapshot generation leaves an image that says it has no snapshot. A relay
+// (bgsnap-receive --to, then --listen) keeps the passes' flag.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { BIN, run, sh } from './helpers/cli';
-import { tmpDir } from './helpers/net';
+import { relay, startReceiver, tmpDir, writeToken } from './helpers/net';
 import { buildPassChain, RAM_PAGES, type PassChain } from './helpers/pass-chain';
 
 const dir = tmpDir('chain-passes');
@@ -143,6 +144,25 @@ test('a stream that ends right after a pass (no snapshot generation, no END): no
   assert.is(conv.r.code, 1);
   assert.match(conv.r.stderr, /nothing to convert: this image has no complete snapshot: generations 1-3 are pre-copy passes, no generation followed/);
   assert.not.ok(fs.existsSync(path.join(dir, 'po.raw')));
+});
+
+test('relayed over --listen TCP (bgsnap-receive --to re-encodes every frame): the passes stay passes, the snapshot exact', async () => {
+  const root = path.join(dir, 'srv');
+  fs.mkdirSync(root, { mode: 0o700 });
+  const token = writeToken(dir);
+  const rx = await startReceiver(root, ['--insecure', '--token-file', token]);
+  try {
+    const r = await relay(c.stream, rx.url, ['--insecure', '--token-file', token, '--name', 'pre']);
+    assert.is(r.code, 0, `${r.stderr}\n${rx.stderr()}`);
+  } finally {
+    await rx.kill();
+  }
+  const d = await inspectJson(path.join(root, 'pre'));
+  assert.equal([d.status, d.snapshotGeneration], ['complete', 4]);
+  assert.equal(d.generations.map((g: { pass?: boolean }) => g.pass), [true, true, true, undefined]);
+  const { r, bytes } = await rawOf(path.join(root, 'pre'), ['--block', 'ram'], path.join(dir, 'tcp.raw'));
+  assert.is(r.code, 0, r.stderr);
+  assert.ok(bytes!.equals(c.ram), 'the snapshot over TCP: the memory at the freeze');
 });
 
 test.run();
