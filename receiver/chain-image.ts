@@ -260,9 +260,15 @@ export class ChainWriter {
 // A broken chain that got only pre-copy passes whole holds no snapshot: its
 // reason says so, so nobody takes a pass for one.
 function noSnapshotNote(records: GenerationRecord[]): string {
-  const passes = records.filter((r) => r.pass).map((r) => r.generation);
-  if (!passes.length || records.some((r) => r.status === 'complete' && !r.pass)) return '';
-  return `; no complete snapshot: ${passList(passes)}`;
+  const passes = passesWithoutSnapshot(records);
+  return passes.length ? `; no complete snapshot: ${passList(passes)}` : '';
+}
+
+// The pre-copy passes of a chain that has no complete snapshot (no complete
+// generation that is not a pass); empty when it has one, or no passes.
+export function passesWithoutSnapshot(records: GenerationRecord[]): number[] {
+  if (records.some((r) => r.status === 'complete' && !r.pass)) return [];
+  return records.filter((r) => r.pass).map((r) => r.generation);
 }
 
 // "generation 2 is a pre-copy pass", "generations 1-3 are pre-copy passes".

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as zlib from 'node:zlib';
 import { decodeProcessState, encodeProcessState, STATE_KIND } from '../format/process-state';
-import { passList, type ChainBlock, type GenerationRecord } from './chain-image';
+import { passesWithoutSnapshot, passList, type ChainBlock, type GenerationRecord } from './chain-image';
 import type { ImageBlock } from './image';
 import { PageCrcs, type IndexStore } from './index-store';
 import { BlockPages, CHUNK_PAGES } from './pagemap';
@@ -52,8 +52,8 @@ function snapshotAfter(records: GenerationRecord[], k: number): string {
 // one, or has no passes): the passes, and what became of the generation
 // after them.
 export function noSnapshot(records: GenerationRecord[]): string {
-  const passes = records.filter((r) => r.pass).map((r) => r.generation);
-  if (!passes.length || latestSnapshot(records)) return '';
+  const passes = passesWithoutSnapshot(records);
+  if (!passes.length) return '';
   const after = records.find((r) => r.generation > passes[passes.length - 1]);
   const then = after ? `generation ${after.generation} is ${after.status}${after.reason ? ` (${after.reason})` : ''}` : 'no generation followed';
   return `this image has no complete snapshot: ${passList(passes)}, ${then}`;
