@@ -31,12 +31,14 @@ const prog = new Command('bgsnap-capture')
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--every <seconds>', 'process only: a chain of generations, one every SECONDS (README, "Snapshot chains")', parseFloat)
   .option('--count <n>', 'with --every: stop after N generations (default: until SIGINT/SIGTERM)', parseIntArg('--count'))
+  .option('--precopy', 'process only: pre-copy passes while the kernel tracks writes, then a short stop saves the rest; no writer ever waits on bgsnap (README, "Pre-copy")')
+  .option('--precopy-passes <n>', 'with --precopy: passes at most before the snapshot (default 6)', parseIntArg('--precopy-passes'))
   .option('--stats <file>', 'write a JSON summary to this file');
 addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; domain?: string; connect?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
-  every?: number; count?: number;
+  every?: number; count?: number; precopy?: boolean; precopyPasses?: number;
   bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean; disks?: boolean; disk?: string[];
 } & NetFlags;
 const opts = prog.opts<Opts>();
@@ -60,14 +62,15 @@ const qemuEvents = () => require('../capture/qemu-events') as typeof import('../
 const processChain = () => require('../capture/process-chain') as typeof import('../capture/process-chain');
 
 function openChain(pid: number) {
-  if (!(opts.every! > 0)) throw new Error(`--every needs a number of seconds above 0, got ${opts.every}`);
+  if (opts.precopy && opts.every !== undefined) throw new Error('--precopy takes one snapshot; it does not go with --every');
+  if (!opts.precopy && !(opts.every! > 0)) throw new Error(`--every needs a number of seconds above 0, got ${opts.every}`);
   if (opts.count !== undefined && opts.count < 1) throw new Error('--count must be at least 1');
   return processChain().captureProcessChain(pid, {
-    everyMs: opts.every! * 1000, count: opts.count, bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true,
+    everyMs: (opts.every ?? 0) * 1000, count: opts.count, precopy: opts.precopy, precopyMaxPasses: opts.precopyPasses, bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true,
     allowNonDumpable: opts.allowNondumpable, includeDontDump: opts.includeDontdump, ...testHold(),
     testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
     onGeneration: (g) => process.stderr.write(
-      `bgsnap-capture: generation ${g.generation}: pause ${g.pauseMs.toFixed(1)} ms, ${g.pages} pages (${g.dataPages} data, ${g.zeroPages} zero), ` +
+      `bgsnap-capture: generation ${g.generation}${opts.precopy ? (g.pass ? ' (pass)' : ' (snapshot)') : ''}: pause ${g.pauseMs.toFixed(1)} ms, ${g.pages} pages (${g.dataPages} data, ${g.zeroPages} zero), ` +
       `${g.discarded} discarded, ${g.blocksAdded} blocks added, ${g.blocksRemoved} removed, ${g.faults} faults since the last\n`),
   });
 }
@@ -85,7 +88,9 @@ async function openSource(): Promise<Source> {
     const target = opts.domain ? { domain: opts.domain, connect: opts.connect } : opts.qmp!;
     return qemuEvents().captureQemu(target, { maxBandwidth: opts.maxBandwidth === undefined ? undefined : opts.maxBandwidth * 1e6, disks });
   }
-  if (opts.pid !== undefined && opts.every !== undefined) return openChain(opts.pid);
+  if (opts.precopy && opts.pid === undefined) throw new Error('--precopy goes with --pid');
+  if (opts.precopyPasses !== undefined && (!opts.precopy || opts.precopyPasses < 1)) throw new Error('--precopy-passes goes with --precopy and is at least 1');
+  if (opts.pid !== undefined && (opts.every !== undefined || opts.precopy)) return openChain(opts.pid);
   if (opts.pid !== undefined) {
     return captureProcess(opts.pid, {
       bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true, allowNonDumpable: opts.allowNondumpable,

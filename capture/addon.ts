@@ -42,6 +42,9 @@ export interface CaptureOptions {
   injectTimeoutMs?: number; // an injected syscall taking longer is interrupted and undone (2000)
   testStuckInjection?: boolean; // tests: inject a pause() that never returns first
   chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
+  precopy?: boolean; // a chain of pre-copy passes on a WP_ASYNC userfaultfd, then the snapshot (capture/native/precopy.cc)
+  precopyFinalPages?: number; // pre-copy: the snapshot comes once at most this many pages were written since the last pass (4096)
+  precopyMaxPasses?: number; // pre-copy: or after this many passes (6)
   chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
   testMaxUnregisters?: number; // tests: fallback unregisters of saved ranges under layout storms (4096)
   testRetryOnlyMs?: number; // tests: past them, how long one range is retried before the capture fails (5000)
@@ -100,6 +103,8 @@ export interface FreezeStats {
   uffdVia: number; // 1 userfaultfd(), 2 /dev/userfaultfd, 3 the sysctl opened (0: none)
   snapshotTime: number; // ms since the epoch
   faultsBefore: number; // chains: write faults served before this generation's instant (0 in generation 1)
+  pass: boolean; // pre-copy: this generation is a pass, not the snapshot
+  dirtyBefore: number; // pre-copy: pages written since the last pass, counted before this generation's stop
 }
 
 export interface CaptureCounters {

@@ -28,7 +28,13 @@ import type { CaptureSource } from './source';
 import type { BlockInfo, GenerationTotals, PageBatch, StreamEvent, StreamTotals } from '../format/events';
 
 export interface ChainCaptureOptions extends ProcessCaptureOptions {
-  everyMs: number; // from one generation's instant to the next (later if a save takes longer)
+  everyMs: number; // from one generation's instant to the next (later if a save takes longer); unused with precopy
+  // Pre-copy (capture/native/precopy.cc): passes back to back while the kernel
+  // tracks writes, then one snapshot generation saved inside its stop; the
+  // chain ends there. The passes' GENERATION_END say PASS.
+  precopy?: boolean;
+  precopyFinalPages?: number;
+  precopyMaxPasses?: number;
   count?: number; // generations to take; default: until stop()
   onGeneration?: (g: GenerationStats) => void; // each generation once its last page is out
 }
@@ -46,6 +52,8 @@ export interface GenerationStats {
   bytes: number; // page data sent
   faults: number; // write faults served from the previous generation's instant to this one's
   seconds: number; // from the instant until the generation's last page was out
+  pass: boolean; // pre-copy: a pass, not a snapshot
+  dirtyBefore: number; // pre-copy: pages written since the previous pass, counted before this stop
 }
 
 export interface ChainStats extends ProcessCaptureStats {
@@ -146,11 +154,14 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     }
     yield* discards();
     totals.generations = k;
-    yield { type: 'generation-end', totals: { ...gt } };
+    const pass = !!opts.precopy && f.pass;
+    yield { type: 'generation-end', totals: { ...gt, ...(pass ? { pass } : {}) } };
+    // A pre-copy's snapshot is saved inside its stop: its length is known only now.
+    const pauseMs = opts.precopy ? (safeInfo(handle!)?.freeze?.totalMs ?? f.totalMs) : f.totalMs;
     gens.push({
-      generation: k, instant: f.snapshotTime, pauseMs: f.totalMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
+      generation: k, instant: f.snapshotTime, pauseMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
       pages: gt.pages, dataPages: gt.pages - gt.zeroPages, zeroPages: gt.zeroPages, discarded: gt.discarded, bytes: dataBytes,
-      faults, seconds: (Date.now() - f.snapshotTime) / 1000,
+      faults, seconds: (Date.now() - f.snapshotTime) / 1000, pass, dirtyBefore: f.dirtyBefore ?? 0,
     });
     opts.onGeneration?.(gens[gens.length - 1]);
   }
@@ -166,7 +177,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
 
   async function* events(): AsyncGenerator<StreamEvent> {
     if (!Number.isInteger(pid) || pid <= 0) throw Object.assign(new Error(`not a process id: ${pid}`), { code: 'EINVAL' });
-    if (!(opts.everyMs > 0)) throw Object.assign(new Error('--every must be more than 0 seconds'), { code: 'EINVAL' });
+    if (!opts.precopy && !(opts.everyMs > 0)) throw Object.assign(new Error('--every must be more than 0 seconds'), { code: 'EINVAL' });
     try {
       preflight(pid, opts);
       handle = await addon.startCapture(pid, { ...opts, chain: true });
@@ -179,6 +190,9 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
       for (let k = 1; ; k++) {
         if (k > 1) await addon.nextGeneration(handle);
         yield* generation(k);
+        if (opts.precopy && !gens[k - 1].pass) break; // the snapshot: the chain is done
+        if (opts.precopy && stopping) throw Object.assign(new Error(`pre-copy ${stopping} after ${k} passes, before its snapshot`), { code: 'ECANCELED' });
+        if (opts.precopy) continue;
         if (k === opts.count || stopping) break;
         await sleepUntil(last!.freeze!.snapshotTime + opts.everyMs);
         if (stopping) break;
@@ -203,7 +217,8 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
       stopping ??= reason;
       wake?.();
     },
-    stats: () => ({ ...statsOf(last, pid, undefined, unseen), pauseMs: gens[0]?.pauseMs ?? 0, generations: gens }),
+    // Pre-copy: the longest of its stops (the first plants the userfaultfd, the last saves the snapshot).
+    stats: () => ({ ...statsOf(last, pid, undefined, unseen), pauseMs: opts.precopy ? Math.max(0, ...gens.map((g) => g.pauseMs)) : gens[0]?.pauseMs ?? 0, generations: gens }),
     release: (batch: PageBatch) => releaseHeld(held, handle, batch),
   };
 }

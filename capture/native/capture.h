@@ -132,6 +132,12 @@ struct Options {
   // pages stay write-protected, and each later generation saves what was written.
   bool chain = false;
   uint32_t preDirtyMinPages = 4096;  // chains: a dirty set this big is re-protected before the freeze
+  // Pre-copy (generations.cc): a chain on a WP_ASYNC userfaultfd whose
+  // generations are passes until the pages written since the last one fit in
+  // finalPages (or maxPasses were made); the last saves them inside its freeze.
+  bool precopy = false;
+  uint32_t precopyFinalPages = 4096;
+  uint32_t precopyMaxPasses = 6;
   uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer
   uint32_t retryOnlyMs = 5000;      // past them, how long Release retries one range before failing
 };
@@ -155,6 +161,8 @@ struct FreezeStats {
   int uffdVia = 0;             // kViaSyscall, kViaDev or kViaSysctl (freezer_proto.h)
   double snapshotTime = 0;     // wall-clock ms at the snapshot point
   uint64_t faultsBefore = 0;   // chains: write faults served before this generation's instant
+  bool pass = false;           // pre-copy: this generation is a pass, not the snapshot
+  uint64_t dirtyBefore = 0;    // pre-copy: pages written since the last pass, counted before this stop
 };
 
 struct Counters {

@@ -39,6 +39,8 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("uffdVia", fz.uffdVia);
   o.Set("snapshotTime", fz.snapshotTime);
   o.Set("faultsBefore", static_cast<double>(fz.faultsBefore));
+  o.Set("pass", fz.pass);
+  o.Set("dirtyBefore", static_cast<double>(fz.dirtyBefore));
   return o;
 }
 

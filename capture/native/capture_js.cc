@@ -126,6 +126,10 @@ Options ParseOptions(const Napi::Value& v) {
   o.suspendSeccomp = !obj.Get("testNoSuspendSeccomp").ToBoolean().Value();
   o.chain = obj.Get("chain").ToBoolean().Value();
   o.preDirtyMinPages = static_cast<uint32_t>(num("chainPreProtectMinPages", 4096));
+  o.precopy = obj.Get("precopy").ToBoolean().Value();
+  if (o.precopy) o.chain = true;
+  o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", 4096));
+  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 6));
   return o;
 }
 

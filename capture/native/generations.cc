@@ -57,11 +57,10 @@ bool Session::Chain(Failure* f) {
     PublishAll();
     genDone_ = gen_.load();  // after the last batch: nextBuffer says null only then
     notify_();
-    if (!WaitForRequest(f)) break;
+    if (savedInFreeze_ || !WaitForRequest(f)) break;  // pre-copy: the snapshot is out
     scannedBytes_ = 0;
     ok = NextFreeze(f);
-    if (ok) notify_();
-    ok = ok && SaverLoop(f);
+    if (ok && !savedInFreeze_) notify_(), ok = SaverLoop(f);
   }
   std::lock_guard<std::mutex> lock(fdMu_);
   close(genFd_);
@@ -153,10 +152,13 @@ bool Session::NextFreeze(Failure* f) {
   freeze.uffdVia = via;
   Failure ignored;
   ReadSmaps(false, &ignored);  // outside the pause; re-read in it only if the layout changed
-  if (!PreDirty(f) || !helper_.Start(f)) return false;
+  if (!LastPass(f)) return false;
+  // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
+  bool last = opts_.precopy && !freeze.pass;
+  if ((!last && !PreDirty(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
-  if (ok) gen_++, frozen_ = true;
+  if (ok && !savedInFreeze_) gen_++, frozen_ = true;
   return ok;
 }
 
@@ -177,6 +179,7 @@ bool Session::StopForGeneration(Failure* f) {
   maps.clear();
   ok = ok && ReadProcState(f) && RecheckSmaps(f) && FrozenNext(f);
   double held = Hold("frozen", ok);
+  if (ok && opts_.precopy && !freeze.pass) ok = SaveInFreeze(f);
   ok = Thaw(ok, f);
   freeze.snapshotMs = freeze.totalMs = NowMs() - t0 - held;
   return ok;
@@ -299,6 +302,7 @@ bool Session::MarkDirty(Failure* f) {
   }
   freeze.pagemapMs = NowMs() - t0;
   freeze.reprotectRanges = todo.size();
+  if (opts_.precopy && !freeze.pass) return true;  // saved before the target runs again
   return ProtectRanges(todo, false, f);
 }
 

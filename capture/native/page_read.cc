@@ -99,7 +99,10 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   if (r < 0 && err == ESRCH) return f->Set(ESRCH, "the target exited during capture"), -1;
   uint32_t got = r > 0 ? static_cast<uint32_t>(r / kPage) : 0;
   if (got == 0 && ForceRead(addr, dst)) got = 1;
-  if (got > 0 && blk.anonPrivate) got = StillProtected(b, p, addr, got);
+  // Pre-copy: a pass reads pages the target may be writing (the kernel notes
+  // the write and the next generation reads the page again), and the snapshot
+  // reads while the target is stopped; unprotected pages are not lost ones.
+  if (got > 0 && blk.anonPrivate && !opts_.precopy) got = StillProtected(b, p, addr, got);
   if (got == 0) {  // unreadable even so, or written behind our back: its content is lost to us
     DiscardPages(b, p, p + 1);
     return 1;

@@ -297,6 +297,7 @@ void Session::Run() {
     std::sort(segs_.begin(), segs_.end(),
               [](const Segment& a, const Segment& b) { return a.start < b.start; });
     gen_ = 1;
+    freeze.pass = opts_.precopy;  // a pre-copy's first generation is always a pass
     frozen_ = true;
     state_ = kRunning;
     notify_();

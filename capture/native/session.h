@@ -236,6 +236,10 @@ class Session {
   size_t firstNew_ = 0;  // blocks from here on were added by the generation being frozen
   void ChainUnprotect(uint64_t addr);
   void RetryUnprotects();
+  // --- Pre-copy (precopy.cc) ---
+  bool LastPass(Failure* f);
+  bool SaveInFreeze(Failure* f);
+  bool savedInFreeze_ = false;  // the snapshot generation is saved: the chain ends
   std::atomic<int> gen_{0}, genDone_{0};
   std::atomic<bool> genWanted_{false};
   int genFd_ = -1;                 // eventfd: JavaScript wants the next generation

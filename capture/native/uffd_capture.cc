@@ -25,6 +25,9 @@ static constexpr uint64_t kWpFeatures = UFFD_FEATURE_PAGEFAULT_FLAG_WP |
                                         UFFD_FEATURE_WP_HUGETLBFS_SHMEM |
                                         UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |
                                         UFFD_FEATURE_EVENT_UNMAP;
+// Pre-copy's tracking: the kernel resolves write faults itself (Linux 6.7;
+// the build machine's headers may predate it).
+static constexpr uint64_t kWpAsync = 1ull << 15;  // UFFD_FEATURE_WP_ASYNC
 
 // Ask the kernel what it supports using a userfaultfd of our own, before the
 // target is touched, so an unsupported kernel fails with the target untouched.
@@ -42,6 +45,9 @@ bool Session::ProbeKernel(Failure* f) {
     return f->Set(EOPNOTSUPP, "this kernel lacks userfaultfd write-protect support (needs "
                               "PAGEFAULT_FLAG_WP, WP_HUGETLBFS_SHMEM and REMAP/REMOVE/UNMAP "
                               "events, Linux 5.19+)");
+  }
+  if (opts_.precopy && !(api.features & kWpAsync)) {
+    return f->Set(EOPNOTSUPP, "--precopy needs userfaultfd's WP_ASYNC (Linux 6.7+), which this kernel lacks");
   }
   return true;
 }
@@ -85,7 +91,7 @@ bool Session::InjectUffd(Failure* f) {
   uffd_ = fd;
   freeze.uffdVia = via;
   freeze.sysctlToggled = via == kViaSysctl;
-  uffdio_api api{UFFD_API, kWpFeatures, 0};
+  uffdio_api api{UFFD_API, kWpFeatures | (opts_.precopy ? kWpAsync : 0), 0};
   if (ioctl(fd, UFFDIO_API, &api) != 0) return f->Set(errno, "UFFDIO_API on the target's mm");
   return true;
 }
