@@ -2,6 +2,8 @@
 // holding ~500 MB, loaded by bench/redisload.c (closed-loop SETs over the same
 // key space, every request's latency recorded), snapshotted in turn by
 //   bgsnap   bgsnap-capture --pid | bgsnap-receive -o IMAGE (on this disk)
+//   bgsnap --precopy   the same with pre-copy passes (no writer waits on us);
+//            a run that did not converge is reported as such, not as a snapshot
 //   BGSAVE   Redis's own fork-based snapshot (dump.rdb on this disk)
 //   gcore    gdb's core dump (the server is stopped for all of it)
 //   none     no snapshot: the load alone, same length of window
@@ -61,22 +63,26 @@ function row(w: Window, file: string): Row {
 
 // `root` another build of bgsnap (--base DIR): the same capture by an older
 // engine, side by side with this one.
-function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string): Window {
+function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string, precopy = false): Window {
   const capture = root ? path.join(root, 'dist', 'bin', 'bgsnap-capture.js') : BIN.capture;
   const receive = root ? path.join(root, 'dist', 'bin', 'bgsnap-receive.js') : BIN.receive;
   const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img');
   fs.rmSync(img, { recursive: true, force: true });
   fs.rmSync(stats, { force: true });
   const t0 = now(), wall0 = Date.now();
-  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid} --buffer-mb ${bufferMb} --stats ${stats} | node ${receive} -q -o ${img}`], { encoding: 'utf8' });
+  const pc = precopy ? ' --precopy' : '';
+  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${pc} --buffer-mb ${bufferMb} --stats ${stats} | node ${receive} -q -o ${img}`], { encoding: 'utf8' });
   const t1 = now();
+  const gaveUp = precopy && /pre-copy did not converge[^\n]*/.exec(p.stderr);
+  if (gaveUp) return { contender: 'precopy', pauseMs: NaN, t0, t1, note: `no snapshot: ${gaveUp[0].slice(0, 110)}...` };
   if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
-  const note = `${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
+  const passes = precopy ? `${s.generations.length - 1} passes then the snapshot (${s.generations.map((g: { pages: number }) => g.pages).join(', ')} pages), ` : '';
+  const note = `${passes}${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
   fs.rmSync(img, { recursive: true, force: true });
-  return { contender: root ? 'bgsnap@base' : 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
+  return { contender: precopy ? 'precopy' : root ? 'bgsnap@base' : 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
 }
 
 async function bgsave(r: Redis): Promise<Window> {
@@ -140,9 +146,10 @@ async function main() {
       rows.push(await underLoad(r, dir, conns, keys, value, async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb)));
       if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, base)));
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, undefined, true)));
       rows.push(await underLoad(r, dir, conns, keys, value, () => bgsave(r)));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => gcore(r, dir)));
-      console.log(table(rows.slice(base ? -5 : -4)));
+      console.log(table(rows.slice(base ? -6 : -5)));
     }
     if (r.cli('PING') !== 'PONG') throw new Error('redis unhealthy after the runs');
     console.log(`\nall runs (load average now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}):\n${table(rows)}`);
