@@ -226,6 +226,8 @@ class BufferPool {
   Batch* Acquire(const std::atomic<bool>& abort, std::atomic<double>& waitingSince);
   void Publish(Batch* b);
   size_t FreeCount();
+  // Pre-copy: no fault ever waits on us, so the scan may use every batch.
+  void NoReserve() { reserve_ = 0; }
   // Wakes a saver waiting in Acquire after `abort` was raised. It takes the
   // lock: a notify sent between Acquire's check of `abort` and its wait would
   // otherwise be lost, and the saver (so the final join) would sleep forever.

@@ -155,7 +155,7 @@ bool Session::NextFreeze(Failure* f) {
   if (!LastPass(f)) return false;
   // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
   bool last = opts_.precopy && !freeze.pass;
-  if ((!last && !PreDirty(f)) || !helper_.Start(f)) return false;
+  if ((!last && !PreDirty(f)) || (last && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
   if (ok && !savedInFreeze_) gen_++, frozen_ = true;

@@ -299,7 +299,9 @@ bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
       counters.untouchedPages++;
       continue;
     }
-    int r = ReadRun(b, p, RunEnd(blk, p, p1) - p, f);
+    // A pre-copy's snapshot, inside its stop: scattered pages, gathered.
+    int r = savedInFreeze_ && blk.kind == BlockKind::kProtected ? ReadGathered(b, p, p1, f) : 0;
+    if (r == 0) r = ReadRun(b, p, RunEnd(blk, p, p1) - p, f);
     if (r < 0 && f->failed()) return false;
   }
   return true;

@@ -143,6 +143,7 @@ bool Session::Setup(Failure* f) {
   if (pid_ <= 0 || pid_ == getpid()) return f->Set(EINVAL, "cannot capture PID " + std::to_string(pid_));
   if (!CheckDumpable(f) || !ProbeKernel(f)) return false;
   if (!pool.Init(opts_.bufferMb, f)) return false;  // pre-faulted before the pause
+  if (opts_.precopy) pool.NoReserve();
   Failure later;  // a process that is gone or a kernel thread: the freeze says so
   ReadSmaps(false, &later);                         // outside the pause
   if (!helper_.Start(f)) return false;
