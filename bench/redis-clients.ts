@@ -74,7 +74,11 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string, precopy 
   const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${pc} --buffer-mb ${bufferMb} --stats ${stats} | node ${receive} -q -o ${img}`], { encoding: 'utf8' });
   const t1 = now();
   const gaveUp = precopy && /pre-copy did not converge[^\n]*/.exec(p.stderr);
-  if (gaveUp) return { contender: 'precopy', pauseMs: NaN, t0, t1, note: `no snapshot: ${gaveUp[0].slice(0, 110)}...` };
+  if (gaveUp) {  // no --stats then: its passes' stops are on stderr
+    const pauses = [...p.stderr.matchAll(/generation \d+ \(pass\): pause ([\d.]+) ms, (\d+) pages/g)];
+    const pages = pauses.map((m) => m[2]).join(', ');
+    return { contender: 'precopy', pauseMs: Math.max(...pauses.map((m) => Number(m[1]))), t0, t1, note: `${pauses.length} passes (${pages} pages), no snapshot: ${gaveUp[0].slice(0, 100)}...` };
+  }
   if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));

@@ -9,7 +9,7 @@ import * as assert from 'uvu/assert';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { BIN, sh } from './helpers/cli';
+import { BIN, run, sh } from './helpers/cli';
 import { tmpDir } from './helpers/net';
 import { allThreadsProgress, checkInvariant, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
 import { ImageReader } from '../receiver/image-reader';
@@ -53,6 +53,11 @@ test('passes, then a snapshot that holds; no writer waited on bgsnap', async () 
     assert.ok(g.length >= 2, 'at least one pass and the snapshot');
     assert.equal(g.map((x) => x.pass), [...Array(g.length - 1).fill(true), false]);
     assert.is(s.faults, 0, 'every write was resolved by the kernel: none waited on our threads');
+    const ins = await run(BIN.inspect, [img, '--json'], 60_000);
+    assert.is(ins.code, 0, ins.stderr);
+    const d = JSON.parse(ins.stdout);
+    assert.equal(d.generations.map((x: { pass?: boolean; status: string }) => [x.status, !!x.pass]), g.map((x) => ['complete', x.pass]));
+    assert.is(d.snapshotGeneration, g.length, 'the image knows its snapshot');
     await invariantAt(img, g.length, t);
     await intact(t);
   } finally {
