@@ -2,8 +2,9 @@
 // holding ~500 MB, loaded by bench/redisload.c (closed-loop SETs over the same
 // key space, every request's latency recorded), snapshotted in turn by
 //   bgsnap   bgsnap-capture --pid | bgsnap-receive -o IMAGE (on this disk)
-//   bgsnap --precopy   the same with pre-copy passes (no writer waits on us);
-//            a run that did not converge is reported as such, not as a snapshot
+//   bgsnap>file   the same stream to a file on this disk, received later
+//   precopy, precopy>file   both with --precopy (no writer waits on us); a run
+//            that did not converge is reported as such, not as a snapshot
 //   BGSAVE   Redis's own fork-based snapshot (dump.rdb on this disk)
 //   gcore    gdb's core dump (the server is stopped for all of it)
 //   none     no snapshot: the load alone, same length of window
@@ -11,7 +12,7 @@
 // its freeze; BGSAVE: latest_fork_usec; gcore: its wall time) and the clients'
 // p50/p99/p99.9/max over the requests in flight during the snapshot.
 //   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
-//        [--buffer-mb 64] [--base DIR]   (DIR: another built checkout, e.g. main, as "bgsnap@base")
+//        [--buffer-mb 64] [--precopy-buffer-mb 128] [--base DIR]   (DIR: another built checkout, e.g. main, as "bgsnap@base")
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -61,32 +62,37 @@ function row(w: Window, file: string): Row {
   return { ...w, note, n: l.length, p50: q(0.5), p99: q(0.99), p999: q(0.999), max: l[l.length - 1] ?? NaN, rps: l.length / (Number(w.t1 - w.t0) / 1e9) };
 }
 
+interface Run { root?: string; precopy?: boolean; toFile?: boolean }
+
 // `root` another build of bgsnap (--base DIR): the same capture by an older
-// engine, side by side with this one.
-function bgsnap(r: Redis, dir: string, bufferMb: string, root?: string, precopy = false): Window {
+// engine, side by side with this one. `toFile`: the stream to a file on this
+// disk (as BGSAVE's dump.rdb), received later, outside the window.
+function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window {
+  const { root, precopy, toFile } = run;
   const capture = root ? path.join(root, 'dist', 'bin', 'bgsnap-capture.js') : BIN.capture;
   const receive = root ? path.join(root, 'dist', 'bin', 'bgsnap-receive.js') : BIN.receive;
-  const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img');
-  fs.rmSync(img, { recursive: true, force: true });
-  fs.rmSync(stats, { force: true });
+  const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img'), file = path.join(dir, 'stream.bgsnap');
+  for (const f of [img, stats, file]) fs.rmSync(f, { recursive: true, force: true });
+  const name = `${precopy ? 'precopy' : root ? 'bgsnap@base' : 'bgsnap'}${toFile ? '>file' : ''}`;
   const t0 = now(), wall0 = Date.now();
-  const pc = precopy ? ' --precopy' : '';
-  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${pc} --buffer-mb ${bufferMb} --stats ${stats} | node ${receive} -q -o ${img}`], { encoding: 'utf8' });
+  const out = toFile ? `-o ${file}` : `| node ${receive} -q -o ${img}`;
+  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${precopy ? ' --precopy' : ''} --buffer-mb ${bufferMb} --stats ${stats} ${out}`], { encoding: 'utf8' });
   const t1 = now();
+  for (const f of [img, file]) fs.rmSync(f, { recursive: true, force: true });
   const gaveUp = precopy && /pre-copy did not converge[^\n]*/.exec(p.stderr);
   if (gaveUp) {  // no --stats then: its passes' stops are on stderr
     const pauses = [...p.stderr.matchAll(/generation \d+ \(pass\): pause ([\d.]+) ms, (\d+) pages/g)];
     const pages = pauses.map((m) => m[2]).join(', ');
-    return { contender: 'precopy', pauseMs: Math.max(...pauses.map((m) => Number(m[1]))), t0, t1, note: `${pauses.length} passes (${pages} pages), no snapshot: ${gaveUp[0].slice(0, 100)}...` };
+    return { contender: name, pauseMs: Math.max(...pauses.map((m) => Number(m[1]))), t0, t1, note: `${pauses.length} passes (${pages} pages), no snapshot: ${gaveUp[0].slice(0, 100)}...` };
   }
   if (p.status !== 0) throw new Error(`bgsnap pipe failed: ${p.stderr}`);
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
-  const passes = precopy ? `${s.generations.length - 1} passes then the snapshot (${s.generations.map((g: { pages: number }) => g.pages).join(', ')} pages), ` : '';
+  const gens = (s.generations ?? []) as { pages: number; pauseMs: number }[];
+  const passes = precopy ? `${gens.length - 1} passes then the snapshot (pages ${gens.map((g) => g.pages).join(', ')}; stops ${gens.map((g) => g.pauseMs.toFixed(1)).join(', ')} ms), ` : '';
   const note = `${passes}${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
-  fs.rmSync(img, { recursive: true, force: true });
-  return { contender: precopy ? 'precopy' : root ? 'bgsnap@base' : 'bgsnap', pauseMs: s.pauseMs, t0, t1, note };
+  return { contender: name, pauseMs: s.pauseMs, t0, t1, note };
 }
 
 async function bgsave(r: Redis): Promise<Window> {
@@ -137,6 +143,7 @@ function table(rows: Row[]): string {
 async function main() {
   const runs = Number(arg('--runs', '2')), keys = arg('--keys', '500000'), value = arg('--value', '1000');
   const conns = arg('--conns', '8'), bufferMb = arg('--buffer-mb', '64'), base = arg('--base', '');
+  const precopyMb = arg('--precopy-buffer-mb', '128'); // its snapshot's stop may save half of it
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-redis-bench-'));
   console.log(`machine: ${machine()}`);
   const r = await startRedis(dir);
@@ -144,16 +151,18 @@ async function main() {
     const fill = spawnSync('redis-benchmark', ['-s', r.sock, '-t', 'set', '-n', String(Number(keys) * 2), '-r', keys, '-d', value, '-P', '32', '-q'], { encoding: 'utf8' });
     if (fill.status !== 0) throw new Error(`redis-benchmark fill failed: ${fill.stderr}`);
     const mem = /used_memory:(\d+)/.exec(r.cli('INFO', 'memory'))![1];
-    console.log(`redis-server ${r.pid}: ${r.cli('DBSIZE')} keys, used_memory ${(Number(mem) / 2 ** 20).toFixed(0)} MiB; load: ${conns} connections, SET of ${value}-byte values over ${keys} keys`);
+    console.log(`redis-server ${r.pid}: ${r.cli('DBSIZE')} keys, used_memory ${(Number(mem) / 2 ** 20).toFixed(0)} MiB; load: ${conns} connections, SET of ${value}-byte values over ${keys} keys; --buffer-mb ${bufferMb}, pre-copy ${precopyMb}`);
     const rows: Row[] = [];
     for (let i = 0; i < runs; i++) {
       rows.push(await underLoad(r, dir, conns, keys, value, async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb)));
-      if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, base)));
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, undefined, true)));
+      if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, { root: base })));
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, { toFile: true })));
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true })));
+      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true })));
       rows.push(await underLoad(r, dir, conns, keys, value, () => bgsave(r)));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => gcore(r, dir)));
-      console.log(table(rows.slice(base ? -6 : -5)));
+      console.log(table(rows.slice(base ? -8 : -7)));
     }
     if (r.cli('PING') !== 'PONG') throw new Error('redis unhealthy after the runs');
     console.log(`\nall runs (load average now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}):\n${table(rows)}`);
