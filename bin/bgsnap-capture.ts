@@ -32,7 +32,7 @@ const prog = new Command('bgsnap-capture')
   .option('--every <seconds>', 'process only: a chain of generations, one every SECONDS (README, "Snapshot chains")', parseFloat)
   .option('--count <n>', 'with --every: stop after N generations (default: until SIGINT/SIGTERM)', parseIntArg('--count'))
   .option('--precopy', 'process only: pre-copy passes while the kernel tracks writes, then a short stop saves the rest; no writer ever waits on bgsnap (README, "Pre-copy")')
-  .option('--precopy-passes <n>', 'with --precopy: passes at most before the snapshot (default 8)', parseIntArg('--precopy-passes'))
+  .option('--precopy-passes <n>', 'with --precopy: passes at most before the snapshot (default 6)', parseIntArg('--precopy-passes'))
   .option('--stats <file>', 'write a JSON summary to this file');
 addNetOptions(prog).parse();
 

@@ -44,7 +44,7 @@ export interface CaptureOptions {
   chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
   precopy?: boolean; // a chain of pre-copy passes on a WP_ASYNC userfaultfd, then the snapshot (capture/native/precopy.cc)
   precopyFinalPages?: number; // pre-copy: the snapshot comes once at most this many pages were written since the last pass (4096)
-  precopyMaxPasses?: number; // pre-copy: or after this many passes (8)
+  precopyMaxPasses?: number; // pre-copy: or after this many passes (6)
   chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
   testMaxUnregisters?: number; // tests: fallback unregisters of saved ranges under layout storms (4096)
   testRetryOnlyMs?: number; // tests: past them, how long one range is retried before the capture fails (5000)

@@ -137,7 +137,7 @@ struct Options {
   // finalPages (or maxPasses were made); the last saves them inside its freeze.
   bool precopy = false;
   uint32_t precopyFinalPages = 4096;
-  uint32_t precopyMaxPasses = 8;
+  uint32_t precopyMaxPasses = 6;
   uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer
   uint32_t retryOnlyMs = 5000;      // past them, how long Release retries one range before failing
 };

@@ -129,7 +129,7 @@ Options ParseOptions(const Napi::Value& v) {
   o.precopy = obj.Get("precopy").ToBoolean().Value();
   if (o.precopy) o.chain = true;
   o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", 4096));
-  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 8));
+  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 6));
   return o;
 }
 

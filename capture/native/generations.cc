@@ -155,8 +155,7 @@ bool Session::NextFreeze(Failure* f) {
   if (!LastPass(f)) return false;
   // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
   bool last = opts_.precopy && !freeze.pass;
-  bool small = opts_.precopy && freeze.dirtyBefore <= uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;
-  if ((small && !WaitOutput(freeze.dirtyBefore, f)) || (!last && !PreDirty(f)) || !helper_.Start(f)) return false;
+  if ((!last && !PreDirty(f)) || (last && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
   if (ok && !savedInFreeze_) gen_++, frozen_ = true;

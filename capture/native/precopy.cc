@@ -56,21 +56,19 @@ bool Session::LastPass(Failure* f) {
                             "saves it with write-protect faults instead");
 }
 
-// Before a stop whose dirty set fits half the buffers, while the target runs:
-// wait until the buffers can take it (and half again, for what is written
-// until the stop) without the output. The snapshot's save inside its stop
-// then never waits for the output; a pass that small reads at memory speed
-// instead of the output's, so little is written meanwhile and the stop after
-// it is short (Redis under SET load, 128 MiB: 4-12k pages left for the
-// snapshot's stop without this, 14.7-29.9 ms). Layout events are served.
-bool Session::WaitOutput(uint64_t pages, Failure* f) {
-  const size_t all = pool.batches.size(), per = pool.batches[0].capData;
-  const size_t want = std::min<size_t>(all, (pages + pages / 2 + per - 1) / per + 1);
-  while (pool.FreeCount() < want) {
+// Before the snapshot's stop, while the target runs: the output has taken every
+// batch back, so the save inside the stop never waits for it (what it saves
+// fits half the pool: LastPass). Layout events are served meanwhile. Waiting
+// also before passes small enough to fit (so they would read at memory speed)
+// was tried: JavaScript asks for the next pass only once the output took the
+// last, so passes stayed at the output's pace and the waits only let more be
+// written (Redis: snapshot stops of 32 and 76 ms against 15 and 30).
+bool Session::WaitOutput(Failure* f) {
+  while (pool.FreeCount() < pool.batches.size()) {
     heartbeat_ = NowMs();
     if (abort_) return f->Set(ECANCELED, "capture aborted");
     pollfd p[2] = {{pool.ReleasedFd(), POLLIN, 0}, {uffd_.load(), POLLIN, 0}};
-    if (poll(p, 2, 100) < 0 && errno != EINTR) return f->Set(errno, "poll (waiting for the output before a stop)");
+    if (poll(p, 2, 100) < 0 && errno != EINTR) return f->Set(errno, "poll (waiting for the output before the snapshot)");
     if (p[0].revents & POLLIN) pool.ClearReleased();
     if (!ServeBetween(f)) return false;
   }
@@ -96,9 +94,7 @@ bool Session::SaveInFreeze(Failure* f) {
 // The snapshot's save reads what the last pass left: pages scattered a few
 // here and a few there, and one process_vm_readv (and one look at the
 // userfaultfd) per run cost ~5 us a page inside the stop. Up to 256 runs go
-// in one call, into the batch back to back: ~3 us a page (Redis, 5-11k pages
-// in ~35 runs per call: the kernel still pins and copies run by run, and the
-// call was 90% of the stop's save). Nothing can change the layout
+// in one call, into the batch back to back. Nothing can change the layout
 // while the target is stopped, so no event can invalidate the read. Returns
 // the pages saved; 0 to take the ordinary path (no segment, a short read).
 int Session::ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f) {

@@ -239,7 +239,7 @@ class Session {
   // --- Pre-copy (precopy.cc) ---
   bool LastPass(Failure* f);
   bool SaveInFreeze(Failure* f);
-  bool WaitOutput(uint64_t pages, Failure* f);
+  bool WaitOutput(Failure* f);
   int ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f);
   bool savedInFreeze_ = false;  // the snapshot generation is saved: the chain ends
   std::atomic<int> gen_{0}, genDone_{0};
