@@ -65,6 +65,25 @@ test('passes, then a snapshot that holds; no writer waited on bgsnap', async () 
   }
 });
 
+// Other kinds of memory, async write-protect on each: huge pages (split by
+// the kernel when written during a pass), shared anonymous memory, memfd, and
+// threads dropping and remapping scratch memory throughout (layout events).
+for (const mode of ['thp', 'shared', 'memfd', 'storm'] as const) test(`the invariant target in ${mode} mode: the snapshot holds`, async () => {
+  const t = await startTarget(mode, 64, 0);
+  const img = path.join(dir, `${mode}.img`);
+  try {
+    const r = await sh(`${BIN.capture} --pid ${t.pid} --precopy --buffer-mb 128 | ${BIN.receive} -o ${img}`, 300_000);
+    assert.is(r.code, 0, r.stderr);
+    const passes = r.stderr.match(/generation \d+ \(pass\)/g)?.length ?? 0;
+    assert.match(r.stderr, new RegExp(`generation ${passes + 1} \\(snapshot\\)`), r.stderr);
+    console.log(`  ${mode}: ${passes} passes, then the snapshot`);
+    await invariantAt(img, passes + 1, t);
+    await intact(t);
+  } finally {
+    t.kill();
+  }
+});
+
 test('SIGKILL during a pass: the target released and intact', async () => {
   const t = await startTarget('anon', 32, 3);
   try {

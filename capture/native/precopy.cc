@@ -25,6 +25,25 @@
 
 namespace bgsnap {
 
+// Pages of the ranges layout events touched since the last stop that are there
+// now: a dropped page not touched again is a zero record, nothing to read, and
+// an allocator's storm notes the same scratch ranges over and over (counting
+// every range whole refused a converging target: test/precopy, storm mode).
+uint64_t Session::LayoutPresent(Failure* scan) {
+  std::vector<Range> r = layoutSince_;
+  std::sort(r.begin(), r.end());
+  uint64_t pages = 0, upTo = 0;
+  for (const Range& x : r) {
+    uint64_t a = std::max(x.first, upTo);
+    if (a >= x.second) continue;
+    upTo = x.second;
+    ScanPagemap(pagemapFd_, a, x.second, kPageIsPresent, kPageIsPresent, [&](uint64_t s, uint64_t e, uint64_t) {
+      pages += (e - s) / kPage;
+    }, scan);
+  }
+  return pages;
+}
+
 // Between generations, while the target runs: how much the next stop would
 // have to save, and so whether it is the snapshot or another pass. The stop
 // saves into the buffers while JavaScript drains them; at most half of them
@@ -43,7 +62,7 @@ bool Session::LastPass(Failure* f) {
       if (c & (kPageIsPresent | kPageIsSwapped)) pages += (e - s) / kPage;
     }, &scan);
   }
-  for (const Range& r : layoutSince_) pages += (r.second - r.first) / kPage;
+  pages += LayoutPresent(&scan);
   freeze.dirtyBefore = pages;
   uint64_t cap = uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;
   if (pages <= std::min<uint64_t>(opts_.precopyFinalPages, cap)) return true;

@@ -238,6 +238,7 @@ class Session {
   void RetryUnprotects();
   // --- Pre-copy (precopy.cc) ---
   bool LastPass(Failure* f);
+  uint64_t LayoutPresent(Failure* scan);
   bool SaveInFreeze(Failure* f);
   bool WaitOutput(Failure* f);
   int ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f);
