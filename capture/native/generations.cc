@@ -154,7 +154,7 @@ bool Session::NextFreeze(Failure* f) {
   ReadSmaps(false, &ignored);  // outside the pause; re-read in it only if the layout changed
   if (!LastPass(f)) return false;
   // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
-  bool last = opts_.precopy && !freeze.pass;
+  bool last = PrecopySnapshot();
   if ((!last && !PreDirty(f)) || (last && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
@@ -179,7 +179,7 @@ bool Session::StopForGeneration(Failure* f) {
   maps.clear();
   ok = ok && ReadProcState(f) && RecheckSmaps(f) && FrozenNext(f);
   double held = Hold("frozen", ok);
-  if (ok && opts_.precopy && !freeze.pass) ok = SaveInFreeze(f);
+  if (ok && PrecopySnapshot()) ok = SaveInFreeze(f);
   ok = Thaw(ok, f);
   freeze.snapshotMs = freeze.totalMs = NowMs() - t0 - held;
   return ok;
@@ -196,15 +196,11 @@ bool Session::PreDirty(Failure* f) {
   preDirty_.clear();
   if (!opts_.preProtect) return true;  // benchmarks' "before": all of it inside the freeze
   uint64_t pages = 0;
-  for (const Block& b : blocks) {
-    if (b.dead || b.kind != BlockKind::kProtected) continue;
-    bool ok = ScanUnprotected(pagemapFd_, b.start, b.start + b.length, [&](uint64_t s, uint64_t e, uint64_t c) {
-      if (!(c & (kPageIsPresent | kPageIsSwapped))) return;
-      pages += (e - s) / kPage;
-      preDirty_.push_back({s, e});
-    }, f);
-    if (!ok) return false;
-  }
+  bool found = ForWritten([&](uint64_t s, uint64_t e) {
+    pages += (e - s) / kPage;
+    preDirty_.push_back({s, e});
+  }, f);
+  if (!found) return false;
   if (pages < opts_.preDirtyMinPages) {  // 16 MiB by default: below, cheaper inside the freeze than a round of threads here
     preDirty_.clear();
     return true;
@@ -215,6 +211,19 @@ bool Session::PreDirty(Failure* f) {
   bool ok = ProtectRanges(preDirty_, true, f);
   freeze.preProtectMs = NowMs() - t0;
   return ok;
+}
+
+// Runs of pages written since their protection (not write-protected) that
+// hold memory (present or swapped), in every live protected block.
+bool Session::ForWritten(const std::function<void(uint64_t, uint64_t)>& fn, Failure* f) {
+  for (const Block& b : blocks) {
+    if (b.dead || b.kind != BlockKind::kProtected) continue;
+    bool ok = ScanUnprotected(pagemapFd_, b.start, b.start + b.length, [&](uint64_t s, uint64_t e, uint64_t c) {
+      if (c & (kPageIsPresent | kPageIsSwapped)) fn(s, e);
+    }, f);
+    if (!ok) return false;
+  }
+  return true;
 }
 
 bool Session::FrozenNext(Failure* f) {
@@ -302,7 +311,7 @@ bool Session::MarkDirty(Failure* f) {
   }
   freeze.pagemapMs = NowMs() - t0;
   freeze.reprotectRanges = todo.size();
-  if (opts_.precopy && !freeze.pass) return true;  // saved before the target runs again
+  if (PrecopySnapshot()) return true;  // saved before the target runs again
   return ProtectRanges(todo, false, f);
 }
 

@@ -56,12 +56,7 @@ bool Session::LastPass(Failure* f) {
   if (!opts_.precopy) return true;
   uint64_t pages = 0;
   Failure scan;  // an estimate: a range unmapped meanwhile only makes it rougher
-  for (const Block& b : blocks) {
-    if (b.dead || b.kind != BlockKind::kProtected) continue;
-    ScanUnprotected(pagemapFd_, b.start, b.start + b.length, [&](uint64_t s, uint64_t e, uint64_t c) {
-      if (c & (kPageIsPresent | kPageIsSwapped)) pages += (e - s) / kPage;
-    }, &scan);
-  }
+  ForWritten([&](uint64_t s, uint64_t e) { pages += (e - s) / kPage; }, &scan);
   pages += LayoutPresent(&scan);
   freeze.dirtyBefore = pages;
   uint64_t cap = uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;

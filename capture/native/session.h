@@ -228,6 +228,7 @@ class Session {
   bool Relayout(Failure* f);
   bool PlanBlock(size_t mapIndex, Failure* f);  // uffd_capture.cc
   bool PreDirty(Failure* f);
+  bool ForWritten(const std::function<void(uint64_t, uint64_t)>& fn, Failure* f);
   bool MarkDirty(Failure* f);
   void DirtyRanges(Block* b, const std::vector<Range>& ranges);
   void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, size_t first, std::vector<Range>* todo);
@@ -238,6 +239,7 @@ class Session {
   void RetryUnprotects();
   // --- Pre-copy (precopy.cc) ---
   bool LastPass(Failure* f);
+  bool PrecopySnapshot() const { return opts_.precopy && !freeze.pass; }  // the stop being taken saves the snapshot
   uint64_t LayoutPresent(Failure* scan);
   bool SaveInFreeze(Failure* f);
   bool WaitOutput(Failure* f);
