@@ -104,6 +104,26 @@ test('SIGKILL during a pass: the target released and intact', async () => {
   }
 });
 
+test('SIGKILL while the target is stopped for the snapshot: released and intact', async () => {
+  const t = await startTarget('anon', 64, 0);
+  try {
+    const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy > /dev/null`], {
+      stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BGSNAP_TEST_HOLD: 'frozen:3000' },
+    });
+    let err = '';
+    cap.stderr!.on('data', (b: Buffer) => {
+      err += b.toString();
+      if ((err.match(/bgsnap-hold frozen/g)?.length ?? 0) === 2) cap.kill('SIGKILL'); // the second stop, every thread held
+    });
+    const code = await new Promise((resolve) => cap.on('exit', (c, sig) => resolve(sig ?? c)));
+    assert.is(code, 'SIGKILL', err);
+    assert.match(err, /generation 1 \(pass\)/);
+    await intact(t);
+  } finally {
+    t.kill();
+  }
+});
+
 test('a target whose writes outrun the output: pre-copy refuses the long stop and releases it', async () => {
   const t = await startTarget('anon', 32, 3);
   try {
