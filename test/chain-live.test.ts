@@ -17,7 +17,7 @@ import * as path from 'node:path';
 import { BIN, run, sh } from './helpers/cli';
 import { startForked, type ForkedTarget } from './helpers/forked-target';
 import { startReceiver, tmpDir, writeToken } from './helpers/net';
-import { allThreadsProgress, checkInvariant, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
+import { allThreadsProgress, invariantAt, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
 import { captureProcessChain } from '../capture/process-chain';
 import { BgsnapDecoder } from '../format/bgsnap';
 import type { BlockInfo } from '../format/events';
@@ -160,20 +160,6 @@ function anonHugeKb(pid: number, addr: number): number {
   const at = smaps.indexOf(`${addr.toString(16)}-`);
   if (at < 0) return 0;
   return Number(/AnonHugePages:\s+(\d+) kB/.exec(smaps.slice(at))?.[1] ?? 0);
-}
-
-// The region of generation k of an image of the invariant target, checked.
-async function invariantAt(img: string, k: number, t: Target): Promise<void> {
-  const r = await ImageReader.open(img, { generation: k });
-  try {
-    const j = r.blocks.findIndex((b) => b.address === t.base);
-    const buf = Buffer.alloc(t.size);
-    r.readPages(j, 0, t.size / PAGE, buf);
-    const inv = checkInvariant(buf);
-    assert.ok(inv.ok, `generation ${k}: ${inv.detail}`);
-  } finally {
-    await r.close();
-  }
 }
 
 // n generations, each complete and each holding a consistent region.

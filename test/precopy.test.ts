@@ -11,24 +11,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BIN, run, sh } from './helpers/cli';
 import { tmpDir } from './helpers/net';
-import { allThreadsProgress, checkInvariant, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
-import { ImageReader } from '../receiver/image-reader';
+import { allThreadsProgress, invariantAt, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
 
 const PAGE = 4096;
 const dir = tmpDir('precopy');
-
-async function invariantAt(img: string, k: number, t: Target): Promise<void> {
-  const r = await ImageReader.open(img, { generation: k });
-  try {
-    const j = r.blocks.findIndex((b) => b.address === t.base);
-    const buf = Buffer.alloc(t.size);
-    r.readPages(j, 0, t.size / PAGE, buf);
-    const inv = checkInvariant(buf);
-    assert.ok(inv.ok, `generation ${k}: ${inv.detail}`);
-  } finally {
-    await r.close();
-  }
-}
 
 async function intact(t: Target): Promise<void> {
   assert.ok(isAlive(t.pid), 'the target lives');
@@ -84,20 +70,26 @@ for (const mode of ['thp', 'shared', 'memfd', 'storm'] as const) test(`the invar
   }
 });
 
+// A --precopy capture of t held at `at` (BGSNAP_TEST_HOLD) for 3 s each time,
+// SIGKILLed on the n-th hold; its stderr. The target must come out intact.
+async function killedAtHold(t: Target, at: 'copy' | 'frozen', n: number): Promise<string> {
+  const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy > /dev/null`], {
+    stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BGSNAP_TEST_HOLD: `${at}:3000` },
+  });
+  let err = '';
+  cap.stderr!.on('data', (b: Buffer) => {
+    err += b.toString();
+    if ((err.match(new RegExp(`bgsnap-hold ${at}`, 'g'))?.length ?? 0) === n) cap.kill('SIGKILL');
+  });
+  const code = await new Promise((resolve) => cap.on('exit', (c, sig) => resolve(sig ?? c)));
+  assert.is(code, 'SIGKILL', err);
+  return err;
+}
+
 test('SIGKILL during a pass: the target released and intact', async () => {
   const t = await startTarget('anon', 32, 3);
   try {
-    const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy > /dev/null`], {
-      stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BGSNAP_TEST_HOLD: 'copy:3000' },
-    });
-    let err = '';
-    cap.stderr!.on('data', (b: Buffer) => {
-      err += b.toString();
-      if ((err.match(/bgsnap-hold copy/g)?.length ?? 0) === 2) cap.kill('SIGKILL'); // in pass 2's save
-    });
-    const code = await new Promise((resolve) => cap.on('exit', (c, sig) => resolve(sig ?? c)));
-    assert.is(code, 'SIGKILL', err);
-    assert.match(err, /generation 1 \(pass\)/);
+    assert.match(await killedAtHold(t, 'copy', 2), /generation 1 \(pass\)/); // in pass 2's save
     await intact(t);
   } finally {
     t.kill();
@@ -107,17 +99,7 @@ test('SIGKILL during a pass: the target released and intact', async () => {
 test('SIGKILL while the target is stopped for the snapshot: released and intact', async () => {
   const t = await startTarget('anon', 64, 0);
   try {
-    const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy > /dev/null`], {
-      stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BGSNAP_TEST_HOLD: 'frozen:3000' },
-    });
-    let err = '';
-    cap.stderr!.on('data', (b: Buffer) => {
-      err += b.toString();
-      if ((err.match(/bgsnap-hold frozen/g)?.length ?? 0) === 2) cap.kill('SIGKILL'); // the second stop, every thread held
-    });
-    const code = await new Promise((resolve) => cap.on('exit', (c, sig) => resolve(sig ?? c)));
-    assert.is(code, 'SIGKILL', err);
-    assert.match(err, /generation 1 \(pass\)/);
+    assert.match(await killedAtHold(t, 'frozen', 2), /generation 1 \(pass\)/); // the second stop, every thread held
     await intact(t);
   } finally {
     t.kill();

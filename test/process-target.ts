@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import * as crypto from 'node:crypto';
 import * as assert from 'uvu/assert';
 import type { StreamEvent, BlockInfo } from '../format/events';
+import { ImageReader } from '../receiver/image-reader';
 
 const SRC = path.resolve(__dirname, '..', '..', 'test', 'targets');
 const CACHE = path.join(os.tmpdir(), 'bgsnap-test-targets');
@@ -148,6 +149,20 @@ export function checkInvariant(img: Buffer): InvariantResult {
 
 // The same check fed one page at a time, in any order, without holding the
 // region: what a benchmark needs for a 4 GiB target. Zero pages count as value 0.
+// The invariant target's region in generation k of an image, checked.
+export async function invariantAt(img: string, k: number, t: Target): Promise<void> {
+  const r = await ImageReader.open(img, { generation: k });
+  try {
+    const j = r.blocks.findIndex((b) => b.address === t.base);
+    const buf = Buffer.alloc(t.size);
+    r.readPages(j, 0, t.size / PAGE, buf);
+    const inv = checkInvariant(buf);
+    assert.ok(inv.ok, `generation ${k}: ${inv.detail}`);
+  } finally {
+    await r.close();
+  }
+}
+
 export class InvariantStream {
   private readonly values: BigInt64Array;
   private readonly badStamp: Uint8Array;
