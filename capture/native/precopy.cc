@@ -93,8 +93,7 @@ bool Session::WaitOutput(Failure* f) {
 // the generation began (it drains the buffers meanwhile), and the saver reads
 // exactly the dirty set; nothing can write it before the thaw.
 bool Session::SaveInFreeze(Failure* f) {
-  threads = helper_.threads();  // the state JavaScript reads now is this stop's
-  freeze.threads = static_cast<int>(threads.size());
+  NoteThreads();  // the state JavaScript reads now is this stop's
   gen_++;
   frozen_ = true;
   savedInFreeze_ = true;

@@ -221,12 +221,17 @@ bool Session::ArmFreeze(Failure* f) {
   return ok;
 }
 
+// The stopped threads and their registers, as the state of this stop.
+void Session::NoteThreads() {
+  threads = helper_.threads();
+  freeze.threads = static_cast<int>(threads.size());
+}
+
 // The end of every stop, a first capture's or a chain generation's: note the
 // threads, drop every protection if the stop failed (before the threads run
 // again), let them go, and leave real-time. A failed detach fails the stop.
 bool Session::Thaw(bool ok, Failure* f) {
-  threads = helper_.threads();
-  freeze.threads = static_cast<int>(threads.size());
+  NoteThreads();
   if (!ok) CloseUffd();
   double t0 = NowMs();
   Failure detach;

@@ -141,6 +141,7 @@ class Session {
   const Segment* FindSeg(uint64_t addr) const;
   const Segment* SegForPage(int b, uint32_t p) const;
   bool Thaw(bool ok, Failure* f);
+  void NoteThreads();
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
   bool ResolveStray(uint64_t addr, Failure* f);
