@@ -34,6 +34,11 @@ inline bool ScanUnprotected(int pagemapFd, uint64_t start, uint64_t end,
   return ScanPagemap(pagemapFd, start, end, kPageIsWritten,
                      kPageIsWritten | kPageIsPresent | kPageIsSwapped | kPageIsHuge, fn, f);
 }
+// The same runs as ScanUnprotected, write-protected again in the same walk,
+// for a userfaultfd opened with UFFD_FEATURE_WP_ASYNC. Mappings registered
+// otherwise (or not at all) are skipped, or with `strict` fail with EPERM.
+bool ProtectWritten(int pagemapFd, uint64_t start, uint64_t end, bool strict,
+                    const std::function<void(uint64_t, uint64_t, uint64_t)>& fn, Failure* f);
 // Whether the page at addr is mapped by a huge page (-1: cannot tell).
 int HugeAt(int pagemapFd, uint64_t addr);
 

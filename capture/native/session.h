@@ -229,7 +229,7 @@ class Session {
   bool Relayout(Failure* f);
   bool PlanBlock(size_t mapIndex, Failure* f);  // uffd_capture.cc
   bool PreDirty(Failure* f);
-  bool ForWritten(const std::function<void(uint64_t, uint64_t)>& fn, Failure* f);
+  bool ForWritten(const std::function<void(uint64_t, uint64_t)>& fn, Failure* f, bool protect = false);
   bool MarkDirty(Failure* f);
   void DirtyRanges(Block* b, const std::vector<Range>& ranges);
   void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, size_t first, std::vector<Range>* todo);
