@@ -105,6 +105,7 @@ export interface FreezeStats {
   faultsBefore: number; // chains: write faults served before this generation's instant (0 in generation 1)
   pass: boolean; // pre-copy: this generation is a pass, not the snapshot
   dirtyBefore: number; // pre-copy: pages written since the last pass, counted before this generation's stop
+  syncFinish: boolean; // pre-copy: the snapshot's stop saved nothing; what was written since the last pass went out with write-protect faults
 }
 
 export interface CaptureCounters {

@@ -54,6 +54,7 @@ export interface GenerationStats {
   seconds: number; // from the instant until the generation's last page was out
   pass: boolean; // pre-copy: a pass, not a snapshot
   dirtyBefore: number; // pre-copy: pages written since the previous pass, counted before this stop
+  syncFinish: boolean; // pre-copy: the snapshot was finished with write-protect faults, not inside its stop
 }
 
 export interface ChainStats extends ProcessCaptureStats {
@@ -166,7 +167,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     gens.push({
       generation: k, instant: f.snapshotTime, pauseMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
       pages: gt.pages, dataPages: gt.pages - gt.zeroPages, zeroPages: gt.zeroPages, discarded: gt.discarded, bytes: dataBytes,
-      faults, seconds: (Date.now() - f.snapshotTime) / 1000, pass, dirtyBefore: f.dirtyBefore ?? 0,
+      faults, seconds: (Date.now() - f.snapshotTime) / 1000, pass, dirtyBefore: f.dirtyBefore ?? 0, syncFinish: !!f.syncFinish,
     });
     opts.onGeneration?.(gens[gens.length - 1]);
   }

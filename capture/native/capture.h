@@ -163,6 +163,7 @@ struct FreezeStats {
   uint64_t faultsBefore = 0;   // chains: write faults served before this generation's instant
   bool pass = false;           // pre-copy: this generation is a pass, not the snapshot
   uint64_t dirtyBefore = 0;    // pre-copy: pages written since the last pass, counted before this stop
+  bool syncFinish = false;     // pre-copy: the snapshot's rest is saved with write-protect faults
 };
 
 struct Counters {
@@ -226,8 +227,10 @@ class BufferPool {
   Batch* Acquire(const std::atomic<bool>& abort, std::atomic<double>& waitingSince);
   void Publish(Batch* b);
   size_t FreeCount();
-  // Pre-copy: no fault ever waits on us, so the scan may use every batch.
-  void NoReserve() { reserve_ = 0; }
+  // Pre-copy: no fault ever waits on us, so the scan may use every batch;
+  // its finish with write-protect faults (precopy.cc) takes the reserve back.
+  void NoReserve() { kept_ = reserve_, reserve_ = 0; }
+  void KeepReserve() { reserve_ = kept_; }
   // Wakes a saver waiting in Acquire after `abort` was raised. It takes the
   // lock: a notify sent between Acquire's check of `abort` and its wait would
   // otherwise be lost, and the saver (so the final join) would sleep forever.
@@ -243,7 +246,7 @@ class BufferPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<uint32_t> free_, ready_;
-  size_t reserve_ = 0, scanNeed_ = 1;
+  size_t reserve_ = 0, kept_ = 0, scanNeed_ = 1;
   int efd_ = -1;
   void Signal();
 };

@@ -41,6 +41,7 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("faultsBefore", static_cast<double>(fz.faultsBefore));
   o.Set("pass", fz.pass);
   o.Set("dirtyBefore", static_cast<double>(fz.dirtyBefore));
+  o.Set("syncFinish", fz.syncFinish);
   return o;
 }
 

@@ -158,7 +158,7 @@ bool Session::NextFreeze(Failure* f) {
   if (!freeze.pass) ReadSmaps(false, &ignored);
   // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
   bool last = PrecopySnapshot();
-  if ((!last && !PreDirty(f)) || (last && !WaitOutput(f)) || !helper_.Start(f)) return false;
+  if ((!last && !syncFinish_ && !PreDirty(f)) || (last && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
   if (ok && !savedInFreeze_) gen_++, frozen_ = true;
@@ -311,7 +311,7 @@ bool Session::KeepBlock(int bi, size_t mi) {
 bool Session::MarkDirty(Failure* f) {
   double t0 = NowMs();
   std::vector<Range> todo;
-  bool passWalk = opts_.precopy && !PrecopySnapshot();  // a pass protects what it finds in the same walk
+  bool passWalk = opts_.precopy && freeze.pass;  // a pass protects what it finds in the same walk
   for (size_t i = 0; i < blocks.size(); i++) {
     Block& b = blocks[i];
     if (b.dead || b.kind != BlockKind::kProtected) continue;
@@ -327,6 +327,7 @@ bool Session::MarkDirty(Failure* f) {
   freeze.pagemapMs = NowMs() - t0;
   freeze.reprotectRanges = todo.size();
   if (PrecopySnapshot() || passWalk) return true;  // saved before the target runs again, or protected already
+  if (syncFinish_ && !SwitchToSync(&todo, f)) return false;
   return ProtectRanges(todo, false, f);
 }
 

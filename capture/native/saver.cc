@@ -250,7 +250,7 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
   uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
   if (!SavePages(b, p0, p1, f)) return false;
-  if (opts_.chain) {  // chains: only the page written loses its protection (generations.cc)
+  if (opts_.chain && !syncFinish_) {  // chains: only the page written loses its protection (generations.cc)
     ChainUnprotect(ft.addr);
   } else if (!Unprotect(b, p0, p1, f)) {
     return false;
@@ -384,7 +384,8 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
   }
   int b = static_cast<int>(*cb);
   // Chains: saved pages keep their protection, so a later write shows as dirty.
-  if (!SavePages(b, p0, p1, f) || (!opts_.chain && !Unprotect(b, p0, p1, f))) return false;
+  // A pre-copy's finish is the chain's last generation: it lets go as it goes.
+  if (!SavePages(b, p0, p1, f) || ((!opts_.chain || syncFinish_) && !Unprotect(b, p0, p1, f))) return false;
   scannedBytes_ += uint64_t(p1 - p0) * kPage;
   *cp = p1;
   return true;

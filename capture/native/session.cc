@@ -108,6 +108,8 @@ void Session::CloseUffd() {
   std::lock_guard<std::mutex> lock(fdMu_);
   int fd = uffd_.exchange(-1);
   if (fd >= 0) close(fd);  // unregisters everything and wakes every waiting writer
+  if (syncUffd_ >= 0) close(syncUffd_);
+  syncUffd_ = -1;
 }
 
 // The watchdog's way to drop the protection while the capture thread may still

@@ -107,6 +107,7 @@ class Session {
   bool ReadProcState(Failure* f);
   bool FreezeAndInject(double* seizeMs, Failure* f);
   bool InjectUffd(Failure* f);
+  bool InjectSyncUffd(InjectRequest r, Failure* f);
   bool Skippable(const MapEntry& m, std::string* why) const;
   bool ReadSmaps(bool frozen, Failure* f);
   bool RecheckSmaps(Failure* f);
@@ -240,7 +241,13 @@ class Session {
   void RetryUnprotects();
   // --- Pre-copy (precopy.cc) ---
   bool LastPass(Failure* f);
-  bool PrecopySnapshot() const { return opts_.precopy && !freeze.pass; }  // the stop being taken saves the snapshot
+  // The stop being taken saves the snapshot inside it; or, syncFinish_, it is
+  // the snapshot and the rest is saved with write-protect faults (SwitchToSync).
+  bool PrecopySnapshot() const { return opts_.precopy && !freeze.pass && !syncFinish_; }
+  bool AsyncWp() const { return opts_.precopy && !syncFinish_; }  // writers never wait on us
+  bool SwitchToSync(std::vector<Range>* todo, Failure* f);
+  bool syncFinish_ = false;
+  int syncUffd_ = -1;  // pre-copy: a second userfaultfd, synchronous, for its finish
   uint64_t LayoutPresent(Failure* scan);
   bool SaveInFreeze(Failure* f);
   bool WaitOutput(Failure* f);

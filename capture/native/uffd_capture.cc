@@ -93,6 +93,25 @@ bool Session::InjectUffd(Failure* f) {
   freeze.sysctlToggled = via == kViaSysctl;
   uffdio_api api{UFFD_API, kWpFeatures | (opts_.precopy ? kWpAsync : 0), 0};
   if (ioctl(fd, UFFDIO_API, &api) != 0) return f->Set(errno, "UFFDIO_API on the target's mm");
+  return !opts_.precopy || InjectSyncUffd(r, f);
+}
+
+// Pre-copy's second userfaultfd, planted in the same stop: synchronous, with no
+// range registered until a finish that needs it (precopy.cc, SwitchToSync).
+// A userfaultfd's mode is fixed when it is opened, and only the target itself
+// can open one on its memory.
+bool Session::InjectSyncUffd(InjectRequest r, Failure* f) {
+  r.holdPoint = kHoldNone;  // the tests' holds are the first injection's
+  r.testStuck = false;
+  int fd = -1, via = 0;
+  bool suspended = false;
+  if (!helper_.InjectUffd(r, &fd, &via, &suspended, f)) return false;
+  {
+    std::lock_guard<std::mutex> lock(fdMu_);
+    syncUffd_ = fd;
+  }
+  uffdio_api api{UFFD_API, kWpFeatures, 0};
+  if (ioctl(fd, UFFDIO_API, &api) != 0) return f->Set(errno, "UFFDIO_API on the target's second userfaultfd");
   return true;
 }
 
