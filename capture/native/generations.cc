@@ -158,7 +158,9 @@ bool Session::NextFreeze(Failure* f) {
   if (!freeze.pass) ReadSmaps(false, &ignored);
   // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
   bool last = PrecopySnapshot();
-  if ((!last && !syncFinish_ && !PreDirty(f)) || (last && !WaitOutput(f)) || !helper_.Start(f)) return false;
+  // Before the snapshot's stop, the output takes back every buffer: the save
+  // in the stop never waits for it, nor a finish's first faults.
+  if ((!last && !syncFinish_ && !PreDirty(f)) || ((last || syncFinish_) && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
   if (ok && !savedInFreeze_) gen_++, frozen_ = true;
