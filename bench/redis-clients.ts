@@ -3,8 +3,9 @@
 // key space, every request's latency recorded), snapshotted in turn by
 //   bgsnap   bgsnap-capture --pid | bgsnap-receive -o IMAGE (on this disk)
 //   bgsnap>file   the same stream to a file on this disk, received later
-//   precopy, precopy>file   both with --precopy (no writer waits on us); a run
-//            that did not converge is reported as such, not as a snapshot
+//   precopy, precopy>file   both with --precopy: passes no writer waits for,
+//            then the snapshot (its stop saves what is left, or protects it
+//            for a finish with write-protect faults: "finished with faults")
 //   BGSAVE   Redis's own fork-based snapshot (dump.rdb on this disk)
 //   gcore    gdb's core dump (the server is stopped for all of it)
 //   none     no snapshot: the load alone, same length of window
@@ -12,7 +13,8 @@
 // its freeze; BGSAVE: latest_fork_usec; gcore: its wall time) and the clients'
 // p50/p99/p99.9/max over the requests in flight during the snapshot.
 //   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
-//        [--buffer-mb 64] [--precopy-buffer-mb 128] [--base DIR]   (DIR: another built checkout, e.g. main, as "bgsnap@base")
+//        [--buffer-mb 64] [--precopy-buffer-mb 128] [--base DIR]   (DIR: another built checkout, e.g. main,
+//        as "bgsnap@base" and "precopy@base>file")
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -73,12 +75,13 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window 
   const receive = root ? path.join(root, 'dist', 'bin', 'bgsnap-receive.js') : BIN.receive;
   const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img'), file = path.join(dir, 'stream.bgsnap');
   for (const f of [img, stats, file]) fs.rmSync(f, { recursive: true, force: true });
-  const name = `${precopy ? 'precopy' : root ? 'bgsnap@base' : 'bgsnap'}${toFile ? '>file' : ''}`;
+  const name = `${precopy ? 'precopy' : 'bgsnap'}${root ? '@base' : ''}${toFile ? '>file' : ''}`;
   const t0 = now(), wall0 = Date.now();
   const out = toFile ? `-o ${file}` : `| node ${receive} -q -o ${img}`;
   const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${precopy ? ' --precopy' : ''} --buffer-mb ${bufferMb} --stats ${stats} ${out}`], { encoding: 'utf8' });
   const t1 = now();
   for (const f of [img, file]) fs.rmSync(f, { recursive: true, force: true });
+  // An older build's pre-copy (--base) could give up; this one finishes with faults.
   const gaveUp = precopy && /pre-copy did not converge[^\n]*/.exec(p.stderr);
   if (gaveUp) {  // no --stats then: its passes' stops are on stderr
     const pauses = [...p.stderr.matchAll(/generation \d+ \(pass\): pause ([\d.]+) ms, (\d+) pages/g)];
@@ -89,8 +92,9 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window 
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
-  const gens = (s.generations ?? []) as { pages: number; pauseMs: number }[];
-  const passes = precopy ? `${gens.length - 1} passes then the snapshot (pages ${gens.map((g) => g.pages).join(', ')}; stops ${gens.map((g) => g.pauseMs.toFixed(1)).join(', ')} ms), ` : '';
+  const gens = (s.generations ?? []) as { pages: number; pauseMs: number; syncFinish?: boolean }[];
+  const finish = gens[gens.length - 1]?.syncFinish ? ', finished with faults' : '';
+  const passes = precopy ? `${gens.length - 1} passes then the snapshot${finish} (pages ${gens.map((g) => g.pages).join(', ')}; stops ${gens.map((g) => g.pauseMs.toFixed(1)).join(', ')} ms), ` : '';
   const note = `${passes}${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
   return { contender: name, pauseMs: s.pauseMs, t0, t1, note };
 }
@@ -132,9 +136,9 @@ async function underLoad(r: Redis, dir: string, conns: string, keys: string, val
 
 function table(rows: Row[]): string {
   const f = (x: number) => x.toFixed(2);
-  const lines = ['contender   pause ms   window s   requests   req/s    p50 ms   p99 ms  p99.9 ms    max ms'];
+  const lines = ['contender            pause ms   window s   requests   req/s    p50 ms   p99 ms  p99.9 ms    max ms'];
   for (const r of rows) {
-    lines.push(`${r.contender.padEnd(9)} ${f(r.pauseMs).padStart(10)} ${(Number(r.t1 - r.t0) / 1e9).toFixed(2).padStart(10)} ${String(r.n).padStart(10)} ${r.rps.toFixed(0).padStart(7)} ` +
+    lines.push(`${r.contender.padEnd(18)} ${f(r.pauseMs).padStart(10)} ${(Number(r.t1 - r.t0) / 1e9).toFixed(2).padStart(10)} ${String(r.n).padStart(10)} ${r.rps.toFixed(0).padStart(7)} ` +
       `${f(r.p50).padStart(8)} ${f(r.p99).padStart(8)} ${f(r.p999).padStart(9)} ${f(r.max).padStart(9)}${r.note ? `   ${r.note}` : ''}`);
   }
   return lines.join('\n');
@@ -160,9 +164,10 @@ async function main() {
       rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, { toFile: true })));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true })));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true })));
+      if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true, root: base })));
       rows.push(await underLoad(r, dir, conns, keys, value, () => bgsave(r)));
       rows.push(await underLoad(r, dir, conns, keys, value, async () => gcore(r, dir)));
-      console.log(table(rows.slice(base ? -8 : -7)));
+      console.log(table(rows.slice(base ? -9 : -7)));
     }
     if (r.cli('PING') !== 'PONG') throw new Error('redis unhealthy after the runs');
     console.log(`\nall runs (load average now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}):\n${table(rows)}`);

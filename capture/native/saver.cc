@@ -332,7 +332,9 @@ Batch* Session::OpenBatch(int b, Failure* f) {
     open_.erase(fullest);
     notify_();
   }
-  if (pool.ReadyCount() + open_.size() >= pool.batches.size()) counters.bufferWaits++;
+  // No free batch: Acquire waits for the output (ready, open and the scan's
+  // own batch hold them all; counting only ready and open missed the scan's).
+  if (pool.FreeCount() == 0) counters.bufferWaits++;
   // Wait without saveMu_: the scan must not stop reading events (a storm
   // thread waits in the kernel for each) while the disk takes its time.
   saveMu_.unlock();
