@@ -31,7 +31,7 @@ const prog = new Command('bgsnap-capture')
   .option('--max-bandwidth <MBps>', 'QEMU only: migration bandwidth for this snapshot, MB/s', parseIntArg('--max-bandwidth'))
   .option('--every <seconds>', 'process only: a chain of generations, one every SECONDS (README, "Snapshot chains")', parseFloat)
   .option('--count <n>', 'with --every: stop after N generations (default: until SIGINT/SIGTERM)', parseIntArg('--count'))
-  .option('--precopy', 'process only: pre-copy passes while the kernel tracks writes, then a short stop saves the rest; no writer ever waits on bgsnap (README, "Pre-copy")')
+  .option('--precopy', 'process only: pre-copy passes while the kernel tracks writes (no writer waits on bgsnap), then a short stop saves the rest, or protects it for a finish with faults (README, "Pre-copy")')
   .option('--precopy-passes <n>', 'with --precopy: passes at most before the snapshot (default 6)', parseIntArg('--precopy-passes'))
   .option('--precopy-final-pages <n>', 'with --precopy: the snapshot comes once at most N pages were written since the last pass; its stop saves them (default 4096)', parseIntArg('--precopy-final-pages'))
   .option('--stats <file>', 'write a JSON summary to this file');

@@ -1,17 +1,20 @@
-// Pre-copy (`--precopy`): the target's writers never wait on us. The chain's
-// userfaultfd is opened with UFFD_FEATURE_WP_ASYNC, so a write to a protected
-// page is resolved by the kernel itself (~1.5 us, bench/tracking-cost.js)
-// and only leaves the page marked written; nothing ever blocks on our threads.
+// Pre-copy (`--precopy`): the target's writers never wait on us during its
+// passes. The chain's userfaultfd is opened with UFFD_FEATURE_WP_ASYNC, so a
+// write to a protected page is resolved by the kernel itself (~1.5 us,
+// bench/tracking-cost.js) and only leaves the page marked written.
 // Generation 1 reads everything while the target runs, each later generation
 // what was written since the previous one was protected again; these are
 // passes (fuzzy: read at different moments). When what was written since the
-// last pass is small (precopyFinalPages, or after precopyMaxPasses passes),
-// the next generation is the snapshot: its dirty set is saved inside its
-// stop, so generation K read back (each page's newest record) is the memory
-// at that stop. This is live migration's pre-copy, applied to a process:
-// against write-protect faults served by a thread (Redis under SET load:
-// 10-26k faults of 7-200 us each during a capture), a writer pays a kernel
-// fault per page per pass, and the one stop copies what the last pass left.
+// last pass is small (precopyFinalPages), the next generation is the
+// snapshot: its dirty set is saved inside its stop, so generation K read back
+// (each page's newest record) is the memory at that stop. This is live
+// migration's pre-copy, applied to a process: against write-protect faults
+// served by a thread (Redis under SET load: 10-26k faults of 7-200 us each
+// during a capture), a writer pays a kernel fault per page per pass, and the
+// one stop copies what the last pass left. A target whose writes keep pace
+// with the output never gets small enough: after the last pass its snapshot
+// is finished with synchronous write-protect faults on a second userfaultfd
+// (LastPass, SwitchToSync), as a capture without pre-copy saves everything.
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/ioctl.h>
