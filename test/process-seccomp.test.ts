@@ -40,6 +40,28 @@ for (const action of Object.keys(AFTER)) {
   });
 }
 
+// Pre-copy plants two userfaultfds in its first stop (the second, synchronous,
+// for a finish with faults): the filter is suspended for both, and neither
+// reaches it.
+for (const action of ['kill', 'notify']) {
+  test(`seccomp ${action} on userfaultfd, --precopy (two injections): captured, unharmed, filter in force`, async () => {
+    const t = await startForked('seccomp', [action]);
+    try {
+      const filters = statusField(t.pid, 'Seccomp_filters');
+      const r = await captureCli(t.pid, ['--precopy']);
+      assert.is(r.code, 0, r.stderr);
+      assert.is(r.stats?.seccompSuspended, true);
+      assert.ok(untouched(t.pid), 'detached, running');
+      assert.is(statusField(t.pid, 'Seccomp_filters'), filters, 'the same filters');
+      assert.is(await t.ask('count'), 'sigsys=0 notes=0', 'the filter never fired for our syscalls');
+      const after = action === 'kill' ? (t.send('call'), await t.close()) : await t.ask('call');
+      assert.match(after, AFTER[action]);
+    } finally {
+      t.kill();
+    }
+  });
+}
+
 test('a tracer that cannot suspend seccomp refuses the target before touching it', async () => {
   const t = await startForked('seccomp', ['kill']);
   try {

@@ -146,10 +146,12 @@ void Session::NoteLayout(uint64_t start, uint64_t end) {
 // of everything.
 bool Session::NextFreeze(Failure* f) {
   frozen_ = false;  // captureInfo leaves maps, blocks and threads alone until the instant is taken
-  int via = freeze.uffdVia;
+  FreezeStats first = freeze;  // how generation 1 planted the userfaultfd stays true
   freeze = FreezeStats();
   freeze.stops = 1;
-  freeze.uffdVia = via;
+  freeze.uffdVia = first.uffdVia;
+  freeze.seccompSuspended = first.seccompSuspended;
+  freeze.sysctlToggled = first.sysctlToggled;
   if (!LastPass(f)) return false;
   // Outside the pause; re-read in it only if the layout changed. A pass keeps
   // the last stop's: smaps walks every page table (~10 ms a pass for Redis's

@@ -108,6 +108,7 @@ class Session {
   bool FreezeAndInject(double* seizeMs, Failure* f);
   bool InjectUffd(Failure* f);
   bool InjectSyncUffd(InjectRequest r, Failure* f);
+  bool PlantUffd(const InjectRequest& r, int* fd, int* via, bool* suspended, Failure* f);
   bool Skippable(const MapEntry& m, std::string* why) const;
   bool ReadSmaps(bool frozen, Failure* f);
   bool RecheckSmaps(Failure* f);

@@ -82,18 +82,22 @@ bool Session::InjectUffd(Failure* f) {
   r.stepTimeoutMs = opts_.stepTimeoutMs;
   r.testStuck = opts_.testStuckInjection;
   r.suspendSeccomp = opts_.suspendSeccomp;
-  int before = geteuid() == 0 ? ReadUffdSysctl() : -1;
   int fd = -1, via = 0;
-  bool ok = helper_.InjectUffd(r, &fd, &via, &freeze.seccompSuspended, f);
-  // The helper puts the sysctl back itself; if it died with it open, we do.
-  if (!ok && helper_.lost() && before == 0 && ReadUffdSysctl() != 0) WriteUffdSysctl(0);
-  if (!ok) return false;
+  if (!PlantUffd(r, &fd, &via, &freeze.seccompSuspended, f)) return false;
   uffd_ = fd;
   freeze.uffdVia = via;
   freeze.sysctlToggled = via == kViaSysctl;
   uffdio_api api{UFFD_API, kWpFeatures | (opts_.precopy ? kWpAsync : 0), 0};
   if (ioctl(fd, UFFDIO_API, &api) != 0) return f->Set(errno, "UFFDIO_API on the target's mm");
   return !opts_.precopy || InjectSyncUffd(r, f);
+}
+
+bool Session::PlantUffd(const InjectRequest& r, int* fd, int* via, bool* suspended, Failure* f) {
+  int before = geteuid() == 0 ? ReadUffdSysctl() : -1;
+  bool ok = helper_.InjectUffd(r, fd, via, suspended, f);
+  // The helper puts the sysctl back itself; if it died with it open, we do.
+  if (!ok && helper_.lost() && before == 0 && ReadUffdSysctl() != 0) WriteUffdSysctl(0);
+  return ok;
 }
 
 // Pre-copy's second userfaultfd, planted in the same stop: synchronous, with no
@@ -105,7 +109,7 @@ bool Session::InjectSyncUffd(InjectRequest r, Failure* f) {
   r.testStuck = false;
   int fd = -1, via = 0;
   bool suspended = false;
-  if (!helper_.InjectUffd(r, &fd, &via, &suspended, f)) return false;
+  if (!PlantUffd(r, &fd, &via, &suspended, f)) return false;
   {
     std::lock_guard<std::mutex> lock(fdMu_);
     syncUffd_ = fd;
