@@ -152,7 +152,7 @@ bool Session::NextFreeze(Failure* f) {
   freeze.uffdVia = first.uffdVia;
   freeze.seccompSuspended = first.seccompSuspended;
   freeze.sysctlToggled = first.sysctlToggled;
-  if (!LastPass(f)) return false;
+  LastPass();
   // Outside the pause; re-read in it only if the layout changed. A pass keeps
   // the last stop's: smaps walks every page table (~10 ms a pass for Redis's
   // 460 MiB), and what is written meanwhile is the next pass's work.

@@ -60,26 +60,28 @@ uint64_t Session::LayoutPresent(Failure* scan) {
 // saves everything (a writer waits for its page's copy). Redis under SET load
 // settled at 6-15k written pages a pass writing to a file, 38-60k piped to a
 // receiver on the same two cores: stops of 15-46 ms saving them, or a refusal.
-bool Session::LastPass(Failure*) {
+void Session::LastPass() {
   freeze.pass = false;
-  if (!opts_.precopy) return true;
+  if (!opts_.precopy) return;
   uint64_t pages = 0;
   Failure scan;  // an estimate: a range unmapped meanwhile only makes it rougher
   ForWritten([&](uint64_t s, uint64_t e) { pages += (e - s) / kPage; }, &scan);
   pages += LayoutPresent(&scan);
   freeze.dirtyBefore = pages;
   uint64_t cap = uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;
-  if (pages <= std::min<uint64_t>(opts_.precopyFinalPages, cap)) return true;
-  if (gen_.load() < static_cast<int>(opts_.precopyMaxPasses)) return freeze.pass = true;
+  if (pages <= std::min<uint64_t>(opts_.precopyFinalPages, cap)) return;
+  if (gen_.load() < static_cast<int>(opts_.precopyMaxPasses)) {
+    freeze.pass = true;
+    return;
+  }
   // The finish's stop walks all the protected memory (unregistering: ~13 ms
   // for Redis's 118k pages, ~0.1 us a page), the save in the stop only what
   // was written (3-9 us a page in this VM; 4922 pages took 34.7 ms): past 1
   // written page in 64, the finish is the shorter.
   uint64_t tracked = 0;
   for (const Block& b : blocks) if (!b.dead && b.kind == BlockKind::kProtected) tracked += b.pages;
-  if (pages <= cap && pages * 64 < tracked) return true;
+  if (pages <= cap && pages * 64 < tracked) return;
   syncFinish_ = freeze.syncFinish = true;
-  return true;
 }
 
 // The snapshot's stop, finishing with faults: every live block moves from the
@@ -98,17 +100,8 @@ bool Session::SwitchToSync(std::vector<Range>* todo, Failure* f) {
       uint64_t s = std::max(x.first, b.start), e = std::min(x.second, b.start + b.length);
       if (s < e) todo->push_back({s, e});
     }
-    uffdio_range r{b.start, b.length};
-    if (ioctl(async, UFFDIO_UNREGISTER, &r) != 0) return f->Set(errno, "moving " + b.name + " off the pre-copy's userfaultfd");
-    uffdio_register reg{{b.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
-    if (ioctl(syncUffd_, UFFDIO_REGISTER, &reg) == 0) continue;
-    if (errno != EINVAL) return f->Set(errno, "registering " + b.name + " on the synchronous userfaultfd");
-    // Only the asynchronous mode takes private file mappings (a program's
-    // .data): copied in this stop instead (CopyFrozen), as a capture without
-    // pre-copy copies them; what it sends is still only what was written.
-    b.kind = BlockKind::kCopied;
-    maps[b.map].how = "copied: not protectable";
-    copied.push_back({b.start, b.start + b.length});
+    if (!MoveToSync(&b, async, f)) return false;
+    if (b.kind == BlockKind::kCopied) copied.push_back({b.start, b.start + b.length});
   }
   todo->erase(std::remove_if(todo->begin(), todo->end(), [&](const Range& x) {
     for (const Range& c : copied) if (x.first >= c.first && x.first < c.second) return true;
@@ -121,6 +114,20 @@ bool Session::SwitchToSync(std::vector<Range>* todo, Failure* f) {
     close(async);
   }
   pool.KeepReserve();
+  return true;
+}
+
+// Only the asynchronous mode takes private file mappings (a program's .data):
+// such a block is copied in this stop instead (CopyFrozen), as a capture
+// without pre-copy copies them; what it sends is still only what was written.
+bool Session::MoveToSync(Block* b, int async, Failure* f) {
+  uffdio_range r{b->start, b->length};
+  if (ioctl(async, UFFDIO_UNREGISTER, &r) != 0) return f->Set(errno, "moving " + b->name + " off the pre-copy's userfaultfd");
+  uffdio_register reg{{b->start, b->length}, UFFDIO_REGISTER_MODE_WP, 0};
+  if (ioctl(syncUffd_, UFFDIO_REGISTER, &reg) == 0) return true;
+  if (errno != EINVAL) return f->Set(errno, "registering " + b->name + " on the synchronous userfaultfd");
+  b->kind = BlockKind::kCopied;
+  maps[b->map].how = "copied: not protectable";
   return true;
 }
 

@@ -241,12 +241,13 @@ class Session {
   void ChainUnprotect(uint64_t addr);
   void RetryUnprotects();
   // --- Pre-copy (precopy.cc) ---
-  bool LastPass(Failure* f);
+  void LastPass();
   // The stop being taken saves the snapshot inside it; or, syncFinish_, it is
   // the snapshot and the rest is saved with write-protect faults (SwitchToSync).
   bool PrecopySnapshot() const { return opts_.precopy && !freeze.pass && !syncFinish_; }
   bool AsyncWp() const { return opts_.precopy && !syncFinish_; }  // writers never wait on us
   bool SwitchToSync(std::vector<Range>* todo, Failure* f);
+  bool MoveToSync(Block* b, int async, Failure* f);
   bool syncFinish_ = false;
   int syncUffd_ = -1;  // pre-copy: a second userfaultfd, synchronous, for its finish
   uint64_t LayoutPresent(Failure* scan);
