@@ -18,8 +18,9 @@
 // its records and its `complete` status in one synced batch, so an image never
 // says a snapshot is complete whose pages are not on disk. A pre-copy pass is
 // no snapshot of its own: its data is fsynced with the next generation that is
-// (or when the stream ends), so the receiver does not stop reading for it. A broken stream
-// closes only the generation in flight, as incomplete with the reason.
+// (or when the stream ends), so the receiver does not stop reading for it. A
+// broken stream closes only the generation in flight, as incomplete with the
+// reason.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';

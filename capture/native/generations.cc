@@ -158,11 +158,12 @@ bool Session::NextFreeze(Failure* f) {
   // 460 MiB), and what is written meanwhile is the next pass's work.
   Failure ignored;
   if (!freeze.pass) ReadSmaps(false, &ignored);
-  // The snapshot of a pre-copy protects nothing: it is saved inside its stop.
-  bool last = PrecopySnapshot();
-  // Before the snapshot's stop, the output takes back every buffer: the save
-  // in the stop never waits for it, nor a finish's first faults.
-  if ((!last && !syncFinish_ && !PreDirty(f)) || ((last || syncFinish_) && !WaitOutput(f)) || !helper_.Start(f)) return false;
+  // A pre-copy's snapshot protects nothing ahead: it is saved inside its stop,
+  // or protected there for a finish. Before that stop the output takes back
+  // every buffer: the save in the stop never waits for it, nor the finish's
+  // first faults.
+  bool snapshot = opts_.precopy && !freeze.pass;
+  if ((!snapshot && !PreDirty(f)) || (snapshot && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = StopForGeneration(f);
   helper_.Stop();
   if (ok && !savedInFreeze_) gen_++, frozen_ = true;
