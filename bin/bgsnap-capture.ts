@@ -34,12 +34,13 @@ const prog = new Command('bgsnap-capture')
   .option('--precopy', 'process only: pre-copy passes while the kernel tracks writes (no writer waits on bgsnap), then a short stop saves the rest, or protects it for a finish with faults (README, "Pre-copy")')
   .option('--precopy-passes <n>', 'with --precopy: passes at most before the snapshot (default 6)', parseIntArg('--precopy-passes'))
   .option('--precopy-final-pages <n>', 'with --precopy: the snapshot comes once at most N pages were written since the last pass; its stop saves them (default 4096)', parseIntArg('--precopy-final-pages'))
+  .option('--precopy-move-mb <n>', 'with --precopy: a finish with faults moves anonymous memory to synchronous write-protection N MiB per short stop, before the snapshot\'s stop (default 64)', parseIntArg('--precopy-move-mb'))
   .option('--stats <file>', 'write a JSON summary to this file');
 addNetOptions(prog).parse();
 
 type Opts = {
   qmp?: string; domain?: string; connect?: string; pid?: number; output: string; compress?: string | boolean; maxBandwidth?: number; stats?: string;
-  every?: number; count?: number; precopy?: boolean; precopyPasses?: number; precopyFinalPages?: number;
+  every?: number; count?: number; precopy?: boolean; precopyPasses?: number; precopyFinalPages?: number; precopyMoveMb?: number;
   bufferMb: number; rateLimit?: number; allowNondumpable?: boolean; force?: boolean; includeDontdump?: boolean; disks?: boolean; disk?: string[];
 } & NetFlags;
 const opts = prog.opts<Opts>();
@@ -67,7 +68,7 @@ function openChain(pid: number) {
   if (!opts.precopy && !(opts.every! > 0)) throw new Error(`--every needs a number of seconds above 0, got ${opts.every}`);
   if (opts.count !== undefined && opts.count < 1) throw new Error('--count must be at least 1');
   return processChain().captureProcessChain(pid, {
-    everyMs: (opts.every ?? 0) * 1000, count: opts.count, precopy: opts.precopy, precopyMaxPasses: opts.precopyPasses, precopyFinalPages: opts.precopyFinalPages, bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true,
+    everyMs: (opts.every ?? 0) * 1000, count: opts.count, precopy: opts.precopy, precopyMaxPasses: opts.precopyPasses, precopyFinalPages: opts.precopyFinalPages, precopyMoveMb: opts.precopyMoveMb, bufferMb: opts.bufferMb, rateLimitMBps: opts.rateLimit, zeroCopy: true,
     allowNonDumpable: opts.allowNondumpable, includeDontDump: opts.includeDontdump, ...testHold(),
     testNoSuspendSeccomp: process.env.BGSNAP_TEST_NO_SUSPEND_SECCOMP === '1',
     onGeneration: (g) => process.stderr.write(
@@ -92,6 +93,7 @@ async function openSource(): Promise<Source> {
   if (opts.precopy && opts.pid === undefined) throw new Error('--precopy goes with --pid');
   if (opts.precopyPasses !== undefined && (!opts.precopy || opts.precopyPasses < 1)) throw new Error('--precopy-passes goes with --precopy and is at least 1');
   if (opts.precopyFinalPages !== undefined && !opts.precopy) throw new Error('--precopy-final-pages goes with --precopy');
+  if (opts.precopyMoveMb !== undefined && (!opts.precopy || opts.precopyMoveMb < 2)) throw new Error('--precopy-move-mb goes with --precopy and is at least 2');
   if (opts.pid !== undefined && (opts.every !== undefined || opts.precopy)) return openChain(opts.pid);
   if (opts.pid !== undefined) {
     return captureProcess(opts.pid, {

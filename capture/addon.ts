@@ -34,7 +34,7 @@ export interface CaptureOptions {
   // tests: pause there, printing bgsnap-hold ('injecting': injected registers in
   // place; 'sysctl': vm.unprivileged_userfaultfd open; both in the freezer helper;
   // 'stuck': the saver, deaf to abort)
-  testHoldAt?: 'inject' | 'injecting' | 'sysctl' | 'preprotect' | 'frozen' | 'copy' | 'stuck';
+  testHoldAt?: 'inject' | 'injecting' | 'sysctl' | 'preprotect' | 'frozen' | 'copy' | 'stuck' | 'move';
   frozenReadTimeoutMs?: number; // bound on reads made while the target is frozen (default 1000)
   testHoldMs?: number;
   allowNonDumpable?: boolean; // capture a non-dumpable target anyway
@@ -45,6 +45,7 @@ export interface CaptureOptions {
   precopy?: boolean; // a chain of pre-copy passes on a WP_ASYNC userfaultfd, then the snapshot (capture/native/precopy.cc)
   precopyFinalPages?: number; // pre-copy: the snapshot comes once at most this many pages were written since the last pass (4096)
   precopyMaxPasses?: number; // pre-copy: or after this many passes (6)
+  precopyMoveMb?: number; // pre-copy's finish: anonymous memory moves to the synchronous userfaultfd this much per stop (64)
   chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
   testMaxUnregisters?: number; // tests: fallback unregisters of saved ranges under layout storms (4096)
   testRetryOnlyMs?: number; // tests: past them, how long one range is retried before the capture fails (5000)
@@ -106,6 +107,10 @@ export interface FreezeStats {
   pass: boolean; // pre-copy: this generation is a pass, not the snapshot
   dirtyBefore: number; // pre-copy: pages written since the last pass, counted before this generation's stop
   syncFinish: boolean; // pre-copy: the snapshot's stop saved nothing; what was written since the last pass went out with write-protect faults
+  moveStops: number; // pre-copy's finish: the stops before the snapshot's that moved memory to the synchronous userfaultfd
+  moveMaxMs: number; // the longest of them
+  moveMs: number; // from the first of them to the end of the last, the target's runs between included
+  stopPages: number; // pre-copy's finish: pages written since memory moved that the snapshot's stop saved itself
 }
 
 export interface CaptureCounters {

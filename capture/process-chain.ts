@@ -35,6 +35,7 @@ export interface ChainCaptureOptions extends ProcessCaptureOptions {
   precopy?: boolean;
   precopyFinalPages?: number;
   precopyMaxPasses?: number;
+  precopyMoveMb?: number;
   count?: number; // generations to take; default: until stop()
   onGeneration?: (g: GenerationStats) => void; // each generation once its last page is out
 }
@@ -55,6 +56,9 @@ export interface GenerationStats {
   pass: boolean; // pre-copy: a pass, not a snapshot
   dirtyBefore: number; // pre-copy: pages written since the previous pass, counted before this stop
   syncFinish: boolean; // pre-copy: the snapshot was finished with write-protect faults, not inside its stop
+  moveStops: number; // pre-copy's finish: the short stops before the snapshot's that moved memory for it
+  moveMaxMs: number; // the longest of them
+  stopPages: number; // pre-copy's finish: written pages its snapshot's stop saved itself (the rest went out with faults)
 }
 
 export interface ChainStats extends ProcessCaptureStats {
@@ -163,11 +167,13 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     const pass = !!opts.precopy && f.pass;
     yield { type: 'generation-end', totals: { ...gt, ...(pass ? { pass } : {}) } };
     // A pre-copy's snapshot is saved inside its stop: its length is known only now.
-    const pauseMs = opts.precopy ? (safeInfo(handle!)?.freeze?.totalMs ?? f.totalMs) : f.totalMs;
+    const end = opts.precopy ? (safeInfo(handle!)?.freeze ?? f) : f;
+    const pauseMs = end.totalMs;
     gens.push({
       generation: k, instant: f.snapshotTime, pauseMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
       pages: gt.pages, dataPages: gt.pages - gt.zeroPages, zeroPages: gt.zeroPages, discarded: gt.discarded, bytes: dataBytes,
       faults, seconds: (Date.now() - f.snapshotTime) / 1000, pass, dirtyBefore: f.dirtyBefore ?? 0, syncFinish: !!f.syncFinish,
+      moveStops: f.moveStops ?? 0, moveMaxMs: f.moveMaxMs ?? 0, stopPages: end.stopPages ?? 0,
     });
     opts.onGeneration?.(gens[gens.length - 1]);
   }

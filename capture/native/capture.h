@@ -64,6 +64,7 @@ struct MapEntry {
 class Bitmap {
  public:
   void Resize(uint32_t bits) { words_.assign((bits + 63) / 64, 0); }
+  bool Empty() const { return words_.empty(); }
   bool Test(uint32_t i) const { return (words_[i >> 6] >> (i & 63)) & 1; }
   void Set(uint32_t i) { words_[i >> 6] |= 1ull << (i & 63); }
   void Clear(uint32_t i) { words_[i >> 6] &= ~(1ull << (i & 63)); }
@@ -106,6 +107,9 @@ struct Block {
   // Chains (generations.cc): a block gone from the layout (unmapped, moved,
   // resized, re-protected) keeps its number, which the chain never reuses.
   bool dead = false;
+  // Pre-copy's finish: still registered on the asynchronous userfaultfd (not
+  // moved to the synchronous one before the snapshot's stop: StagedMove).
+  bool onAsync = false;
 };
 
 // Where a run of a protected block's pages lives now (mremap moves it).
@@ -138,6 +142,7 @@ struct Options {
   bool precopy = false;
   uint32_t precopyFinalPages = 4096;
   uint32_t precopyMaxPasses = 6;
+  uint32_t precopyMoveMb = 64;      // the finish moves anonymous memory to the synchronous userfaultfd this much per stop
   uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer
   uint32_t retryOnlyMs = 5000;      // past them, how long Release retries one range before failing
 };
@@ -164,6 +169,9 @@ struct FreezeStats {
   bool pass = false;           // pre-copy: this generation is a pass, not the snapshot
   uint64_t dirtyBefore = 0;    // pre-copy: pages written since the last pass, counted before this stop
   bool syncFinish = false;     // pre-copy: the snapshot's rest is saved with write-protect faults
+  int moveStops = 0;           // pre-copy's finish: the stops that moved memory to the synchronous userfaultfd
+  double moveMaxMs = 0, moveMs = 0;  // the longest of them; all of them, with the target's runs between
+  uint64_t stopPages = 0;      // pre-copy's finish: written pages its snapshot's stop saved itself
 };
 
 struct Counters {

@@ -42,6 +42,10 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("pass", fz.pass);
   o.Set("dirtyBefore", static_cast<double>(fz.dirtyBefore));
   o.Set("syncFinish", fz.syncFinish);
+  o.Set("moveStops", fz.moveStops);
+  o.Set("moveMaxMs", fz.moveMaxMs);
+  o.Set("moveMs", fz.moveMs);
+  o.Set("stopPages", static_cast<double>(fz.stopPages));
   return o;
 }
 

@@ -130,6 +130,7 @@ Options ParseOptions(const Napi::Value& v) {
   if (o.precopy) o.chain = true;
   o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", 4096));
   o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 6));
+  o.precopyMoveMb = static_cast<uint32_t>(num("precopyMoveMb", 64));
   return o;
 }
 

@@ -88,7 +88,7 @@ bool Session::WaitForRequest(Failure* f) {
 // un-protected (which makes it dirty for the next generation) and woken.
 // EAGAIN (a layout change in flight) is retried on the next round.
 bool Session::ServeBetween(Failure* f) {
-  bool ok = ReadEvents(f, [this](const uffd_msg& m) {
+  auto on = [this](const uffd_msg& m) {
     if (m.event == UFFD_EVENT_PAGEFAULT) {
       preFaults_.push_back(m.arg.pagefault.address);
       counters.faults++;
@@ -100,8 +100,11 @@ bool Session::ServeBetween(Failure* f) {
       NoteLayout(m.arg.remap.from, m.arg.remap.from + m.arg.remap.len);
       NoteLayout(m.arg.remap.to, m.arg.remap.to + m.arg.remap.len);
     }
-  });
-  if (!ok) return false;
+  };
+  // Pre-copy's finish: layout events also come from what is still on the
+  // asynchronous userfaultfd (StagedMove), whose faults the kernel resolves.
+  int async = asyncUffd_.load();
+  if (!ReadEvents(f, on) || (async >= 0 && !ReadEvents(f, on, async))) return false;
   RetryUnprotects();
   return true;
 }
@@ -164,9 +167,9 @@ bool Session::NextFreeze(Failure* f) {
   // first faults.
   bool snapshot = opts_.precopy && !freeze.pass;
   if ((!snapshot && !PreDirty(f)) || (snapshot && !WaitOutput(f)) || !helper_.Start(f)) return false;
-  bool ok = StopForGeneration(f);
+  bool ok = (!syncFinish_ || StagedMove(f)) && StopForGeneration(f);
   helper_.Stop();
-  if (ok && !savedInFreeze_) gen_++, frozen_ = true;
+  if (ok && !savedInFreeze_ && !stopSaved_) gen_++, frozen_ = true;  // else begun in the stop
   return ok;
 }
 
@@ -188,6 +191,7 @@ bool Session::StopForGeneration(Failure* f) {
   ok = ok && ReadProcState(f) && RecheckSmaps(f) && FrozenNext(f);
   double held = Hold("frozen", ok);
   if (ok && PrecopySnapshot()) ok = SaveInFreeze(f);
+  if (ok && !stopSave_.empty()) ok = SaveWrittenInStop(f);
   ok = Thaw(ok, f);
   freeze.snapshotMs = freeze.totalMs = NowMs() - t0 - held;
   return ok;
@@ -298,7 +302,7 @@ bool Session::KeepBlock(int bi, size_t mi) {
   Block& b = blocks[bi];
   MapEntry& m = maps[mi];
   uffdio_register reg{{m.start, m.end - m.start}, UFFDIO_REGISTER_MODE_WP, 0};
-  bool registered = ioctl(uffd_.load(), UFFDIO_REGISTER, &reg) == 0;
+  bool registered = ioctl(b.onAsync ? asyncUffd_.load() : uffd_.load(), UFFDIO_REGISTER, &reg) == 0;
   int err = errno;
   if (registered != (b.kind == BlockKind::kProtected)) return false;
   m.how = registered ? "protected" : err == EINVAL ? "copied: not protectable" : "copied: registered by the target";
@@ -332,7 +336,7 @@ bool Session::MarkDirty(Failure* f) {
   freeze.pagemapMs = NowMs() - t0;
   freeze.reprotectRanges = todo.size();
   if (PrecopySnapshot() || passWalk) return true;  // saved before the target runs again, or protected already
-  if (syncFinish_ && !SwitchToSync(&todo, f)) return false;
+  if (syncFinish_) return FinishDirty(&todo, f);
   return ProtectRanges(todo, false, f);
 }
 

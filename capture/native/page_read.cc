@@ -102,7 +102,9 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   // Pre-copy: a pass reads pages the target may be writing (the kernel notes
   // the write and the next generation reads the page again), and the snapshot
   // reads while the target is stopped; unprotected pages are not lost ones.
-  if (got > 0 && blk.anonPrivate && !AsyncWp()) got = StillProtected(b, p, addr, got);
+  // Nor are they in the finish's stop (SaveWrittenInStop): its pages are those
+  // written since memory moved, un-protected for their writers.
+  if (got > 0 && blk.anonPrivate && !AsyncWp() && !stopSaving_) got = StillProtected(b, p, addr, got);
   if (got == 0) {  // unreadable even so, or written behind our back: its content is lost to us
     DiscardPages(b, p, p + 1);
     return 1;

@@ -74,57 +74,194 @@ void Session::LastPass() {
     freeze.pass = true;
     return;
   }
-  // The finish's stop walks all the protected memory (unregistering: ~13 ms
-  // for Redis's 118k pages, ~0.1 us a page), the save in the stop only what
-  // was written (3-9 us a page in this VM; 4922 pages took 34.7 ms): past 1
-  // written page in 64, the finish is the shorter.
-  uint64_t tracked = 0;
-  for (const Block& b : blocks) if (!b.dead && b.kind == BlockKind::kProtected) tracked += b.pages;
-  if (pages <= cap && pages * 64 < tracked) return;
   syncFinish_ = freeze.syncFinish = true;
 }
 
-// The snapshot's stop, finishing with faults: every live block moves from the
-// asynchronous userfaultfd to the synchronous one (unregistering clears the
-// asynchronous protection; MarkDirty has read what it showed), and the caller
-// protects `todo`, the dirty set, there. What layout events touched is saved
-// again too and so joins it: its old protection went with the switch. The
-// faults' buffer reserve comes back.
-bool Session::SwitchToSync(std::vector<Range>* todo, Failure* f) {
-  int async = uffd_.load();
+// The finish, before its stop: moving memory from the asynchronous userfaultfd
+// to the synchronous one walks every page table entry twice (unregistering
+// clears the asynchronous protection, ~0.08 us a page; then all of it is
+// protected again), so anonymous memory moves a piece per short stop
+// (precopyMoveMb, 2 MiB aligned: no huge page is split) instead of all of it
+// in the snapshot's: Redis's 165k pages cost that stop ~13 ms, on top of the
+// ~4 ms of protecting what was written. Each piece's stop notes what was
+// written in it since the last pass (preDirty_, saved by the snapshot) and
+// protects all of it on the synchronous userfaultfd, which from then on
+// serves its writers as between generations: un-protected at once, so dirty
+// for the snapshot. What is not anonymous (only the asynchronous mode takes
+// private file mappings), what fits one piece, and a piece the target changed
+// meanwhile are left to the snapshot's stop (SwitchToSync, Relayout).
+bool Session::StagedMove(Failure* f) {
   if (syncUffd_ < 0) return f->Set(EBADF, "pre-copy's synchronous userfaultfd is missing");
+  {
+    std::lock_guard<std::mutex> lock(fdMu_);  // the watchdog's numbers follow (CloseUffd)
+    asyncUffd_ = uffd_.load();
+    uffd_ = syncUffd_;
+    syncUffd_ = -1;
+  }
+  pool.KeepReserve();  // the finish's first faults find a batch
+  uint64_t piece = std::max<uint64_t>(opts_.precopyMoveMb, 2) << 20, anon = 0;
+  for (Block& b : blocks) {
+    b.onAsync = !b.dead && b.kind == BlockKind::kProtected;
+    if (b.onAsync && b.anonPrivate) anon += b.length;
+  }
+  if (anon <= piece) return true;  // one piece: as cheap in the snapshot's stop
+  double t0 = NowMs();
+  std::vector<MovingPiece> stop;  // small blocks share a stop
+  uint64_t inStop = 0;
+  for (Block& b : blocks) {
+    if (!b.onAsync || !b.anonPrivate) continue;
+    for (uint64_t s = b.start, end = b.start + b.length; s < end;) {
+      uint64_t e = std::min(end, (s + piece - inStop) & ~(kHuge - 1));
+      bool took = e > s;
+      if (took) stop.push_back({&b, s, e}), inStop += e - s, s = e;
+      if (took && inStop < piece) continue;
+      if (!MoveStop(&stop, f)) return false;  // full, or its room ends before a 2 MiB boundary
+      inStop = 0;
+    }
+  }
+  if (!stop.empty() && !MoveStop(&stop, f)) return false;
+  freeze.moveMs = NowMs() - t0;
+  Hold("move");  // tests: killed with every writer's memory on the synchronous userfaultfd
+  return true;
+}
+
+// One stop moving `pieces`; then the target runs as long as the stop lasted
+// (at least a millisecond), so the finish never holds it more than half the
+// time. A block is off the asynchronous userfaultfd once a piece moved: split
+// (the snapshot's Relayout then finds new mappings, saved whole) or whole.
+bool Session::MoveStop(std::vector<MovingPiece>* pieces, Failure* f) {
+  RealTime(true);
+  double t0 = NowMs();
+  std::function<void()> serve = [this] { Failure ig; ServeBetween(&ig); };
+  bool ok = helper_.Freeze(0, false, f, serve, uffd_.load()) && ServeBetween(f);
+  for (const MovingPiece& x : *pieces) {
+    if (ok && MovePiece(x.start, x.end)) x.block->onAsync = false;
+  }
+  pieces->clear();
+  ok = Thaw(ok, f);
+  double ms = NowMs() - t0;
+  freeze.moveStops++;
+  freeze.moveMaxMs = std::max(freeze.moveMaxMs, ms);
+  return ok && ServeFor(std::max(ms, 1.0), f);
+}
+
+// With the target stopped; true once moved. Not moved when the kernel refuses the first step,
+// the range being no longer what the block was: it stays on the asynchronous
+// userfaultfd. A refusal after it leaves the range untracked or
+// partly protected: pages without protection are all saved by the snapshot
+// (they read as written), and what protection holds still means unwritten.
+bool Session::MovePiece(uint64_t start, uint64_t end) {
+  Failure scan;  // a range the target unmapped meanwhile: left as it is
+  bool ok = ScanUnprotected(pagemapFd_, start, end, [this](uint64_t s, uint64_t e, uint64_t c) {
+    if (c & (kPageIsPresent | kPageIsSwapped)) preDirty_.push_back({s, e});
+  }, &scan);
+  uffdio_range r{start, end - start};
+  if (!ok || ioctl(asyncUffd_.load(), UFFDIO_UNREGISTER, &r) != 0) return false;
+  uffdio_register reg{{start, end - start}, UFFDIO_REGISTER_MODE_WP, 0};
+  if (ioctl(uffd_.load(), UFFDIO_REGISTER, &reg) == 0) WpIoctl(start, end - start, true);
+  return true;
+}
+
+// Serve the target's faults and layout events on both userfaultfds for `ms`.
+bool Session::ServeFor(double ms, Failure* f) {
+  for (double until = NowMs() + ms;;) {
+    heartbeat_ = NowMs();
+    if (abort_) return f->Set(ECANCELED, "capture aborted");
+    if (!ServeBetween(f)) return false;
+    double left = until - NowMs();
+    if (left <= 0) return true;
+    pollfd p[2] = {{uffd_.load(), POLLIN, 0}, {asyncUffd_.load(), POLLIN, 0}};
+    poll(p, 2, preFaults_.empty() ? static_cast<int>(left) + 1 : 1);
+  }
+}
+
+// The finish's stop, with `todo` what MarkDirty found unprotected: in moved
+// memory, what the target wrote since its piece moved (its writers were let go
+// at once). That is what it writes most, so what it would fault on first once
+// it runs: Redis's slowest request waited 8-16 ms after the stop for those
+// copies. Small enough (as a pre-copy snapshot's: precopyFinalPages, half the
+// buffers), it is saved in this stop and needs no protection; what was written
+// before the pieces moved is protected since then, and goes out with faults.
+bool Session::FinishDirty(std::vector<Range>* todo, Failure* f) {
+  uint64_t pages = 0, cap = uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;
+  for (const Range& r : *todo) pages += (r.second - r.first) / kPage;
+  stopSave_.clear();
+  if (pages <= std::min<uint64_t>(opts_.precopyFinalPages, cap)) stopSave_.swap(*todo), freeze.stopPages = pages;
+  return SwitchToSync(todo, f) && ProtectRanges(*todo, false, f);
+}
+
+// Saves stopSave_ with the target stopped: the generation begins here, and the
+// saver (gathering scattered pages as a pre-copy snapshot's stop does) sees
+// only those pages as left to save; the rest of the dirty set is hidden as
+// done meanwhile, and saved after the thaw.
+bool Session::SaveWrittenInStop(Failure* f) {
+  std::vector<Bitmap> was(blocks.size());
+  for (size_t i = 0; i < blocks.size(); i++) {
+    Block& b = blocks[i];
+    if (b.dead || b.kind != BlockKind::kProtected) continue;
+    was[i] = b.done;
+    b.done.SetRange(0, b.pages);
+  }
+  std::vector<std::pair<int, std::pair<uint32_t, uint32_t>>> now;
+  for (const Range& r : stopSave_) {
+    const Segment* s = FindSeg(r.first);
+    if (!s || s->end < r.second) continue;  // never: a run is within one block, stopped
+    uint32_t p0 = s->firstPage + static_cast<uint32_t>((r.first - s->start) / kPage);
+    uint32_t p1 = p0 + static_cast<uint32_t>((r.second - r.first) / kPage);
+    for (uint32_t p = was[s->block].NextClear(p0, p1); p < p1; p = was[s->block].NextClear(p + 1, p1)) blocks[s->block].done.Clear(p);
+    now.push_back({s->block, {p0, p1}});
+  }
+  NoteThreads();  // the state JavaScript reads now is this stop's
+  gen_++;
+  frozen_ = stopSaved_ = stopSaving_ = true;
+  notify_();
+  double t0 = NowMs();
+  bool ok = SaverLoop(f);
+  freeze.copyMs += NowMs() - t0;
+  stopSaving_ = false;
+  scannedBytes_ = 0;  // the pace after the thaw counts from there
+  for (size_t i = 0; i < blocks.size(); i++) if (!was[i].Empty()) blocks[i].done = was[i];
+  for (const auto& x : now) blocks[x.first].done.SetRange(x.second.first, x.second.second);
+  stopSave_.clear();
+  return ok;
+}
+
+// The snapshot's stop, finishing with faults: what is still on the
+// asynchronous userfaultfd moves to the synchronous one (unregistering clears
+// the asynchronous protection; MarkDirty has read what it showed), and the
+// caller protects `todo`, the dirty set, there. What layout events touched in
+// those blocks is saved again too and so joins it: its old protection went
+// with the move.
+bool Session::SwitchToSync(std::vector<Range>* todo, Failure* f) {
   std::vector<Range> copied;
   for (Block& b : blocks) {
-    if (b.dead || b.kind != BlockKind::kProtected) continue;
+    if (b.dead || b.kind != BlockKind::kProtected || !b.onAsync) continue;
     for (const Range& x : layoutSince_) {
       uint64_t s = std::max(x.first, b.start), e = std::min(x.second, b.start + b.length);
       if (s < e) todo->push_back({s, e});
     }
-    if (!MoveToSync(&b, async, f)) return false;
+    if (!MoveToSync(&b, f)) return false;
     if (b.kind == BlockKind::kCopied) copied.push_back({b.start, b.start + b.length});
   }
   todo->erase(std::remove_if(todo->begin(), todo->end(), [&](const Range& x) {
     for (const Range& c : copied) if (x.first >= c.first && x.first < c.second) return true;
     return false;
   }), todo->end());
-  {
-    std::lock_guard<std::mutex> lock(fdMu_);  // the watchdog's number follows (CloseUffd)
-    uffd_ = syncUffd_;
-    syncUffd_ = -1;
-    close(async);
-  }
-  pool.KeepReserve();
+  std::lock_guard<std::mutex> lock(fdMu_);
+  int async = asyncUffd_.exchange(-1);
+  if (async >= 0) close(async);
   return true;
 }
 
 // Only the asynchronous mode takes private file mappings (a program's .data):
 // such a block is copied in this stop instead (CopyFrozen), as a capture
 // without pre-copy copies them; what it sends is still only what was written.
-bool Session::MoveToSync(Block* b, int async, Failure* f) {
+bool Session::MoveToSync(Block* b, Failure* f) {
   uffdio_range r{b->start, b->length};
-  if (ioctl(async, UFFDIO_UNREGISTER, &r) != 0) return f->Set(errno, "moving " + b->name + " off the pre-copy's userfaultfd");
+  if (ioctl(asyncUffd_.load(), UFFDIO_UNREGISTER, &r) != 0) return f->Set(errno, "moving " + b->name + " off the pre-copy's userfaultfd");
+  b->onAsync = false;
   uffdio_register reg{{b->start, b->length}, UFFDIO_REGISTER_MODE_WP, 0};
-  if (ioctl(syncUffd_, UFFDIO_REGISTER, &reg) == 0) return true;
+  if (ioctl(uffd_.load(), UFFDIO_REGISTER, &reg) == 0) return true;
   if (errno != EINVAL) return f->Set(errno, "registering " + b->name + " on the synchronous userfaultfd");
   b->kind = BlockKind::kCopied;
   maps[b->map].how = "copied: not protectable";

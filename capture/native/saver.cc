@@ -85,8 +85,8 @@ bool Session::SaverLoop(Failure* f) {
 
 // Reads every queued userfaultfd event (the fd is non-blocking) and hands each
 // to `on`. Shared by the saver and by the writers' release before the snapshot.
-bool Session::ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>& on) {
-  int fd = uffd_.load();
+bool Session::ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>& on, int fd) {
+  if (fd < 0) fd = uffd_.load();
   if (fd < 0) return f->Set(EBADF, "userfaultfd closed by the watchdog");
   uffd_msg msgs[64];
   for (;;) {
@@ -300,7 +300,7 @@ bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
       continue;
     }
     // A pre-copy's snapshot, inside its stop: scattered pages, gathered.
-    int r = savedInFreeze_ && blk.kind == BlockKind::kProtected ? ReadGathered(b, p, p1, f) : 0;
+    int r = (savedInFreeze_ || stopSaving_) && blk.kind == BlockKind::kProtected ? ReadGathered(b, p, p1, f) : 0;
     if (r == 0) r = ReadRun(b, p, RunEnd(blk, p, p1) - p, f);
     if (r < 0 && f->failed()) return false;
   }
@@ -386,8 +386,10 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
   }
   int b = static_cast<int>(*cb);
   // Chains: saved pages keep their protection, so a later write shows as dirty.
-  // A pre-copy's finish is the chain's last generation: it lets go as it goes.
-  if (!SavePages(b, p0, p1, f) || ((!opts_.chain || syncFinish_) && !Unprotect(b, p0, p1, f))) return false;
+  // A pre-copy's finish is the chain's last generation: it lets go as it goes,
+  // but not in its stop, where the rest of a chunk is only hidden as done.
+  bool letGo = (!opts_.chain || syncFinish_) && !stopSaving_;
+  if (!SavePages(b, p0, p1, f) || (letGo && !Unprotect(b, p0, p1, f))) return false;
   scannedBytes_ += uint64_t(p1 - p0) * kPage;
   *cp = p1;
   return true;
@@ -395,7 +397,8 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
 
 // --rate-limit paces the scan only; the fault server serves faults meanwhile.
 bool Session::Pace(Failure* f) {
-  if (opts_.rateLimitMBps <= 0) return true;
+  // Never inside a stop (pre-copy's saves there): it would only lengthen the pause.
+  if (opts_.rateLimitMBps <= 0 || savedInFreeze_ || stopSaving_) return true;
   double due = paceStart_ + scannedBytes_ / (opts_.rateLimitMBps * 1e6) * 1e3;
   for (double now = NowMs(); now < due && !abort_; now = NowMs()) {
     heartbeat_ = now;

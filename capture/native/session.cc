@@ -110,6 +110,8 @@ void Session::CloseUffd() {
   if (fd >= 0) close(fd);  // unregisters everything and wakes every waiting writer
   if (syncUffd_ >= 0) close(syncUffd_);
   syncUffd_ = -1;
+  fd = asyncUffd_.exchange(-1);
+  if (fd >= 0) close(fd);
 }
 
 // The watchdog's way to drop the protection while the capture thread may still
@@ -118,16 +120,19 @@ void Session::CloseUffd() {
 // are not ours fail with EINVAL, which is fine.
 void Session::UnregisterAll() {
   std::lock_guard<std::mutex> lock(fdMu_);
-  int fd = uffd_.load();
   std::string text;
   std::vector<MapEntry> now;
-  if (fd < 0 || !ReadWhole("/proc/" + std::to_string(pid_) + "/maps", &text) || !ParseMaps(text, &now)) return;
+  if (uffd_.load() < 0 || !ReadWhole("/proc/" + std::to_string(pid_) + "/maps", &text) || !ParseMaps(text, &now)) return;
   // Unregistering wakes only MISSING-mode waiters (fs/userfaultfd.c): writers
-  // already waiting on a write-protect fault are woken explicitly.
-  for (const MapEntry& m : now) {
-    uffdio_range r{m.start, m.end - m.start};
-    ioctl(fd, UFFDIO_UNREGISTER, &r);
-    ioctl(fd, UFFDIO_WAKE, &r);
+  // already waiting on a write-protect fault are woken explicitly. During
+  // pre-copy's finish part of the memory is still on the asynchronous one.
+  for (int fd : {uffd_.load(), asyncUffd_.load()}) {
+    for (const MapEntry& m : now) {
+      if (fd < 0) break;
+      uffdio_range r{m.start, m.end - m.start};
+      ioctl(fd, UFFDIO_UNREGISTER, &r);
+      ioctl(fd, UFFDIO_WAKE, &r);
+    }
   }
 }
 

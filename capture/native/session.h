@@ -134,7 +134,7 @@ class Session {
   void ScanShare(ScanPart* part);
   // Saver (saver.cc).
   bool SaverLoop(Failure* f);
-  bool ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>& on);
+  bool ReadEvents(Failure* f, const std::function<void(const uffd_msg&)>& on, int fd = -1);
   bool Drain(Failure* f);
   void OnRemove(uint64_t start, uint64_t end, bool unmapped);
   void OnRemap(uint64_t from, uint64_t to, uint64_t len);
@@ -247,9 +247,26 @@ class Session {
   bool PrecopySnapshot() const { return opts_.precopy && !freeze.pass && !syncFinish_; }
   bool AsyncWp() const { return opts_.precopy && !syncFinish_; }  // writers never wait on us
   bool SwitchToSync(std::vector<Range>* todo, Failure* f);
-  bool MoveToSync(Block* b, int async, Failure* f);
+  bool MoveToSync(Block* b, Failure* f);
+  bool StagedMove(Failure* f);
+  struct MovingPiece {
+    Block* block;
+    uint64_t start, end;
+  };
+  bool MoveStop(std::vector<MovingPiece>* pieces, Failure* f);
+  bool MovePiece(uint64_t start, uint64_t end);
+  bool FinishDirty(std::vector<Range>* todo, Failure* f);
+  bool SaveWrittenInStop(Failure* f);
+  std::vector<Range> stopSave_;  // the finish: written since memory moved, saved in the snapshot's stop
+  bool stopSaved_ = false;       // the finish's generation began in its stop (SaveWrittenInStop)
+  bool stopSaving_ = false;      // the saver runs inside that stop
+  bool ServeFor(double ms, Failure* f);
   bool syncFinish_ = false;
   int syncUffd_ = -1;  // pre-copy: a second userfaultfd, synchronous, for its finish
+  // Pre-copy's finish: the asynchronous userfaultfd once the synchronous one
+  // became uffd_ (StagedMove), until nothing is registered on it (SwitchToSync).
+  // Closed only by the capture thread, under fdMu_, as uffd_.
+  std::atomic<int> asyncUffd_{-1};
   uint64_t LayoutPresent(Failure* scan);
   bool SaveInFreeze(Failure* f);
   bool WaitOutput(Failure* f);

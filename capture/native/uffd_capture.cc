@@ -211,6 +211,7 @@ bool Session::PlanBlock(size_t i, Failure* f) {
     // MADV_DONTDUMP: unregistering drops its write-protection too.
     uffdio_range r{m.start, m.end - m.start};
     if (m.how == "MADV_DONTDUMP") ioctl(fd, UFFDIO_UNREGISTER, &r);
+    if (m.how == "MADV_DONTDUMP" && asyncUffd_.load() >= 0) ioctl(asyncUffd_.load(), UFFDIO_UNREGISTER, &r);
     m.how = "skipped: " + m.how;
     return true;
   }
@@ -224,7 +225,12 @@ bool Session::PlanBlock(size_t i, Failure* f) {
   b.done.Resize(b.pages);
   b.zeroPending.Resize(b.pages);
   uffdio_register reg{{m.start, b.length}, UFFDIO_REGISTER_MODE_WP, 0};
-  if (ioctl(fd, UFFDIO_REGISTER, &reg) == 0) {
+  bool ours = ioctl(fd, UFFDIO_REGISTER, &reg) == 0;
+  // Pre-copy's finish: a mapping the target split or re-protected while still
+  // on the asynchronous userfaultfd is ours there (SwitchToSync moves it).
+  int async = asyncUffd_.load();
+  if (!ours && errno == EBUSY && async >= 0 && ioctl(async, UFFDIO_REGISTER, &reg) == 0) ours = b.onAsync = true;
+  if (ours) {
     b.kind = BlockKind::kProtected;
     b.anonPrivate = AnonPrivate(m);
     m.how = "protected";
