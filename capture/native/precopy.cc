@@ -14,7 +14,8 @@
 // one stop copies what the last pass left. A target whose writes keep pace
 // with the output never gets small enough: after the last pass its snapshot
 // is finished with synchronous write-protect faults on a second userfaultfd
-// (LastPass, SwitchToSync), as a capture without pre-copy saves everything.
+// (LastPass; memory moves there piece by piece first: StagedMove; the stop:
+// FinishDirty), as a capture without pre-copy saves everything.
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/ioctl.h>
