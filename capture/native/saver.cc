@@ -380,6 +380,10 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
   if (s) {  // up to the next 2 MiB boundary: queued faults wait for one chunk at most
     uint64_t addr = s->start + uint64_t(p0 - s->firstPage) * kPage;
     uint64_t chunkEnd = std::min(s->end, (addr & ~(kHuge - 1)) + kHuge);
+    // Inside a stop no writer faults: pages scattered over the whole mapping
+    // are gathered into few reads (ReadGathered). By 2 MiB, Redis's 375 pages
+    // cost its finish's stop 7.7 ms.
+    if (savedInFreeze_ || stopSaving_) chunkEnd = s->end;
     p1 = p0 + static_cast<uint32_t>((chunkEnd - addr) / kPage);
   } else if (blk.kind == BlockKind::kProtected) {
     p1 = NextSegPage(static_cast<int>(*cb), p0);  // unmapped stretch
