@@ -235,8 +235,13 @@ bool Session::SaveWrittenInStop(Failure* f) {
 // with the move.
 bool Session::SwitchToSync(std::vector<Range>* todo, Failure* f) {
   std::vector<Range> copied;
-  for (Block& b : blocks) {
+  for (size_t i = 0; i < blocks.size(); i++) {
+    Block& b = blocks[i];
     if (b.dead || b.kind != BlockKind::kProtected || !b.onAsync) continue;
+    // A mapping new in this stop but ours on the asynchronous one (the target
+    // split or re-protected a block) is saved whole: all of it is protected,
+    // not only what its old protection showed written.
+    if (i >= firstNew_) todo->push_back({b.start, b.start + b.length});
     for (const Range& x : layoutSince_) {
       uint64_t s = std::max(x.first, b.start), e = std::min(x.second, b.start + b.length);
       if (s < e) todo->push_back({s, e});
