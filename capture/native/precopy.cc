@@ -51,6 +51,12 @@ uint64_t Session::LayoutPresent(Failure* scan) {
   return pages;
 }
 
+// The most a stop saves itself: precopyFinalPages, and never more than half
+// the buffers (the output took every buffer back before it: WaitOutput).
+uint64_t Session::StopSaveLimit() const {
+  return std::min<uint64_t>(opts_.precopyFinalPages, uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2);
+}
+
 // Between generations, while the target runs: how much the next stop would
 // have to save, and so whether it is the snapshot or another pass. Small
 // enough (precopyFinalPages, and never more than half the buffers: the stop
@@ -69,8 +75,7 @@ void Session::LastPass() {
   ForWritten([&](uint64_t s, uint64_t e) { pages += (e - s) / kPage; }, &scan);
   pages += LayoutPresent(&scan);
   freeze.dirtyBefore = pages;
-  uint64_t cap = uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;
-  if (pages <= std::min<uint64_t>(opts_.precopyFinalPages, cap)) return;
+  if (pages <= StopSaveLimit()) return;
   if (gen_.load() < static_cast<int>(opts_.precopyMaxPasses)) {
     freeze.pass = true;
     return;
@@ -146,10 +151,10 @@ bool Session::MoveStop(std::vector<MovingPiece>* pieces, Failure* f) {
   return ok && ServeFor(std::max(ms, 1.0), f);
 }
 
-// With the target stopped; true once moved. Not moved when the kernel refuses the first step,
-// the range being no longer what the block was: it stays on the asynchronous
-// userfaultfd. A refusal after it leaves the range untracked or
-// partly protected: pages without protection are all saved by the snapshot
+// With the target stopped; true once moved. Not moved when the kernel refuses
+// the first step, the range being no longer what the block was: it stays on
+// the asynchronous userfaultfd. A refusal after it leaves the range untracked
+// or partly protected: pages without protection are all saved by the snapshot
 // (they read as written), and what protection holds still means unwritten.
 bool Session::MovePiece(uint64_t start, uint64_t end) {
   Failure scan;  // a range the target unmapped meanwhile: left as it is
@@ -184,10 +189,10 @@ bool Session::ServeFor(double ms, Failure* f) {
 // buffers), it is saved in this stop and needs no protection; what was written
 // before the pieces moved is protected since then, and goes out with faults.
 bool Session::FinishDirty(std::vector<Range>* todo, Failure* f) {
-  uint64_t pages = 0, cap = uint64_t(opts_.bufferMb) * (1 << 20) / kPage / 2;
+  uint64_t pages = 0;
   for (const Range& r : *todo) pages += (r.second - r.first) / kPage;
   stopSave_.clear();
-  if (pages <= std::min<uint64_t>(opts_.precopyFinalPages, cap)) stopSave_.swap(*todo), freeze.stopPages = pages;
+  if (pages <= StopSaveLimit()) stopSave_.swap(*todo), freeze.stopPages = pages;
   return SwitchToSync(todo, f) && ProtectRanges(*todo, false, f);
 }
 
@@ -212,14 +217,7 @@ bool Session::SaveWrittenInStop(Failure* f) {
     for (uint32_t p = was[s->block].NextClear(p0, p1); p < p1; p = was[s->block].NextClear(p + 1, p1)) blocks[s->block].done.Clear(p);
     now.push_back({s->block, {p0, p1}});
   }
-  NoteThreads();  // the state JavaScript reads now is this stop's
-  gen_++;
-  frozen_ = stopSaved_ = stopSaving_ = true;
-  notify_();
-  double t0 = NowMs();
-  bool ok = SaverLoop(f);
-  freeze.copyMs += NowMs() - t0;
-  stopSaving_ = false;
+  bool ok = SaveInFreeze(f, false);
   scannedBytes_ = 0;  // the pace after the thaw counts from there
   for (size_t i = 0; i < blocks.size(); i++) if (!was[i].Empty()) blocks[i].done = was[i];
   for (const auto& x : now) blocks[x.first].done.SetRange(x.second.first, x.second.second);
@@ -295,16 +293,20 @@ bool Session::WaitOutput(Failure* f) {
 
 // The snapshot generation's save, with the target stopped: JavaScript is told
 // the generation began (it drains the buffers meanwhile), and the saver reads
-// exactly the dirty set; nothing can write it before the thaw.
-bool Session::SaveInFreeze(Failure* f) {
+// exactly the dirty set; nothing can write it before the thaw. `whole`: all
+// of the generation (a pre-copy snapshot); else only its first part (the
+// finish's: SaveWrittenInStop), the rest saved after the thaw.
+bool Session::SaveInFreeze(Failure* f, bool whole) {
   NoteThreads();  // the state JavaScript reads now is this stop's
   gen_++;
   frozen_ = true;
-  savedInFreeze_ = true;
+  (whole ? savedInFreeze_ : stopSaved_) = true;
+  stopSaving_ = !whole;
   notify_();
   double t0 = NowMs();
   bool ok = SaverLoop(f);
   freeze.copyMs += NowMs() - t0;
+  stopSaving_ = false;
   return ok;
 }
 

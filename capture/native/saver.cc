@@ -300,7 +300,7 @@ bool Session::SavePages(int b, uint32_t p0, uint32_t p1, Failure* f) {
       continue;
     }
     // A pre-copy's snapshot, inside its stop: scattered pages, gathered.
-    int r = (savedInFreeze_ || stopSaving_) && blk.kind == BlockKind::kProtected ? ReadGathered(b, p, p1, f) : 0;
+    int r = SavingInStop() && blk.kind == BlockKind::kProtected ? ReadGathered(b, p, p1, f) : 0;
     if (r == 0) r = ReadRun(b, p, RunEnd(blk, p, p1) - p, f);
     if (r < 0 && f->failed()) return false;
   }
@@ -383,7 +383,7 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
     // Inside a stop no writer faults: pages scattered over the whole mapping
     // are gathered into few reads (ReadGathered). By 2 MiB, Redis's 375 pages
     // cost its finish's stop 7.7 ms.
-    if (savedInFreeze_ || stopSaving_) chunkEnd = s->end;
+    if (SavingInStop()) chunkEnd = s->end;
     p1 = p0 + static_cast<uint32_t>((chunkEnd - addr) / kPage);
   } else if (blk.kind == BlockKind::kProtected) {
     p1 = NextSegPage(static_cast<int>(*cb), p0);  // unmapped stretch
@@ -402,7 +402,7 @@ bool Session::ScanChunk(size_t* cb, uint32_t* cp, Failure* f) {
 // --rate-limit paces the scan only; the fault server serves faults meanwhile.
 bool Session::Pace(Failure* f) {
   // Never inside a stop (pre-copy's saves there): it would only lengthen the pause.
-  if (opts_.rateLimitMBps <= 0 || savedInFreeze_ || stopSaving_) return true;
+  if (opts_.rateLimitMBps <= 0 || SavingInStop()) return true;
   double due = paceStart_ + scannedBytes_ / (opts_.rateLimitMBps * 1e6) * 1e3;
   for (double now = NowMs(); now < due && !abort_; now = NowMs()) {
     heartbeat_ = now;

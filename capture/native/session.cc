@@ -127,8 +127,8 @@ void Session::UnregisterAll() {
   // already waiting on a write-protect fault are woken explicitly. During
   // pre-copy's finish part of the memory is still on the asynchronous one.
   for (int fd : {uffd_.load(), asyncUffd_.load()}) {
+    if (fd < 0) continue;
     for (const MapEntry& m : now) {
-      if (fd < 0) break;
       uffdio_range r{m.start, m.end - m.start};
       ioctl(fd, UFFDIO_UNREGISTER, &r);
       ioctl(fd, UFFDIO_WAKE, &r);

@@ -268,7 +268,9 @@ class Session {
   // Closed only by the capture thread, under fdMu_, as uffd_.
   std::atomic<int> asyncUffd_{-1};
   uint64_t LayoutPresent(Failure* scan);
-  bool SaveInFreeze(Failure* f);
+  bool SaveInFreeze(Failure* f, bool whole = true);
+  uint64_t StopSaveLimit() const;
+  bool SavingInStop() const { return savedInFreeze_ || stopSaving_; }  // no writer can fault meanwhile
   bool WaitOutput(Failure* f);
   int ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f);
   bool savedInFreeze_ = false;  // the snapshot generation is saved: the chain ends
