@@ -117,29 +117,36 @@ test('SIGKILL while the target is stopped for the snapshot: released and intact'
   }
 });
 
+// A finish's generations, as --stats gives them.
+interface FinishGen { pass: boolean; syncFinish: boolean; dirtyBefore: number; moveStops: number; moveMaxMs: number; pauseMs: number; stopPages: number; pages: number; discarded: number }
+
+// A --precopy capture of t with `args`, piped to bgsnap-receive: its image and its stats.
+async function captured(t: Target, name: string, args: string): Promise<{ img: string; faults: number; g: FinishGen[] }> {
+  const img = path.join(dir, `${name}.img`), stats = path.join(dir, `${name}.json`);
+  const r = await sh(`${BIN.capture} --pid ${t.pid} --precopy ${args} --stats ${stats} | ${BIN.receive} -o ${img}`, 300_000);
+  assert.is(r.code, 0, r.stderr);
+  const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
+  return { img, faults: s.faults, g: s.generations };
+}
+
 // Three writers flat out, a pass paced at 8 MB/s: far more is written during
-// a pass than a stop should save. After the last pass the snapshot's stop only
-// protects what was written, on the second (synchronous) userfaultfd, and
-// writers wait for their page's copy as in a capture without pre-copy.
-// Anonymous memory moves to the synchronous userfaultfd 2 MiB per short stop
-// before the snapshot's stop (StagedMove): 16 of them for the 32 MiB target.
-// What was written in a piece before its stop, and after it (its writers are
-// let go at once, the page dirty), must all be in the snapshot; the mapping is
-// split while it moves and whole again afterwards.
+// a pass than a stop should save, so after the last pass the snapshot is
+// finished with faults on the second (synchronous) userfaultfd: writers wait
+// for their page's copy as in a capture without pre-copy. Anonymous memory
+// moves there 2 MiB per short stop before the snapshot's (StagedMove): 16 of
+// them for the 32 MiB target. What was written in a piece before its stop,
+// and after it (its writers are let go at once, the page dirty), must all be
+// in the snapshot; the mapping is split while it moves and whole again after.
 test('writes that outrun the output: the snapshot is finished with write-protect faults, and holds', async () => {
   const t = await startTarget('anon', 32, 3);
-  const img = path.join(dir, 'finish.img'), stats = path.join(dir, 'finish.json');
   const before = mapsAround(t);
   try {
-    const r = await sh(`${BIN.capture} --pid ${t.pid} --precopy --precopy-passes 2 --precopy-move-mb 2 --buffer-mb 4 --rate-limit 8 --stats ${stats} | ${BIN.receive} -o ${img}`, 300_000);
-    assert.is(r.code, 0, r.stderr);
-    const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
-    const g = s.generations as { pass: boolean; syncFinish: boolean; dirtyBefore: number; moveStops: number; moveMaxMs: number; pauseMs: number }[];
+    const { img, faults, g } = await captured(t, 'finish', '--precopy-passes 2 --precopy-move-mb 2 --buffer-mb 4 --rate-limit 8');
     assert.equal(g.map((x) => [x.pass, x.syncFinish]), [[true, false], [true, false], [false, true]]);
     assert.ok(g[2].dirtyBefore > 512, `more written than a stop may save: ${g[2].dirtyBefore}`);
     assert.ok(g[2].moveStops >= 16, `moved a piece per stop: ${g[2].moveStops} stops`);
     console.log(`  finish: ${g[2].moveStops} stops moving memory (longest ${g[2].moveMaxMs.toFixed(1)} ms), then the snapshot's (${g[2].pauseMs.toFixed(1)} ms)`);
-    assert.ok(s.faults > 0, 'writers waited for their pages (write-protect faults)');
+    assert.ok(faults > 0, 'writers waited for their pages (write-protect faults)');
     await invariantAt(img, 3, t);
     await intact(t);
     assert.equal(mapsAround(t), before, 'the mapping is whole again');
@@ -153,11 +160,8 @@ test('writes that outrun the output: the snapshot is finished with write-protect
 // events from both userfaultfds while memory moves).
 for (const mode of ['thp', 'storm'] as const) test(`a finish moving memory piece by piece in ${mode} mode: the snapshot holds`, async () => {
   const t = await startTarget(mode, 32, 2);
-  const img = path.join(dir, `finish-${mode}.img`), stats = path.join(dir, `finish-${mode}.json`);
   try {
-    const r = await sh(`${BIN.capture} --pid ${t.pid} --precopy --precopy-passes 1 --precopy-final-pages 1 --precopy-move-mb 2 --buffer-mb 8 --stats ${stats} | ${BIN.receive} -o ${img}`, 300_000);
-    assert.is(r.code, 0, r.stderr);
-    const g = JSON.parse(fs.readFileSync(stats, 'utf8')).generations as { syncFinish: boolean; moveStops: number }[];
+    const { img, g } = await captured(t, `finish-${mode}`, '--precopy-passes 1 --precopy-final-pages 1 --precopy-move-mb 2 --buffer-mb 8');
     assert.equal(g.map((x) => x.syncFinish), [false, true]);
     assert.ok(g[1].moveStops >= 8, `moved a piece per stop: ${g[1].moveStops} stops`);
     await invariantAt(img, 2, t);
@@ -175,11 +179,8 @@ for (const mode of ['thp', 'storm'] as const) test(`a finish moving memory piece
 // back would keep its pass's content, and the sum would break.
 test('a finish saves what was written while memory moved inside its stop, the rest after it', async () => {
   const t = await startTarget('anon', 64, 0);
-  const img = path.join(dir, 'finish-stop.img'), stats = path.join(dir, 'finish-stop.json');
   try {
-    const r = await sh(`${BIN.capture} --pid ${t.pid} --precopy --precopy-passes 1 --precopy-move-mb 2 --rate-limit 8 --stats ${stats} | ${BIN.receive} -o ${img}`, 300_000);
-    assert.is(r.code, 0, r.stderr);
-    const g = JSON.parse(fs.readFileSync(stats, 'utf8')).generations as { syncFinish: boolean; moveStops: number; stopPages: number; dirtyBefore: number; pages: number; discarded: number }[];
+    const { img, g } = await captured(t, 'finish-stop', '--precopy-passes 1 --precopy-move-mb 2 --rate-limit 8');
     assert.equal(g.map((x) => x.syncFinish), [false, true]);
     console.log(`  finish: ${g[1].dirtyBefore} pages written after the pass, ${g[1].stopPages} since memory moved saved in the stop, ${g[1].pages} in all`);
     assert.ok(g[1].moveStops >= 32, `moved a piece per stop: ${g[1].moveStops} stops`);

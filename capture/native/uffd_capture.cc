@@ -210,8 +210,10 @@ bool Session::PlanBlock(size_t i, Failure* f) {
     // The pre-protection may have registered it before it was found to be
     // MADV_DONTDUMP: unregistering drops its write-protection too.
     uffdio_range r{m.start, m.end - m.start};
-    if (m.how == "MADV_DONTDUMP") ioctl(fd, UFFDIO_UNREGISTER, &r);
-    if (m.how == "MADV_DONTDUMP" && asyncUffd_.load() >= 0) ioctl(asyncUffd_.load(), UFFDIO_UNREGISTER, &r);
+    // Pre-copy's finish: either of its two userfaultfds may hold it.
+    for (int u : {fd, asyncUffd_.load()}) {
+      if (m.how == "MADV_DONTDUMP" && u >= 0) ioctl(u, UFFDIO_UNREGISTER, &r);
+    }
     m.how = "skipped: " + m.how;
     return true;
   }
