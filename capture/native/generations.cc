@@ -23,6 +23,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/time.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,12 +61,30 @@ bool Session::Chain(Failure* f) {
     if (savedInFreeze_ || !WaitForRequest(f)) break;  // pre-copy: the snapshot is out
     scannedBytes_ = 0;
     ok = NextFreeze(f);
-    if (ok && !savedInFreeze_) notify_(), ok = SaverLoop(f);
+    if (ok && !savedInFreeze_) {
+      int nice0 = syncFinish_ ? ScanAhead() : 0;
+      notify_(), ok = SaverLoop(f);
+      if (syncFinish_) setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), nice0);
+    }
   }
   std::lock_guard<std::mutex> lock(fdMu_);
   close(genFd_);
   genFd_ = -1;
   return !f->failed();
+}
+
+// A finish's save after its stop: until the scan reaches a page, the target's
+// next write there waits for a round trip through the fault server (~50 us
+// seen from the writer: two wake-ups on busy cores), so this scan runs ahead
+// of the target's threads, at nice -10 (root only; else as it was). Redis's
+// clients, same run, three rounds: p99 0.71-0.87 ms, against 1.30-1.56 with
+// the scan at the target's level (BGSAVE: 0.65-0.68). Returns the old nice.
+int Session::ScanAhead() {
+  errno = 0;
+  int was = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));
+  if (errno) was = 0;
+  if (was > -10) setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), -10);
+  return was;
 }
 
 // Serve the target's faults and layout events until the next generation is

@@ -310,39 +310,4 @@ bool Session::SaveInFreeze(Failure* f, bool whole) {
   return ok;
 }
 
-// The snapshot's save reads what the last pass left: pages scattered a few
-// here and a few there, and one process_vm_readv (and one look at the
-// userfaultfd) per run cost ~5 us a page inside the stop. Up to 256 runs go
-// in one call, into the batch back to back. Nothing can change the layout
-// while the target is stopped, so no event can invalidate the read. Returns
-// the pages saved; 0 to take the ordinary path (no segment, a short read).
-int Session::ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f) {
-  Block& blk = blocks[b];
-  const Segment* s = SegForPage(b, p);
-  Batch* bt = s ? ScanBatch(b, f) : nullptr;
-  if (!bt) return f->failed() ? -1 : 0;
-  uint32_t room = std::min(bt->capData - bt->dataPages, bt->capIndex - bt->count), pages = 0;
-  uint32_t segEnd = s->firstPage + static_cast<uint32_t>((s->end - s->start) / kPage);
-  iovec remote[256];
-  uint32_t runAt[256], runLen[256], n = 0;
-  for (uint32_t q = p; q < std::min(p1, segEnd) && pages < room && n < 256 && !blk.zeroPending.Test(q);) {
-    uint32_t e = std::min({RunEnd(blk, q, std::min(p1, segEnd)), q + room - pages});
-    remote[n] = {reinterpret_cast<void*>(s->start + uint64_t(q - s->firstPage) * kPage), (e - q) * kPage};
-    runAt[n] = q, runLen[n++] = e - q;
-    pages += e - q;
-    q = blk.done.NextClear(e, std::min(p1, segEnd));
-  }
-  if (n < 2) return 0;  // one run: the ordinary read is as good
-  iovec local{bt->data + uint64_t(bt->dataPages) * kPage, pages * kPage};
-  if (process_vm_readv(pid_, &local, 1, remote, n, 0) != static_cast<ssize_t>(pages) * static_cast<ssize_t>(kPage)) return 0;
-  uint8_t* src = static_cast<uint8_t*>(local.iov_base);
-  for (uint32_t i = 0; i < n; i++) {  // zero pages compacted away move the later runs down
-    uint8_t* at = bt->data + uint64_t(bt->dataPages) * kPage;
-    if (at != src) memmove(at, src, uint64_t(runLen[i]) * kPage);
-    src += uint64_t(runLen[i]) * kPage;
-    Commit(bt, b, runAt[i], runLen[i]);
-  }
-  return static_cast<int>(pages);
-}
-
 }  // namespace bgsnap

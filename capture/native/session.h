@@ -43,6 +43,8 @@ class PiMutex {
   pthread_mutex_t m_;
 };
 
+struct Gather;  // page_read.cc: a read of scattered runs in one call
+
 class Session {
  public:
   enum State { kFreezing = 0, kRunning = 1, kDone = 2, kFailed = 3 };
@@ -272,7 +274,10 @@ class Session {
   uint64_t StopSaveLimit() const;
   bool SavingInStop() const { return savedInFreeze_ || stopSaving_; }  // no writer can fault meanwhile
   bool WaitOutput(Failure* f);
+  int ScanAhead();
   int ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f);
+  bool PlanGather(int b, uint32_t p, uint32_t p1, const Batch* bt, Gather* g) const;
+  int CommitGathered(Batch* bt, int b, const Gather& g, bool stopped);
   bool savedInFreeze_ = false;  // the snapshot generation is saved: the chain ends
   std::atomic<int> gen_{0}, genDone_{0};
   std::atomic<bool> genWanted_{false};
