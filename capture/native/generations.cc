@@ -77,8 +77,8 @@ bool Session::Chain(Failure* f) {
 // next write there waits for a round trip through the fault server (~50 us
 // seen from the writer: two wake-ups on busy cores), so this scan runs ahead
 // of the target's threads, at nice -10 (root only; else as it was). Redis's
-// clients, same run, three rounds: p99 0.71-0.87 ms, against 1.30-1.56 with
-// the scan at the target's level (BGSAVE: 0.65-0.68). Returns the old nice.
+// clients, 5 same-run rounds: p99 0.75-1.27 ms (median 1.05) with it, 1.10-2.33
+// (1.73) without; BGSAVE's 0.66-0.91 (bench/RESULTS.md). Returns the old nice.
 int Session::ScanAhead() {
   errno = 0;
   int was = getpriority(PRIO_PROCESS, static_cast<id_t>(gettid()));

@@ -144,11 +144,13 @@ void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed) 
 // Scattered pages, gathered. What a pass or a finish saves is what was written
 // since the last look: a few pages here and a few there (Redis: ~3 a run), and
 // a process_vm_readv and a look at the userfaultfd per run cost a pass ~8 us a
-// page. Up to kRuns runs of the chunk go in one call, into the scan's batch
-// back to back. Inside a stop nothing can fault or change the layout; outside
-// one the read goes without saveMu_, as ReadRun's does, and a run a layout
-// event touched meanwhile is left for the next look. Returns the pages saved;
-// 0 to take the ordinary path (one run, a short read, lost protection first).
+// page (~5 gathered). Up to kRuns runs of the chunk go in one call, into the
+// scan's batch back to back. Inside a stop nothing can fault or change the
+// layout; outside one the read goes without saveMu_, as ReadRun's does, and a
+// run a layout event touched meanwhile is left for the next look (as in
+// ReadRun, Commit's skip of pages an event discarded already covers that).
+// Returns the pages saved; 0 to take the ordinary path (one run, a short
+// read, a page that lost its protection first).
 struct Gather {
   static constexpr uint32_t kRuns = 256;
   iovec remote[kRuns];

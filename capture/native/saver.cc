@@ -255,6 +255,7 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
   uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
   if (!SavePages(b, p0, p1, f)) return false;
+  if (g != kHuge && epoch_ == e0) WidenSaved(b, s, ft.addr, &p0, &p1);  // s is still good
   if (opts_.chain && !syncFinish_) {  // chains: only the page written loses its protection (generations.cc)
     ChainUnprotect(ft.addr);
   } else if (!Unprotect(b, p0, p1, f)) {
@@ -265,6 +266,21 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   std::lock_guard<std::mutex> lock(mu_);
   if (waits_.size() < (4u << 20)) waits_.push_back(us);
   return true;
+}
+
+// The saved pages on either side of a fault's neighbourhood lose their
+// protection with it, within its 2 MiB (no huge page is split; the ioctl stays
+// short). After a finish's stop nearly all of memory is saved already (only
+// what the last pass left is not), yet protected until the scan gets there,
+// so a target writing at random faulted on saved pages first of all.
+void Session::WidenSaved(int b, const Segment* s, uint64_t addr, uint32_t* p0, uint32_t* p1) const {
+  const Bitmap& done = blocks[b].done;
+  uint64_t lo = std::max(s->start, addr & ~(kHuge - 1));
+  uint64_t hi = std::min(s->end, (addr & ~(kHuge - 1)) + kHuge);
+  uint32_t first = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
+  uint32_t last = s->firstPage + static_cast<uint32_t>((hi - s->start) / kPage);
+  while (*p0 > first && done.Test(*p0 - 1)) --*p0;
+  *p1 = done.NextClear(*p1, last);
 }
 
 // Where a read starting at unsaved page p ends: before the next page not to be

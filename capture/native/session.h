@@ -148,6 +148,7 @@ class Session {
   void NoteThreads();
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
+  void WidenSaved(int b, const Segment* s, uint64_t addr, uint32_t* p0, uint32_t* p1) const;
   bool ResolveStray(uint64_t addr, Failure* f);
   bool Touched(uint64_t start, uint64_t end, size_t from) const;
   bool ForceRead(uint64_t addr, uint8_t* dst);
