@@ -10,9 +10,10 @@ import { once } from 'node:events';
 import { BIN, run, sh } from './helpers/cli';
 import { startTarget } from './process-target';
 import { generate } from './helpers/streams';
+import { tmpDir } from './helpers/net';
 
 const RECEIVE_JS = path.resolve(__dirname, '..', 'bin', 'bgsnap-receive.js');
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cli-'));
+const dir = tmpDir('cli');
 const img = (name: string) => path.join(dir, name);
 
 test('receive: a complete stream exits 0 and writes --stats', async () => {

@@ -13,8 +13,9 @@ import * as assert from 'uvu/assert';
 import { BIN, run, sh } from './helpers/cli';
 import { genStream } from './helpers/qemu-gen';
 import { parseMappedRam } from './helpers/mapped-ram';
+import { tmpDir } from './helpers/net';
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-convq-'));
+const dir = tmpDir('convq');
 const at = (n: string) => path.join(dir, n);
 
 test('an image replayed with --to qemu and received again holds the same memory', async () => {

@@ -23,6 +23,7 @@ import {
   buildBacktrace, chain, JIT_MARKER, JIT_REWRITE, MARKER, parseCore, RO_MARKER, SECRET, sleep, startBacktrace, syscallOf, waitParked, YMM0,
   type Backtrace,
 } from './helpers/backtrace';
+import { tmpDir } from './helpers/net';
 
 let target: Backtrace;
 let dir: string;
@@ -48,7 +49,7 @@ let withDd: { image: string; core: string };
 test.before(async () => {
   try {
     target = await startBacktrace(buildBacktrace());
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-cores-'));
+    dir = tmpDir('cores');
     await waitParked(target);
     worker = target.tids.find((t) => syscallOf(target.pid, t) === '230')!;
     plain = await captureTo('img');

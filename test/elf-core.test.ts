@@ -20,6 +20,7 @@ import {
   AT_SYSINFO_EHDR, buildBacktrace, NT_AUXV, NT_FILE, NT_FPREGSET, NT_PRPSINFO, NT_PRSTATUS, NT_X86_XSTATE, parseCore, parseFileNote,
   chain, patternByte, readCounter, REAL_GID, REAL_UID, sleep, SOME_GLOBAL, startBacktrace, tasks, taskState, waitParked, type Backtrace,
 } from './helpers/backtrace';
+import { tmpDir } from './helpers/net';
 
 let target: Backtrace;
 let dir: string;
@@ -28,7 +29,7 @@ let core: string;
 
 test.before(async () => {
   target = await startBacktrace(buildBacktrace());
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-elf-'));
+  dir = tmpDir('elf');
   image = path.join(dir, 'img');
   core = path.join(dir, 'core');
   await waitParked(target);

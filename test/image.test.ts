@@ -11,11 +11,12 @@ import { ImageWriter, layoutBlocks } from '../receiver/image';
 import { receive } from '../receiver/receive';
 import { sinkSuite } from './helpers/sink-suite';
 import { makeHeader, pageBytes } from './helpers/streams';
+import { tmpDir } from './helpers/net';
 
 sinkSuite('local image', (dir) => ImageWriter.create(dir)).run();
 
 function tmp(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-img-'));
+  return tmpDir('img');
 }
 
 function stream(frames: Buffer[][]): Readable {

@@ -9,9 +9,10 @@ import * as path from 'node:path';
 import { BIN, sh } from './helpers/cli';
 import { readSources, violations } from './helpers/layers';
 import { generate } from './helpers/streams';
+import { tmpDir } from './helpers/net';
 
 const ROOT = path.resolve(__dirname, '..', '..');
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-layers-'));
+const dir = tmpDir('layers');
 
 test('the import rules catch a crossing, a codec doing I/O, and every import form', () => {
   const bad = violations([

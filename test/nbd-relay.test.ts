@@ -13,13 +13,14 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdRelay } from '../capture/nbd-relay';
 import { NbdTargetServer, type NbdWriteHandler } from '../capture/nbd-target';
+import { tmpDir } from './helpers/net';
 
 const SIZE = 64 << 20;
 const EXPORTS = [{ name: 'd0', size: SIZE }];
 const dirs: string[] = [];
 
 function tmp(): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-relay-'));
+  const d = tmpDir('relay');
   dirs.push(d);
   return d;
 }

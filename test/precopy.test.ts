@@ -10,8 +10,8 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { BIN, run, sh } from './helpers/cli';
-import { tmpDir } from './helpers/net';
 import { allThreadsProgress, invariantAt, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
+import { tmpDir } from './helpers/net';
 
 const PAGE = 4096;
 const dir = tmpDir('precopy');

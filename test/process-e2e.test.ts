@@ -9,6 +9,7 @@ import { ImageReader } from '../receiver/image-reader';
 import { decodeProcessState, STATE_KIND } from '../format/process-state';
 import { BIN, sh } from './helpers/cli';
 import { checkInvariant, startTarget } from './process-target';
+import { tmpDir } from './helpers/net';
 
 test('bgsnap-capture --pid | bgsnap-receive: a complete image, consistent', async () => {
   // --pid is wired into the CLI by its owner; until that lands, say so instead of failing.
@@ -17,7 +18,7 @@ test('bgsnap-capture --pid | bgsnap-receive: a complete image, consistent', asyn
     return;
   }
   const t = await startTarget('anon', 256, 3);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-pid-'));
+  const dir = tmpDir('pid');
   try {
     const image = path.join(dir, 'img');
     const capStats = path.join(dir, 'capture.json');

@@ -11,6 +11,7 @@ import { ensureGuest } from './helpers/guest';
 import { startVm, type Vm } from './helpers/vm';
 import { BIN, run, sh } from './helpers/cli';
 import { checkGuestPattern } from './helpers/guest-pattern';
+import { tmpDir } from './helpers/net';
 
 const GUEST_MB = 48;
 const NPAGES = (GUEST_MB << 20) / 4096;
@@ -18,7 +19,7 @@ const ctx: { vm?: Vm; dir?: string; ramAddress?: number; ramLength?: number } = 
 
 test.before(async () => {
   const g = await ensureGuest();
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-pidqemu-'));
+  ctx.dir = tmpDir('pidqemu');
   ctx.vm = await startVm({ kernel: g.kernel, initrd: g.initrd, memMb: 256, guestMb: GUEST_MB });
   await ctx.vm.waitForTicks(2, 90_000);
 });

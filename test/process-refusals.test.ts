@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { captureCli, startForked, untouched, type ForkedTarget } from './helpers/forked-target';
+import { tmpDir } from './helpers/net';
 
 async function withTarget(mode: string, fn: (t: ForkedTarget) => Promise<void>, asUid?: number): Promise<void> {
   const t = await startForked('oddity', [mode], asUid);
@@ -46,7 +47,7 @@ test('a dumpable non-root target is not taken for a non-dumpable one', () => wit
 
 // Debian's openssh-client: ssh-agent makes itself non-dumpable to protect its keys.
 test('real ssh-agent is refused as non-dumpable', async () => {
-  const sock = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-agent-')), 'sock');
+  const sock = path.join(tmpDir('agent'), 'sock');
   const out = execFileSync('ssh-agent', ['-a', sock], { encoding: 'utf8' });
   const pid = Number(/SSH_AGENT_PID=(\d+)/.exec(out)![1]);
   try {

@@ -14,8 +14,9 @@ import * as path from 'node:path';
 import { fileops } from '../io/fileops';
 import { RamPartWriter, encodePreamble, encodeRamStart } from '../format/qemu-encode';
 import { BIN, run, sh } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-feed-'));
+const dir = tmpDir('feed');
 const at = (n: string) => path.join(dir, n);
 
 // Both ends of a real FIFO in this process, grown so a test's records fit.

@@ -14,6 +14,7 @@ import type { BlockInfo, StreamEvent } from '../format/events.js';
 import { QemuDecoder } from '../format/qemu.js';
 import { RamPartWriter, encodeRamStart, type RamSectionInfo } from '../format/qemu-encode.js';
 import { QmpClient } from '../capture/qmp.js';
+import { tmpDir } from './helpers/net';
 
 const QEMU = 'qemu-system-x86_64';
 const MACHINE = ['-machine', 'pc-i440fx-7.2', '-m', '64', '-display', 'none', '-nodefaults', '-serial', 'none'];
@@ -184,7 +185,7 @@ async function restoredStatus(vm: Vm): Promise<string> {
 
 async function roundTrip(background: boolean): Promise<void> {
   requireQemu();
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-qemu-'));
+  const dir = tmpDir('qemu');
   let src: Vm | undefined;
   let dst: Vm | undefined;
   try {

@@ -10,6 +10,7 @@ import { pipeline } from 'node:stream/promises';
 import { QmpClient, QmpError } from '../capture/qmp';
 import { openQemuSnapshot } from '../capture/qemu-source';
 import { bounded, withVm, sleep, type Vm } from './helpers/vm';
+import { tmpDir } from './helpers/net';
 
 type Caps = { capability: string; state: boolean }[];
 const BIOS_VM = { memMb: 128 };
@@ -70,7 +71,7 @@ test('QMP: a bad command is an error naming it, with QEMU desc', async () => {
 test('QMP: clear errors for a missing socket and a socket that is not QMP', async () => {
   const missing = await rejection(QmpClient.connect('/nonexistent/bgsnap.qmp'));
   assert.match(missing.message, /not found/);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-qmptest-'));
+  const dir = tmpDir('qmptest');
   const sock = path.join(dir, 'not-qmp.sock');
   const server = net.createServer((c) => c.end('SSH-2.0-OpenSSH\r\n'));
   await new Promise<void>((r) => server.listen(sock, r));

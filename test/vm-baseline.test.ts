@@ -13,6 +13,7 @@ import { pipeline } from 'node:stream/promises';
 import { openQemuSnapshot } from '../capture/qemu-source';
 import { ensureGuest, type Guest } from './helpers/guest';
 import { bounded, incomingFromFile, sleep, snapshotTicking, startVm, waitForResume, type SnapshotRun, type Vm, type VmOptions } from './helpers/vm';
+import { tmpDir } from './helpers/net';
 
 type Caps = { capability: string; state: boolean }[];
 
@@ -33,7 +34,7 @@ test.before(async () => {
   const start = Date.now();
   ctx.guest = await ensureGuest();
   timings.push(`guest ${ctx.guest.built ? `built in ${ctx.guest.buildMs} ms` : 'from cache'} (${ctx.guest.kernelVersion})`);
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-baseline-'));
+  ctx.dir = tmpDir('baseline');
   timings.push(`ensureGuest ${Date.now() - start} ms`);
 });
 

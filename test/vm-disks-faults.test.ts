@@ -22,6 +22,7 @@ import { ensureGuest } from './helpers/guest';
 import { ensureQemu10, SYSTEM_QEMU, type QemuBinary } from './helpers/qemu10';
 import { sleep, startVm, type Vm } from './helpers/vm';
 import { BIN, run, sh } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
 interface Ctx { vm?: Vm; dir?: string; top?: string; chain?: string; graph?: string; full?: string }
 
@@ -56,7 +57,7 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
 
   t.before(async () => {
     const [g, q] = await Promise.all([ensureGuest(), qemu()]);
-    ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-diskfault-'));
+    ctx.dir = tmpDir('diskfault');
     const base = path.join(ctx.dir, 'base.qcow2');
     ctx.top = path.join(ctx.dir, 'top.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '160M']);

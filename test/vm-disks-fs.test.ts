@@ -21,13 +21,14 @@ import { ensureGuest } from './helpers/guest';
 import { DiskVms, copyLater, diskChecks } from './helpers/disk-vm';
 import { sleep, type Vm } from './helpers/vm';
 import { BIN, run } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
 const FS_RE = /^fs=(ok|FAIL) last=(\d+) ondisk=(\d+)/;
 const APPEND = 'bgsnap.fs=1';
 let ctx: DiskVms;
 
 test.before(async () => {
-  ctx = new DiskVms(await ensureGuest(), fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-fs-')), undefined, FS_RE);
+  ctx = new DiskVms(await ensureGuest(), tmpDir('fs'), undefined, FS_RE);
 });
 
 test.after(async () => {

@@ -17,12 +17,13 @@ import { ensureGuest } from './helpers/guest';
 import { ensureQemu10 } from './helpers/qemu10';
 import { DiskVms, copyLater } from './helpers/disk-vm';
 import { BIN, run } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
 let ctx: DiskVms;
 
 test.before(async () => {
   const [guest, qemu] = await Promise.all([ensureGuest(), ensureQemu10()]);
-  ctx = new DiskVms(guest, fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-disks10-')), qemu);
+  ctx = new DiskVms(guest, tmpDir('disks10'), qemu);
 });
 
 test.after(async () => {

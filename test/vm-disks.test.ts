@@ -14,11 +14,12 @@ import * as path from 'node:path';
 import { ensureGuest } from './helpers/guest';
 import { DiskVms, chain, copyLater } from './helpers/disk-vm';
 import { BIN, run, sh } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
 let ctx: DiskVms;
 
 test.before(async () => {
-  ctx = new DiskVms(await ensureGuest(), fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-disks-')));
+  ctx = new DiskVms(await ensureGuest(), tmpDir('disks'));
 });
 
 test.after(async () => {

@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { ensureGuest, type Guest } from './helpers/guest';
 import { startVm, waitForResume, type Vm, type VmOptions, type TickWindow } from './helpers/vm';
 import { BIN, run, sh } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
 const ctx: { guest?: Guest; vm?: Vm; dir?: string; window?: TickWindow; image?: string } = {};
 
@@ -19,7 +20,7 @@ function vmOptions(extra: Partial<VmOptions> = {}): VmOptions {
 
 test.before(async () => {
   ctx.guest = await ensureGuest();
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-e2e-'));
+  ctx.dir = tmpDir('e2e');
   ctx.image = path.join(ctx.dir, 'snap.img');
 });
 

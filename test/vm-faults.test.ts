@@ -11,13 +11,14 @@ import { sleep, startVm, type Vm } from './helpers/vm';
 import { BIN, sh } from './helpers/cli';
 import { execFileSync } from 'node:child_process';
 import { protectedRanges } from '../capture/qemu-uffd';
+import { tmpDir } from './helpers/net';
 
 type Caps = { capability: string; state: boolean }[];
 const ctx: { vm?: Vm; dir?: string } = {};
 
 test.before(async () => {
   const g = await ensureGuest();
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-vmfault-'));
+  ctx.dir = tmpDir('vmfault');
   ctx.vm = await startVm({ kernel: g.kernel, initrd: g.initrd, memMb: 256, guestMb: 48 });
   await ctx.vm.waitForTicks(2, 90_000);
 });

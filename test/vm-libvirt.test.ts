@@ -16,6 +16,7 @@ import { ensureGuest, type Guest } from './helpers/guest';
 import { domainXml, logLines, restoreArgs, startLibvirtd, type Libvirtd } from './helpers/libvirt';
 import { sleep, startVm, type Vm } from './helpers/vm';
 import { BIN, run, sh } from './helpers/cli';
+import { tmpDir } from './helpers/net';
 
 const ctx: { guest?: Guest; dir?: string; lv?: Libvirtd; vms: Vm[] } = { vms: [] };
 const DISK_RE = /^disk=(ok|FAIL) last=(\d+) ondisk=(\d+)/;
@@ -72,7 +73,7 @@ async function restore(image: string, disk: string): Promise<string[]> {
 
 test.before(async () => {
   ctx.guest = await ensureGuest();
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-libvirt-'));
+  ctx.dir = tmpDir('libvirt');
   ctx.lv = await startLibvirtd();
 });
 

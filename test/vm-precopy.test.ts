@@ -17,6 +17,7 @@ import { ensureGuest, type Guest } from './helpers/guest';
 import { sleep, startVm, type Vm, type VmOptions } from './helpers/vm';
 import { BIN, run } from './helpers/cli';
 import { lastCopyRam } from './helpers/qemu-ram-oracle';
+import { tmpDir } from './helpers/net';
 
 const RAM = 128 << 20;
 const ctx: { guest?: Guest; vm?: Vm; dir?: string; ram?: Buffer } = {};
@@ -28,7 +29,7 @@ function vmOptions(extra: Partial<VmOptions> = {}): VmOptions {
 
 test.before(async () => {
   ctx.guest = await ensureGuest();
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-precopy-'));
+  ctx.dir = tmpDir('precopy');
 });
 
 test.after(async () => {

@@ -20,6 +20,7 @@ import { sleep, startVm, waitForResume, type Vm, type VmOptions, type TickWindow
 import { BIN, run, sh } from './helpers/cli';
 import { checkGuestPattern } from './helpers/guest-pattern';
 import { lastCopyRam } from './helpers/qemu-ram-oracle';
+import { tmpDir } from './helpers/net';
 
 const MEM_MB = 128;
 const GUEST_MB = 32;
@@ -39,7 +40,7 @@ async function vm10(extra: Partial<VmOptions> = {}): Promise<Vm> {
 
 test.before(async () => {
   [ctx.guest, ctx.qemu] = await Promise.all([ensureGuest(), ensureQemu10()]);
-  ctx.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-qemu10-'));
+  ctx.dir = tmpDir('qemu10');
 });
 
 test.after(async () => {

@@ -8,6 +8,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { buildTarget, lineReader } from '../process-target';
 import { BIN, run, type RunResult } from './cli';
+import { tmpDir } from './net';
 
 export interface ForkedTarget {
   pid: number;
@@ -55,7 +56,7 @@ export interface CaptureRun extends RunResult { stats?: Record<string, any> }
 
 // bgsnap-capture --pid PID to /dev/null with --stats, optionally with env and extra args.
 export async function captureCli(pid: number, extra: string[] = [], env = ''): Promise<CaptureRun> {
-  const statsFile = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-pre-')), 'stats.json');
+  const statsFile = path.join(tmpDir('pre'), 'stats.json');
   const r: CaptureRun = await run(`${env} ${BIN.capture}`, ['--pid', String(pid), '-o', '/dev/null', '--stats', statsFile, ...extra], 120_000);
   if (fs.existsSync(statsFile)) r.stats = JSON.parse(fs.readFileSync(statsFile, 'utf8'));
   fs.rmSync(path.dirname(statsFile), { recursive: true, force: true });

@@ -20,6 +20,7 @@ import { genStream } from './qemu-gen';
 import { prng, randInt } from './prng';
 import { generate } from './streams';
 import { generateChain } from './chain-gen';
+import { tmpDir } from './net';
 
 export interface Seed {
   kind: 'bgsnap' | 'qemu';
@@ -147,7 +148,7 @@ export interface FuzzReport { cases: number; received: number; failures: string[
 // Runs for `ms` milliseconds from `seed`; every case is reproducible from its number.
 export async function fuzz(seed: number, ms: number, receiveEvery = 8): Promise<FuzzReport> {
   const base = seeds();
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-fuzz-'));
+  const dir = tmpDir('fuzz');
   const r: FuzzReport = { cases: 0, received: 0, failures: [] };
   const end = Date.now() + ms;
   try {

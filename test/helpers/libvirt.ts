@@ -16,6 +16,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { sleep } from './vm';
+import { tmpDir } from './net';
 
 export interface Libvirtd {
   dir: string;
@@ -64,7 +65,7 @@ function writeConfig(dir: string): void {
 }
 
 export async function startLibvirtd(): Promise<Libvirtd> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-libvirtd-'));
+  const dir = tmpDir('libvirtd');
   for (const d of ['etc', 'run', 'lib', 'log', 'cache', 'sock']) fs.mkdirSync(path.join(dir, d));
   writeConfig(dir);
   const binds = MOUNTS.map(([from, to]) => `mkdir -p ${to} && mount --bind ${dir}/${from} ${to}`);

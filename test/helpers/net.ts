@@ -11,8 +11,25 @@ import { BIN, run, type RunResult } from './cli';
 
 export const LOOP = '127.0.0.1';
 
+// Every scratch directory goes when the test process exits (BGSNAP_KEEP_TMP=1
+// keeps them to look at): a run's images and streams come to gigabytes, and
+// the leftovers of many runs once filled /tmp here (a CI run failed ENOSPC).
+const scratch: string[] = [];
+process.on('exit', () => {
+  if (process.env.BGSNAP_KEEP_TMP) return;
+  for (const d of scratch) {
+    try {
+      fs.rmSync(d, { recursive: true, force: true });
+    } catch {
+      // a filesystem still mounted on it (EBUSY): left for the test that mounted it
+    }
+  }
+});
+
 export function tmpDir(prefix: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `bgsnap-${prefix}-`));
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), `bgsnap-${prefix}-`));
+  scratch.push(d);
+  return d;
 }
 
 export interface Pki {

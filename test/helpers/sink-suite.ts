@@ -16,11 +16,12 @@ import { receive } from '../../receiver/receive';
 import type { SnapshotSink } from '../../io/sink';
 import type { StreamEvent, StreamTotals } from '../../format/events';
 import { generate, makeHeader, pageBytes, type Generated } from './streams';
+import { tmpDir } from './net';
 
 export type SinkFactory = (imageDir: string) => Promise<SnapshotSink & { streamBytes?: number }>;
 
 function tmpImage(): string {
-  return path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-sink-')), 'img');
+  return path.join(tmpDir('sink'), 'img');
 }
 
 function chunked(buf: Buffer, size: number): Readable {

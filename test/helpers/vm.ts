@@ -12,6 +12,7 @@ import type { Readable } from 'node:stream';
 import { QmpClient } from '../../capture/qmp';
 import { openQemuSnapshot, type QemuSnapshotOptions, type QemuSnapshotResult } from '../../capture/qemu-source';
 import { SYSTEM_QEMU, type QemuBinary } from './qemu10';
+import { tmpDir } from './net';
 
 export const MACHINE = SYSTEM_QEMU.machine; // pc-i440fx-7.2, the default VMs' machine type
 
@@ -132,7 +133,7 @@ class SerialReader {
 }
 
 export async function startVm(opts: VmOptions = {}): Promise<Vm> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bgsnap-vm-'));
+  const dir = tmpDir('vm');
   const args = buildArgs(opts, dir);
   const child = spawnQemu(args, dir, opts.qemu ?? SYSTEM_QEMU);
   const serial = new SerialReader(path.join(dir, 'serial.log'));
