@@ -99,12 +99,7 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
   if (r < 0 && err == ESRCH) return f->Set(ESRCH, "the target exited during capture"), -1;
   uint32_t got = r > 0 ? static_cast<uint32_t>(r / kPage) : 0;
   if (got == 0 && ForceRead(addr, dst)) got = 1;
-  // Pre-copy: a pass reads pages the target may be writing (the kernel notes
-  // the write and the next generation reads the page again), and the snapshot
-  // reads while the target is stopped; unprotected pages are not lost ones.
-  // Nor are they in the finish's stop (SaveWrittenInStop): its pages are those
-  // written since memory moved, un-protected for their writers.
-  if (got > 0 && blk.anonPrivate && !AsyncWp() && !stopSaving_) got = StillProtected(b, p, addr, got);
+  if (got > 0) got = StillProtected(b, p, addr, got);
   if (got == 0) {  // unreadable even so, or written behind our back: its content is lost to us
     DiscardPages(b, p, p + 1);
     return 1;
@@ -194,12 +189,10 @@ bool Session::PlanGather(int b, uint32_t p, uint32_t p1, const Batch* bt, Gather
 }
 
 // Commits the runs read, moving each down over the zero pages compacted away
-// before it. Outside a stop, a run an event touched is skipped, and in
-// synchronous protection (a finish's) a run is checked as ReadRun checks: a
-// page that lost its protection ends the gather, for the ordinary path.
+// before it. Outside a stop, a run an event touched is skipped; each run is
+// checked as ReadRun's is (StillProtected): a page that lost its protection
+// ends the gather, for the ordinary path.
 int Session::CommitGathered(Batch* bt, int b, const Gather& g, bool stopped) {
-  Block& blk = blocks[b];
-  const bool check = !stopped && blk.anonPrivate && !AsyncWp() && !stopSaving_;
   uint8_t* src = bt->data + uint64_t(bt->dataPages) * kPage;
   int saved = 0;
   for (uint32_t i = 0; i < g.n; src += uint64_t(g.len[i++]) * kPage) {
@@ -208,7 +201,7 @@ int Session::CommitGathered(Batch* bt, int b, const Gather& g, bool stopped) {
       counters.rollbacks++;
       continue;
     }
-    uint32_t ok = check ? StillProtected(b, g.at[i], addr, g.len[i]) : g.len[i];
+    uint32_t ok = StillProtected(b, g.at[i], addr, g.len[i]);
     uint8_t* at = bt->data + uint64_t(bt->dataPages) * kPage;
     if (at != src) memmove(at, src, uint64_t(ok) * kPage);
     Commit(bt, b, g.at[i], ok);

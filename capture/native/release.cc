@@ -48,7 +48,13 @@ bool Session::ForceRead(uint64_t addr, uint8_t* dst) {
 // wrong. Returns how many leading pages are good; 0: the first one is lost.
 // Pages a fault saved during the scan's read lost their protection to us, not
 // to KSM: they are skipped at Commit, so they count as good here.
+// Pre-copy: a pass reads pages the target may be writing (the kernel notes
+// the write and the next generation reads the page again), and the snapshot
+// reads while the target is stopped; unprotected pages are not lost ones.
+// Nor are they in the finish's stop (SaveWrittenInStop): its pages are those
+// written since memory moved, un-protected for their writers.
 uint32_t Session::StillProtected(int b, uint32_t p, uint64_t addr, uint32_t n) {
+  if (!blocks[b].anonPrivate || AsyncWp() || stopSaving_) return n;
   std::vector<uint64_t> pm(n);
   ssize_t want = static_cast<ssize_t>(n * sizeof(uint64_t));
   if (pread(pagemapFd_, pm.data(), want, static_cast<off_t>(addr / kPage * 8)) != want) return n;

@@ -251,12 +251,10 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
   int b = s->block;
   int huge = HugeAt(pagemapFd_, ft.addr);
   uint64_t g = huge == 1 || (huge < 0 && blocks[b].thp) ? kHuge : pool.Pressed() ? kPage : kFaultGranule;
-  uint64_t lo = std::max(s->start, ft.addr & ~(g - 1));
-  uint64_t hi = std::min(s->end, (ft.addr & ~(g - 1)) + g);
-  uint32_t p0 = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
-  uint32_t p1 = p0 + static_cast<uint32_t>((hi - lo) / kPage);
+  uint32_t p0, p1;
+  GranulePages(*s, ft.addr, g, &p0, &p1);
   if (!SavePages(b, p0, p1, f)) return false;
-  if (g != kHuge && epoch_ == e0) WidenSaved(b, s, ft.addr, &p0, &p1);  // s is still good
+  if (g != kHuge && epoch_ == e0) WidenSaved(*s, ft.addr, &p0, &p1);  // s is still good
   if (opts_.chain && !syncFinish_) {  // chains: only the page written loses its protection (generations.cc)
     ChainUnprotect(ft.addr);
   } else if (!Unprotect(b, p0, p1, f)) {
@@ -274,14 +272,21 @@ bool Session::HandleFault(const Fault& ft, Failure* f) {
 // short). After a finish's stop nearly all of memory is saved already (only
 // what the last pass left is not), yet protected until the scan gets there,
 // so a target writing at random faulted on saved pages first of all.
-void Session::WidenSaved(int b, const Segment* s, uint64_t addr, uint32_t* p0, uint32_t* p1) const {
-  const Bitmap& done = blocks[b].done;
-  uint64_t lo = std::max(s->start, addr & ~(kHuge - 1));
-  uint64_t hi = std::min(s->end, (addr & ~(kHuge - 1)) + kHuge);
-  uint32_t first = s->firstPage + static_cast<uint32_t>((lo - s->start) / kPage);
-  uint32_t last = s->firstPage + static_cast<uint32_t>((hi - s->start) / kPage);
+void Session::WidenSaved(const Segment& s, uint64_t addr, uint32_t* p0, uint32_t* p1) const {
+  const Bitmap& done = blocks[s.block].done;
+  uint32_t first, last;
+  GranulePages(s, addr, kHuge, &first, &last);
   while (*p0 > first && done.Test(*p0 - 1)) --*p0;
   *p1 = done.NextClear(*p1, last);
+}
+
+// Pages [*p0, *p1) of segment s's block in the aligned `g` bytes around addr,
+// clipped to the segment.
+void Session::GranulePages(const Segment& s, uint64_t addr, uint64_t g, uint32_t* p0, uint32_t* p1) {
+  uint64_t lo = std::max(s.start, addr & ~(g - 1));
+  uint64_t hi = std::min(s.end, (addr & ~(g - 1)) + g);
+  *p0 = s.firstPage + static_cast<uint32_t>((lo - s.start) / kPage);
+  *p1 = s.firstPage + static_cast<uint32_t>((hi - s.start) / kPage);
 }
 
 // Where a read starting at unsaved page p ends: before the next page not to be

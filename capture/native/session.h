@@ -148,7 +148,8 @@ class Session {
   void NoteThreads();
   bool HandleFaults(Failure* f);
   bool HandleFault(const Fault& ft, Failure* f);
-  void WidenSaved(int b, const Segment* s, uint64_t addr, uint32_t* p0, uint32_t* p1) const;
+  void WidenSaved(const Segment& s, uint64_t addr, uint32_t* p0, uint32_t* p1) const;
+  static void GranulePages(const Segment& s, uint64_t addr, uint64_t g, uint32_t* p0, uint32_t* p1);
   bool ResolveStray(uint64_t addr, Failure* f);
   bool Touched(uint64_t start, uint64_t end, size_t from) const;
   bool ForceRead(uint64_t addr, uint8_t* dst);
