@@ -340,17 +340,24 @@ bool Session::MarkDirty(Failure* f) {
   double t0 = NowMs();
   std::vector<Range> todo;
   bool passWalk = opts_.precopy && freeze.pass;  // a pass protects what it finds in the same walk
+  bool sorted = std::adjacent_find(preDirty_.begin(), preDirty_.end(), [](const Range& a, const Range& b) {
+    return b.first < a.second;  // ascending and disjoint, as PreDirty finds them in blocks in address order
+  }) == preDirty_.end();
   for (size_t i = 0; i < blocks.size(); i++) {
     Block& b = blocks[i];
     if (b.dead || b.kind != BlockKind::kProtected) continue;
     bool kept = i < firstNew_;
+    if (passWalk && kept && !Touches(b, layoutSince_)) {  // PassLeavesWalk
+      DirtyRanges(&b, preDirty_, sorted);
+      continue;
+    }
     size_t first = todo.size();  // runs merge within a block only: the gap between two may be unmapped
     auto run = [&](uint64_t s, uint64_t e, uint64_t c) { DirtyRun(static_cast<int>(i), s, e, c, kept, first, &todo); };
     uint64_t end = b.start + b.length;
     // Stopped, every block is exactly a mapping registered by Relayout: strict.
     bool ok = passWalk ? ProtectWritten(pagemapFd_, b.start, end, true, run, f) : ScanUnprotected(pagemapFd_, b.start, end, run, f);
     if (!ok) return false;
-    if (kept) DirtyRanges(&b, layoutSince_), DirtyRanges(&b, preDirty_);
+    if (kept) DirtyRanges(&b, layoutSince_), DirtyRanges(&b, preDirty_, sorted);
   }
   freeze.pagemapMs = NowMs() - t0;
   freeze.reprotectRanges = todo.size();
@@ -359,11 +366,30 @@ bool Session::MarkDirty(Failure* f) {
   return ProtectRanges(todo, false, f);
 }
 
-// Pages of a kept block in `ranges` are saved again: what layout events
-// touched, and what PreDirty protected again before the freeze.
-void Session::DirtyRanges(Block* b, const std::vector<Range>& ranges) {
+// A pass's stop does not walk a kept block that no layout event touched: what
+// PreDirty found and protected again just before is this pass's, and what was
+// written since is still shown written, so the next pass or the snapshot
+// (which walks everything) reads it; a pass is fuzzy anyway. The walk
+// protecting it cost Redis's pass stops ~1.3 ms of 2.5 (165k pages; a TLB
+// flush, an IPI in a guest, per 2 MiB written). A touched block is walked:
+// its dropped pages must be found as zero, never read (reading allocates).
+bool Session::Touches(const Block& b, const std::vector<Range>& ranges) {
   for (const Range& r : ranges) {
-    uint64_t a = std::max(r.first, b->start), z = std::min(r.second, b->start + b->length);
+    if (r.first < b.start + b.length && r.second > b.start) return true;
+  }
+  return false;
+}
+
+// Pages of a kept block in `ranges` are saved again: what layout events
+// touched, and what PreDirty protected again before the freeze. `sorted`
+// ranges (PreDirty's, ascending and disjoint) are searched, not all visited
+// per block: Redis's ~10-45k runs times its 42 blocks took ~1 ms of each pass's stop.
+void Session::DirtyRanges(Block* b, const std::vector<Range>& ranges, bool sorted) {
+  uint64_t end = b->start + b->length;
+  auto it = !sorted ? ranges.begin() : std::upper_bound(ranges.begin(), ranges.end(), b->start,
+                                                        [](uint64_t a, const Range& r) { return a < r.second; });
+  for (; it != ranges.end() && (!sorted || it->first < end); ++it) {
+    uint64_t a = std::max(it->first, b->start), z = std::min(it->second, end);
     if (a < z) b->done.ClearRange(static_cast<uint32_t>((a - b->start) / kPage), static_cast<uint32_t>((z - b->start + kPage - 1) / kPage));
   }
 }

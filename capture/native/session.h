@@ -237,7 +237,8 @@ class Session {
   bool PreDirty(Failure* f);
   bool ForWritten(const std::function<void(uint64_t, uint64_t)>& fn, Failure* f, bool protect = false);
   bool MarkDirty(Failure* f);
-  void DirtyRanges(Block* b, const std::vector<Range>& ranges);
+  static bool Touches(const Block& b, const std::vector<Range>& ranges);
+  void DirtyRanges(Block* b, const std::vector<Range>& ranges, bool sorted = false);
   void DirtyRun(int b, uint64_t s, uint64_t e, uint64_t cats, bool kept, size_t first, std::vector<Range>* todo);
   void KeepUnchangedCopies(std::vector<std::vector<uint8_t>>* prev);
   void RebuildSegments();
