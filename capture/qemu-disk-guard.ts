@@ -1,7 +1,8 @@
 // The watchman of a whole-VM capture's disk side, run as a child of
 // bgsnap-capture from before it touches QEMU's block layer until its disk work
-// is over. The capture tells it on stdin, one JSON line each, what it adds
-// ({"node":N}, {"job":J,"export":ID}), where QEMU's NBD nodes reconnect
+// is over. The capture tells it on stdin, one JSON line each, its own NBD
+// socket ({"socket":P}, removed with its private folder once the guard is
+// done), what it adds ({"node":N}, {"job":J,"export":ID}), where QEMU's NBD nodes reconnect
 // ({"standIn":{"path":P,"export":{"name":ID,"size":S}}}) and when it stops the
 // VM ({"stopped":true}), then "done" at the end. If stdin closes without
 // "done", the capture died (SIGKILL even): the guard at once serves the NBD
@@ -32,16 +33,18 @@ interface Undo {
   jobs: { job: string; export: string }[];
   stopped: boolean;
   standIn: { path: string; exports: NbdExport[] } | null;
+  socket: string | null; // the capture's own NBD socket, in its private folder
 }
 
 function parse(said: string): { undo: Undo; done: boolean } {
-  const undo: Undo = { nodes: [], jobs: [], stopped: false, standIn: null };
+  const undo: Undo = { nodes: [], jobs: [], stopped: false, standIn: null, socket: null };
   let done = false;
   for (const line of said.split('\n')) {
     if (line.trim() === 'done') done = true;
     if (!line.startsWith('{')) continue;
-    const m = JSON.parse(line) as { node?: string; job?: string; export?: string; stopped?: boolean; standIn?: { path: string; export: NbdExport } };
+    const m = JSON.parse(line) as { node?: string; job?: string; export?: string; stopped?: boolean; standIn?: { path: string; export: NbdExport }; socket?: string };
     if (m.node) undo.nodes.push(m.node);
+    if (m.socket) undo.socket = m.socket;
     if (m.job) undo.jobs.push({ job: m.job, export: m.export ?? '' });
     if (m.stopped) undo.stopped = true;
     if (m.standIn) {
@@ -195,6 +198,7 @@ async function main(): Promise<void> {
     relay?.server.close();
     if (standIn) removeSocket(undo.standIn!.path);
     if (relay) removeSocket(relay.path);
+    if (undo.socket) removeSocket(undo.socket); // last: its folder goes once empty
   });
   process.stderr.write(`bgsnap-capture disk guard: ${undo.jobs.length} job(s) and ${undo.nodes.length} node(s) gone${undo.stopped ? ', VM running' : ''}\n`);
 }

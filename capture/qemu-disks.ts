@@ -179,6 +179,7 @@ export class DiskCapture {
   // the target nodes. Undo with cleanup() on any error.
   async prepare(): Promise<void> {
     this.guard = spawnDiskGuard(JSON.stringify(this.qmp.target));
+    this.tellGuard({ socket: this.socketPath }); // removed by the guard if we die
     await this.server.listen(this.socketPath);
     const serving = 'domain' in this.qmp.target ? await this.relayThroughGuard() : this.socketPath;
     for (const p of this.plans) {

@@ -237,7 +237,7 @@ class Session {
     private readonly opts: QemuSnapshotOptions,
   ) {
     this.qemuPid = opts.qemuPid ?? null;
-    this.listenGuard = spawnGuard(listeningFd(server), qmp, changes, 'listen', this.qemuPid);
+    this.listenGuard = spawnGuard(listeningFd(server), qmp, changes, 'listen', this.qemuPid, dir);
     this.done = new Promise((resolve, reject) => ((this.resolveDone = resolve), (this.rejectDone = reject)));
     // Every failure is reported by `done`; the stream also errors for pipelines
     // and for-await readers, but must not crash a caller who has not attached
@@ -267,7 +267,7 @@ class Session {
   private onConnection(conn: net.Socket): void {
     if (this.conn) return void conn.destroy(); // exactly one stream
     this.conn = conn;
-    this.guard = spawnGuard(conn, this.qmp, this.changes, 'conn', this.qemuPid);
+    this.guard = spawnGuard(conn, this.qmp, this.changes, 'conn', this.qemuPid, this.dir);
     this.dropListenGuard(); // the connection's own guard took over
     this.server.close(); // nobody else may connect
     if (this.settled) return void drain(conn, null); // QEMU came after an abort
@@ -440,9 +440,10 @@ function drain(conn: net.Socket, from: PassThrough | null): void {
 // capture killed with SIGKILL never cuts QEMU's stream (see that file).
 // `socket`: QEMU's connection ('conn'), or the listening socket's fd ('listen').
 // A libvirt domain's QEMU gets our connection by name (capture/libvirt-qmp.ts):
-// the guard is told the name, to take it back if `migrate` never came.
-function spawnGuard(socket: net.Socket | number, qmp: QmpTransport, changes: Changes, mode: 'conn' | 'listen', qemuPid: number | null): ChildProcess {
-  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, qemuVersion: qmp.qemuVersion, qemuPid };
+// the guard is told the name, to take it back if `migrate` never came, and
+// our private socket folder (`dir`), which it removes once it is done.
+function spawnGuard(socket: net.Socket | number, qmp: QmpTransport, changes: Changes, mode: 'conn' | 'listen', qemuPid: number | null, dir: string): ChildProcess {
+  const restore = { capabilities: [...changes.capabilities], maxBandwidth: changes.maxBandwidth, qemuVersion: qmp.qemuVersion, qemuPid, socketDir: dir };
   const fdName = 'domain' in qmp.target ? [MIGRATION_FD] : [];
   const guard = spawn(process.execPath, [path.join(__dirname, 'qemu-guard.js'), JSON.stringify(qmp.target), JSON.stringify(restore), mode, ...fdName], {
     stdio: ['pipe', 'ignore', 'inherit', socket],

@@ -99,9 +99,11 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
   // `act` to it; returns stderr and the capture's exit code.
   // `afterResume`: wait until the guest runs again first (then copy-before-write
   // sends its writes through our NBD target), and `delayMs` more.
-  async function captureThen(act: (pid: number) => void, reader = '(sleep 4; cat > /dev/null)', afterResume = false, delayMs = 0, then?: () => Promise<void>): Promise<{ stderr: string; rc: string }> {
+  // `tmp`: the capture's TMPDIR, where its private socket folders go.
+  async function captureThen(act: (pid: number) => void, reader = '(sleep 4; cat > /dev/null)', afterResume = false, delayMs = 0, then?: () => Promise<void>): Promise<{ stderr: string; rc: string; tmp: string }> {
     const rcFile = path.join(ctx.dir!, `rc-${Date.now()}`);
-    const child = spawn('/bin/sh', ['-c', `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${rcFile}.pid'; wait $!; echo $? > '${rcFile}') | ${reader}`]);
+    const tmp = fs.mkdtempSync(path.join(ctx.dir!, 'tmp-'));
+    const child = spawn('/bin/sh', ['-c', `(TMPDIR='${tmp}' ${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${rcFile}.pid'; wait $!; echo $? > '${rcFile}') | ${reader}`]);
     let stderr = '';
     child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
     const exited = new Promise((r) => child.on('close', r));
@@ -117,7 +119,7 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
     let timer: NodeJS.Timeout | undefined;
     const bound = new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`the capture and its guards did not end within 300 s: ${stderr}`)), 300_000)));
     await Promise.race([exited, bound]).finally(() => clearTimeout(timer));
-    return { stderr, rc: fs.existsSync(rcFile) ? fs.readFileSync(rcFile, 'utf8').trim() : '(killed)' };
+    return { stderr, rc: fs.existsSync(rcFile) ? fs.readFileSync(rcFile, 'utf8').trim() : '(killed)', tmp };
   }
 
   t('SIGTERM with disks in flight: capture stops with a clear error, jobs and nodes gone', async () => {
@@ -156,6 +158,8 @@ function faultSuite(name: string, qemu: () => Promise<QemuBinary>): void {
       const r = await captureThen((pid) => process.kill(pid, 'SIGKILL'), undefined, resumed, (Math.floor((i - 1) / 2) % 3) * 300, resumed ? writeAfterDeath : undefined);
       assert.ok(/died with disks in flight/.test(r.stderr), `run ${i}: rc ${r.rc}: ${r.stderr}`);
       await assertVmFine(from);
+      // The guards outlived the capture (our pipe's stderr closed only when they did).
+      assert.equal(fs.readdirSync(r.tmp), [], `run ${i}: the guards removed the dead capture's private socket folders`);
       if (runs > 2) console.log(`  ${name}: SIGKILL run ${i}/${runs} ok`);
     }
   });

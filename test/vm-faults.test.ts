@@ -97,10 +97,13 @@ test('SIGTERM mid-stream: capture stops, the VM runs on, a new snapshot complete
 test('SIGKILL mid-stream: the guard drains QEMU, the VM runs on, its settings are put back', async () => {
   // Without the guard, QEMU 7.2 would see its stream cut and leave a vCPU blocked for good.
   const pidFile = path.join(ctx.dir!, 'kill.pid');
-  const cmd = `(${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${pidFile}'; wait) | (sleep 3; cat > /dev/null)`;
+  const tmp = fs.mkdtempSync(path.join(ctx.dir!, 'tmp-')); // the capture's TMPDIR: its socket folder goes there
+  const cmd = `(TMPDIR='${tmp}' ${BIN.capture} --qmp '${ctx.vm!.qmpPath}' & echo $! > '${pidFile}'; wait) | (sleep 3; cat > /dev/null)`;
   const r = await whileMigrating(sh(cmd, 120_000), pidFile, 'SIGKILL');
   assert.match(r.stderr, /died mid-snapshot: draining QEMU's stream/);
   await assertVmFine(ctx.vm!);
+  await guardsGone();
+  assert.equal(fs.readdirSync(tmp), [], 'the guard removed the dead capture\'s private socket folder');
   const image = path.join(ctx.dir!, 'img2');
   const again = await sh(`${BIN.capture} --qmp '${ctx.vm!.qmpPath}' | ${BIN.receive} -q -o '${image}'`, 120_000);
   assert.is(again.code, 0, again.stderr);

@@ -216,7 +216,8 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   const go = path.join(ctx.dir!, 'kill.go');
   // The reader reads nothing until the capture is dead, so the backup stalls.
   const reader = `(while [ ! -e '${go}' ]; do sleep 0.2; done; cat > /dev/null)`;
-  const r = sh(`(${BIN.capture} --domain ${name} --connect '${lv.uri}' & echo $! > '${pidFile}'; wait) | ${reader}`, 240_000);
+  const tmp = fs.mkdtempSync(path.join(ctx.dir!, 'tmp-')); // the capture's TMPDIR: its socket folders go there
+  const r = sh(`(TMPDIR='${tmp}' ${BIN.capture} --domain ${name} --connect '${lv.uri}' & echo $! > '${pidFile}'; wait) | ${reader}`, 240_000);
   let killed = false;
   let write: Promise<unknown> = Promise.resolve();
   try {
@@ -266,6 +267,8 @@ test('--domain capture killed with SIGKILL, disks in flight: no guest I/O error,
   await waitFor('our job and node gone', 60_000, () => (!ourJobs(lv, name).length && !ourNodes(lv, name).length ? true : undefined))
     .catch((e: Error) => assert.unreachable(`${e.message}; capture and guards said: ${out.stderr}`));
   assert.equal(qmp<unknown[]>(lv, name, 'query-block-jobs'), []);
+  await waitFor('the dead capture\'s private socket folders removed by its guards', 60_000, () => (fs.readdirSync(tmp).length ? undefined : true))
+    .catch((e: Error) => assert.unreachable(`${e.message}: ${fs.readdirSync(tmp).map((d) => `${d}: ${fs.readdirSync(path.join(tmp, d)).join(' ')}`).join('; ')}`));
   assertAsBefore(lv, name, disk, before, 'SIGKILL');
   await guestCheckingOn(serial);
   assertGuestSawNoError(serial);
