@@ -21,11 +21,10 @@
 // it as the stand-in would, on the connection QEMU already has.
 //   node qemu-disk-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}'
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { NbdRelay } from './nbd-relay';
 import { NbdTargetServer, type NbdExport } from './nbd-target';
 import { connectTransport, type QmpTarget, type QmpTransport } from './qmp-transport';
-import { ACTIVE_STATES } from './qemu-source';
+import { ACTIVE_STATES, removeSocket } from './qemu-source';
 import { cancelJobs, deleteNode, resumeIfPaused, RECONNECT_DELAY_S } from './qemu-disks';
 
 interface Undo {
@@ -168,15 +167,6 @@ async function listenToCapture(): Promise<{ said: string; relay: { path: string;
   });
   await new Promise((resolve) => process.stdin.on('close', resolve).on('end', resolve));
   return { said, relay };
-}
-
-function removeSocket(p: string): void {
-  fs.rmSync(p, { force: true });
-  try {
-    fs.rmdirSync(path.dirname(p)); // the capture's private folder, if now empty
-  } catch {
-    // not empty, or gone: not ours to force
-  }
 }
 
 async function main(): Promise<void> {

@@ -12,12 +12,11 @@
 // thread, which stops everything), and for good once QEMU says it stopped.
 // A first guard (mode 'listen') holds the listening socket from `migrate` until
 // the capture holds QEMU's connection, so no moment is left unguarded.
-//   node qemu-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}' '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22","qemuPid":1234}' conn|listen [FDNAME]
-import * as fs from 'node:fs';
+//   node qemu-guard.js '{"qmp":SOCKET}'|'{"domain":NAME,"connect":URI}' '{"capabilities":[["background-snapshot",false]],"maxBandwidth":null,"qemuVersion":"7.2.22","qemuPid":1234,"socketDir":DIR}' conn|listen [FDNAME]
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { connectTransport, type QmpTarget } from './qmp-transport';
-import { ACTIVE_STATES, restore } from './qemu-source';
+import { ACTIVE_STATES, removeSocket, restore } from './qemu-source';
 import { forgetsWriteProtection, releaseWriteProtection } from './qemu-uffd';
 
 interface Restore {
@@ -102,18 +101,6 @@ async function takeBackFd(target: QmpTarget, name: string): Promise<void> {
   }
 }
 
-// The dead capture's socket folder: its socket file, then the folder if that
-// left it empty (anything else in it is not ours to remove).
-function removeSocketDir(dir: string | undefined): void {
-  if (!dir) return;
-  fs.rmSync(path.join(dir, 'migration.sock'), { force: true });
-  try {
-    fs.rmdirSync(dir);
-  } catch {
-    // not empty, or gone
-  }
-}
-
 async function main(): Promise<void> {
   const [target, json, mode, fdName] = process.argv.slice(2);
   // A signal meant for the capture's process group must not end the guard: the
@@ -133,7 +120,7 @@ async function main(): Promise<void> {
     if (fdName) await takeBackFd(tgt, fdName);
     await drained;
   }
-  removeSocketDir(r.socketDir); // the stream is over: nothing connects there any more
+  if (r.socketDir) removeSocket(path.join(r.socketDir, 'migration.sock')); // the stream is over: nothing connects there
   if (pid !== null) release(pid, false); // the stream is over: nobody serves a fault now
   await putBack(tgt, r, pid);
   process.stderr.write('bgsnap-capture guard: QEMU\'s snapshot drained and its migration settings put back\n');

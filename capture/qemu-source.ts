@@ -35,6 +35,17 @@ export const INCOMPATIBLE_CAPABILITIES: readonly string[] = [
 ];
 
 // Migration states in which QEMU would refuse (or confuse) a new migration.
+// A dead capture's socket, and its private folder if that left it empty
+// (anything else there is not ours to force): for the guards.
+export function removeSocket(p: string): void {
+  fs.rmSync(p, { force: true });
+  try {
+    fs.rmdirSync(path.dirname(p));
+  } catch {
+    // not empty, or gone
+  }
+}
+
 export const ACTIVE_STATES: ReadonlySet<string> = new Set([
   'setup', 'active', 'pre-switchover', 'device', 'cancelling', 'colo', 'wait-unplug',
   'postcopy-active', 'postcopy-paused', 'postcopy-recover',

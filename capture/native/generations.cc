@@ -347,7 +347,7 @@ bool Session::MarkDirty(Failure* f) {
     Block& b = blocks[i];
     if (b.dead || b.kind != BlockKind::kProtected) continue;
     bool kept = i < firstNew_;
-    if (passWalk && kept && !Touches(b, layoutSince_)) {  // PassLeavesWalk
+    if (passWalk && kept && !Touches(b, layoutSince_)) {  // no walk: see Touches
       DirtyRanges(&b, preDirty_, sorted);
       continue;
     }
