@@ -34,7 +34,6 @@ export const INCOMPATIBLE_CAPABILITIES: readonly string[] = [
   'rdma-pin-all', 'compress', 'xbzrle', 'x-colo', 'validate-uuid', 'mapped-ram', 'x-ignore-shared',
 ];
 
-// Migration states in which QEMU would refuse (or confuse) a new migration.
 // A dead capture's socket, and its private folder if that left it empty
 // (anything else there is not ours to force): for the guards.
 export function removeSocket(p: string): void {
@@ -46,6 +45,7 @@ export function removeSocket(p: string): void {
   }
 }
 
+// Migration states in which QEMU would refuse (or confuse) a new migration.
 export const ACTIVE_STATES: ReadonlySet<string> = new Set([
   'setup', 'active', 'pre-switchover', 'device', 'cancelling', 'colo', 'wait-unplug',
   'postcopy-active', 'postcopy-paused', 'postcopy-recover',

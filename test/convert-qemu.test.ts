@@ -6,7 +6,6 @@
 // device state at the end (read back by an independent parser; QEMU itself
 // loads it in vm-mapped-ram.test.ts).
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';

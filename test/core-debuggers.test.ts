@@ -12,7 +12,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { BIN, run, sh } from './helpers/cli';
 import { captureProcess } from '../capture/process-source';

@@ -1,7 +1,6 @@
 // The local image sink, through the shared sink suite, plus what only a local
 // image has: refusing to overwrite, punching holes, staying inside its bounds.
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { test } from 'uvu';

@@ -9,7 +9,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdRelay } from '../capture/nbd-relay';
 import { NbdTargetServer, type NbdWriteHandler } from '../capture/nbd-target';

@@ -6,7 +6,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { captureCli, startForked, untouched, type ForkedTarget } from './helpers/forked-target';
 import { tmpDir } from './helpers/net';

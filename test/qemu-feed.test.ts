@@ -9,7 +9,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileops } from '../io/fileops';
 import { RamPartWriter, encodePreamble, encodeRamStart } from '../format/qemu-encode';

@@ -15,7 +15,6 @@ import { suite } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { protectedRanges } from '../capture/qemu-uffd';
 import { ensureGuest } from './helpers/guest';

@@ -15,7 +15,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { ensureGuest } from './helpers/guest';
 import { DiskVms, copyLater, diskChecks } from './helpers/disk-vm';

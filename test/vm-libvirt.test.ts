@@ -10,7 +10,6 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFile, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { ensureGuest, type Guest } from './helpers/guest';
 import { domainXml, logLines, restoreArgs, startLibvirtd, type Libvirtd } from './helpers/libvirt';

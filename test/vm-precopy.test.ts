@@ -11,7 +11,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { ensureGuest, type Guest } from './helpers/guest';
 import { sleep, startVm, type Vm, type VmOptions } from './helpers/vm';

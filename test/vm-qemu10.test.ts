@@ -12,7 +12,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { ensureGuest, type Guest } from './helpers/guest';
 import { ensureQemu10, type QemuBinary } from './helpers/qemu10';

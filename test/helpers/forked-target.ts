@@ -4,7 +4,6 @@
 // signal=N"), and relays our stdin to it. Optionally as another user (setpriv).
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { buildTarget, lineReader } from '../process-target';
 import { BIN, run, type RunResult } from './cli';

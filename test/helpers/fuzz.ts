@@ -4,7 +4,6 @@
 // mutations are blind (flip, splice, truncate) and, for bgsnap, frame-aware
 // with the CRC fixed up so the mutation reaches the payload checks.
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import * as zlib from 'node:zlib';

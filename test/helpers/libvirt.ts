@@ -13,7 +13,6 @@
 // files are not touched.
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { sleep } from './vm';
 import { tmpDir } from './net';

@@ -5,7 +5,6 @@
 // once its write resolved (the capture reuses them). A sink that writes a stream
 // is checked through the image its stream becomes (the factory's far end).
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { suite } from 'uvu';

@@ -6,7 +6,6 @@
 // a time). QEMU processes must never outlive the test run; see killAllVms().
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Readable } from 'node:stream';
 import { QmpClient } from '../../capture/qmp';
