@@ -13,7 +13,7 @@
         "capture/native/freezer_client.cc", "capture/native/clock.cc", "capture/native/procfs.cc",
         "capture/native/buffers.cc", "capture/native/uffd_capture.cc", "capture/native/protect.cc", "capture/native/session.cc",
         "capture/native/saver.cc", "capture/native/page_read.cc", "capture/native/release.cc", "capture/native/fault_server.cc", "capture/native/frozen_copy.cc", "capture/native/capture_js.cc", "capture/native/capture_info.cc",
-        "capture/native/qemu_uffd.cc", "capture/native/generations.cc", "capture/native/precopy.cc", "io/native/crc32.cc"
+        "capture/native/qemu_uffd.cc", "capture/native/generations.cc", "capture/native/precopy.cc", "capture/native/side_read.cc", "io/native/crc32.cc"
       ],
       "libraries": ["-lpthread"]
     },

@@ -92,10 +92,10 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window 
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
-  const gens = (s.generations ?? []) as { pages: number; pauseMs: number; syncFinish?: boolean; moveStops?: number; moveMaxMs?: number; stopPages?: number }[];
+  const gens = (s.generations ?? []) as { pages: number; pauseMs: number; syncFinish?: boolean; moveStops?: number; moveMaxMs?: number; stopPages?: number; heldPages?: number }[];
   const last = gens[gens.length - 1];
   // Older builds (--base) move memory inside the snapshot's stop: no moveStops.
-  const moved = last?.moveStops ? `: memory moved in ${last.moveStops} stops of at most ${last.moveMaxMs!.toFixed(1)} ms, ${last.stopPages} pages saved in the snapshot's stop` : '';
+  const moved = last?.moveStops ? `: memory moved in ${last.moveStops} stops of at most ${last.moveMaxMs!.toFixed(1)} ms, ${last.stopPages} pages saved in the snapshot's stop, ${last.heldPages ?? 0} read during the move` : '';
   const finish = last?.syncFinish ? `, finished with faults${moved}` : '';
   const passes = precopy ? `${gens.length - 1} passes then the snapshot${finish} (pages ${gens.map((g) => g.pages).join(', ')}; stops ${gens.map((g) => g.pauseMs.toFixed(1)).join(', ')} ms), ` : '';
   const note = `${passes}${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;

@@ -111,6 +111,7 @@ export interface FreezeStats {
   moveMaxMs: number; // the longest of them
   moveMs: number; // from the first of them to the end of the last, the target's runs between included
   stopPages: number; // pre-copy's finish: pages written since memory moved that the snapshot's stop saved itself
+  heldPages: number; // pre-copy's finish: pages written before memory moved, read while the target ran on (side reads)
 }
 
 export interface CaptureCounters {

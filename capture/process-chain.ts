@@ -59,6 +59,7 @@ export interface GenerationStats {
   moveStops: number; // pre-copy's finish: the short stops before the snapshot's that moved memory for it
   moveMaxMs: number; // the longest of them
   stopPages: number; // pre-copy's finish: written pages its snapshot's stop saved itself (the rest went out with faults)
+  heldPages: number; // pre-copy's finish: pages written before memory moved, read while the target ran (the generation's first batches)
 }
 
 export interface ChainStats extends ProcessCaptureStats {
@@ -173,7 +174,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
       generation: k, instant: f.snapshotTime, pauseMs, blocksAdded: gt.blocksAdded, blocksRemoved: gt.blocksRemoved,
       pages: gt.pages, dataPages: gt.pages - gt.zeroPages, zeroPages: gt.zeroPages, discarded: gt.discarded, bytes: dataBytes,
       faults, seconds: (Date.now() - f.snapshotTime) / 1000, pass, dirtyBefore: f.dirtyBefore ?? 0, syncFinish: !!f.syncFinish,
-      moveStops: f.moveStops ?? 0, moveMaxMs: f.moveMaxMs ?? 0, stopPages: end.stopPages ?? 0,
+      moveStops: f.moveStops ?? 0, moveMaxMs: f.moveMaxMs ?? 0, stopPages: end.stopPages ?? 0, heldPages: end.heldPages ?? 0,
     });
     opts.onGeneration?.(gens[gens.length - 1]);
   }

@@ -172,6 +172,7 @@ struct FreezeStats {
   int moveStops = 0;           // pre-copy's finish: the stops that moved memory to the synchronous userfaultfd
   double moveMaxMs = 0, moveMs = 0;  // the longest of them; all of them, with the target's runs between
   uint64_t stopPages = 0;      // pre-copy's finish: written pages its snapshot's stop saved itself
+  uint64_t heldPages = 0;      // pre-copy's finish: written pages read during the move (side_read.cc)
 };
 
 struct Counters {

@@ -46,6 +46,7 @@ static Napi::Object FreezeObject(Napi::Env env, const FreezeStats& fz) {
   o.Set("moveMaxMs", fz.moveMaxMs);
   o.Set("moveMs", fz.moveMs);
   o.Set("stopPages", static_cast<double>(fz.stopPages));
+  o.Set("heldPages", static_cast<double>(fz.heldPages));
   return o;
 }
 

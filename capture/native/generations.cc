@@ -188,7 +188,8 @@ bool Session::NextFreeze(Failure* f) {
   if ((!snapshot && !PreDirty(f)) || (snapshot && !WaitOutput(f)) || !helper_.Start(f)) return false;
   bool ok = (!syncFinish_ || StagedMove(f)) && StopForGeneration(f);
   helper_.Stop();
-  if (ok && !savedInFreeze_ && !stopSaved_) gen_++, frozen_ = true;  // else begun in the stop
+  if (ok && !savedInFreeze_ && !stopSaved_) gen_++, PublishHeld(true), frozen_ = true;  // else begun in the stop
+  if (!ok) PublishHeld(false);
   return ok;
 }
 

@@ -112,24 +112,25 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
 // data behind them is compacted, so the batch holds non-zero pages back to back.
 // The first `summed` pages' CRCs are already in their slots (SumPages); they
 // move down with their pages (to a slot never after the one read from).
-void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed) {
+void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed, bool held) {
   Block& blk = blocks[b];
   uint8_t* src = bt->data + uint64_t(bt->dataPages) * kPage;
   uint32_t w = bt->dataPages, zeros = 0, mine = 0;
   for (uint32_t i = 0; i < n; i++) {
     const uint8_t* page = src + uint64_t(i) * kPage;
-    if (blk.done.Test(p + i)) continue;  // a fault saved it while the scan read it
+    if (!held && blk.done.Test(p + i)) continue;  // a fault saved it while the scan read it
     mine++;
     bt->index[bt->count] = p + i;
     bool zero = IsZeroPage(page);
     bt->zero[bt->count++] = zero;
-    blk.done.Set(p + i);
+    if (!held) blk.done.Set(p + i);
     if (zero) { zeros++; continue; }
     bt->crcs[w] = i < summed ? bt->crcs[bt->dataPages + i] : Crc32(0, page, kPage);
     uint8_t* to = bt->data + uint64_t(w) * kPage;
     if (to != page) memmove(to, page, kPage);
     w++;
   }
+  if (held) return void(bt->dataPages = w);  // counted when published (PublishHeld)
   counters.bytes += uint64_t(w - bt->dataPages) * kPage;
   counters.zeroPages += zeros;
   bt->dataPages = w;

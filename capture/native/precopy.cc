@@ -133,13 +133,16 @@ bool Session::StagedMove(Failure* f) {
 
 // One stop moving `pieces`; then the target runs as long as the stop lasted
 // (at least a millisecond), so the finish never holds it more than half the
-// time. A block is off the asynchronous userfaultfd once a piece moved: split
+// time, and then what the stop found written is read (SideRead) while it runs
+// on, faults served between reads: shortening its run by the reads' time let
+// one Redis request span two stops (35.8 ms). A block is off the asynchronous userfaultfd once a piece moved: split
 // (the snapshot's Relayout then finds new mappings, saved whole) or whole.
 bool Session::MoveStop(std::vector<MovingPiece>* pieces, Failure* f) {
   RealTime(true);
   double t0 = NowMs();
   std::function<void()> serve = [this] { Failure ig; ServeBetween(&ig); };
   bool ok = helper_.Freeze(0, false, f, serve, uffd_.load()) && ServeBetween(f);
+  size_t from = preDirty_.size();  // what MovePiece finds written: read after the target's run (SideRead)
   for (const MovingPiece& x : *pieces) {
     if (ok && MovePiece(x.start, x.end)) x.block->onAsync = false;
   }
@@ -148,7 +151,7 @@ bool Session::MoveStop(std::vector<MovingPiece>* pieces, Failure* f) {
   double ms = NowMs() - t0;
   freeze.moveStops++;
   freeze.moveMaxMs = std::max(freeze.moveMaxMs, ms);
-  return ok && ServeFor(std::max(ms, 1.0), f);
+  return ok && ServeFor(std::max(ms, 1.0), f) && SideRead(from, f);
 }
 
 // With the target stopped; true once moved. Not moved when the kernel refuses
@@ -299,6 +302,7 @@ bool Session::WaitOutput(Failure* f) {
 bool Session::SaveInFreeze(Failure* f, bool whole) {
   NoteThreads();  // the state JavaScript reads now is this stop's
   gen_++;
+  PublishHeld(true);  // the generation's first batches: read during the move
   frozen_ = true;
   (whole ? savedInFreeze_ : stopSaved_) = true;
   stopSaving_ = !whole;

@@ -156,7 +156,8 @@ class Session {
   uint32_t StillProtected(int b, uint32_t p, uint64_t addr, uint32_t n);
   bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
-  void Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed = 0);
+  // held: a side read (side_read.cc), which leaves done bits and counters alone.
+  void Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed = 0, bool held = false);
   ssize_t ReadSummed(uint64_t addr, uint8_t* dst, uint32_t n, uint32_t* crcs, uint32_t* summed, int* err);
   uint32_t RunEnd(const Block& blk, uint32_t p, uint32_t p1) const;
   Batch* OpenBatch(int b, Failure* f);
@@ -261,6 +262,13 @@ class Session {
   bool MoveStop(std::vector<MovingPiece>* pieces, Failure* f);
   bool MovePiece(uint64_t start, uint64_t end);
   bool FinishDirty(std::vector<Range>* todo, Failure* f);
+  // --- Side reads (side_read.cc) ---
+  bool SideRead(size_t from, Failure* f);
+  const Block* BlockAt(uint64_t s, uint64_t e) const;
+  Batch* HeldBatch(int b, uint32_t need);
+  bool ReadHeld(int b, const std::vector<Range>& part, uint32_t pages, std::vector<Range>* left);
+  void PublishHeld(bool keep);
+  std::vector<Batch*> held_;  // read during the move, out when the snapshot's generation begins
   bool SaveWrittenInStop(Failure* f);
   std::vector<Range> stopSave_;  // the finish: written since memory moved, saved in the snapshot's stop
   bool stopSaved_ = false;       // the finish's generation began in its stop (SaveWrittenInStop)
