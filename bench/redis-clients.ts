@@ -14,7 +14,7 @@
 // p50/p99/p99.9/max over the requests in flight during the snapshot.
 //   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
 //        [--buffer-mb 64] [--precopy-buffer-mb 128] [--base DIR]   (DIR: another built checkout, e.g. main,
-//        as "bgsnap@base" and "precopy@base>file")
+//        as "bgsnap@base" and "precopy@base>file") [--only NAME,...]   (some contenders, by name)
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -159,18 +159,26 @@ async function main() {
     if (fill.status !== 0) throw new Error(`redis-benchmark fill failed: ${fill.stderr}`);
     const mem = /used_memory:(\d+)/.exec(r.cli('INFO', 'memory'))![1];
     console.log(`redis-server ${r.pid}: ${r.cli('DBSIZE')} keys, used_memory ${(Number(mem) / 2 ** 20).toFixed(0)} MiB; load: ${conns} connections, SET of ${value}-byte values over ${keys} keys; --buffer-mb ${bufferMb}, pre-copy ${precopyMb}`);
+    // Contenders by the names the table shows; --only picks some (comma-separated).
+    const all: [string, () => Promise<Window>][] = [
+      ['none', async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }],
+      ['bgsnap', async () => bgsnap(r, dir, bufferMb)],
+      ['bgsnap@base', async () => bgsnap(r, dir, bufferMb, { root: base })],
+      ['bgsnap>file', async () => bgsnap(r, dir, bufferMb, { toFile: true })],
+      ['precopy', async () => bgsnap(r, dir, precopyMb, { precopy: true })],
+      ['precopy>file', async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true })],
+      ['precopy@base>file', async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true, root: base })],
+      ['BGSAVE', () => bgsave(r)],
+      ['gcore', async () => gcore(r, dir)],
+    ];
+    const only = arg('--only', '').split(',').filter(Boolean);
+    const unknown = only.filter((n) => !all.some(([name]) => name === n));
+    if (unknown.length) throw new Error(`--only: no contender named ${unknown.join(', ')} (${all.map(([n]) => n).join(', ')})`);
+    const picked = all.filter(([name]) => (only.length ? only.includes(name) : true) && (base || !name.includes('@base')));
     const rows: Row[] = [];
     for (let i = 0; i < runs; i++) {
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }));
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb)));
-      if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, { root: base })));
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, bufferMb, { toFile: true })));
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true })));
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true })));
-      if (base) rows.push(await underLoad(r, dir, conns, keys, value, async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true, root: base })));
-      rows.push(await underLoad(r, dir, conns, keys, value, () => bgsave(r)));
-      rows.push(await underLoad(r, dir, conns, keys, value, async () => gcore(r, dir)));
-      console.log(table(rows.slice(base ? -9 : -7)));
+      for (const [, run] of picked) rows.push(await underLoad(r, dir, conns, keys, value, run));
+      console.log(table(rows.slice(-picked.length)));
     }
     if (r.cli('PING') !== 'PONG') throw new Error('redis unhealthy after the runs');
     console.log(`\nall runs (load average now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}):\n${table(rows)}`);
