@@ -14,7 +14,7 @@
 // p50/p99/p99.9/max over the requests in flight during the snapshot.
 //   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
 //        [--buffer-mb 64] [--precopy-buffer-mb 128] [--base DIR]   (DIR: another built checkout, e.g. main,
-//        as "bgsnap@base" and "precopy@base>file") [--only NAME,...]   (some contenders, by name)
+//        as "bgsnap@base" and "precopy@base>file") [--only NAME,...]   (some contenders, by name, in that order)
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -159,7 +159,8 @@ async function main() {
     if (fill.status !== 0) throw new Error(`redis-benchmark fill failed: ${fill.stderr}`);
     const mem = /used_memory:(\d+)/.exec(r.cli('INFO', 'memory'))![1];
     console.log(`redis-server ${r.pid}: ${r.cli('DBSIZE')} keys, used_memory ${(Number(mem) / 2 ** 20).toFixed(0)} MiB; load: ${conns} connections, SET of ${value}-byte values over ${keys} keys; --buffer-mb ${bufferMb}, pre-copy ${precopyMb}`);
-    // Contenders by the names the table shows; --only picks some (comma-separated).
+    // Contenders by the names the table shows; --only picks some (comma-separated),
+    // run in its order.
     const all: [string, () => Promise<Window>][] = [
       ['none', async () => { const t0 = now(); await sleep(3000); return { contender: 'none', pauseMs: 0, t0, t1: now(), note: '' }; }],
       ['bgsnap', async () => bgsnap(r, dir, bufferMb)],
@@ -174,7 +175,7 @@ async function main() {
     const only = arg('--only', '').split(',').filter(Boolean);
     const unknown = only.filter((n) => !all.some(([name]) => name === n));
     if (unknown.length) throw new Error(`--only: no contender named ${unknown.join(', ')} (${all.map(([n]) => n).join(', ')})`);
-    const picked = all.filter(([name]) => (only.length ? only.includes(name) : true) && (base || !name.includes('@base')));
+    const picked = (only.length ? only.map((n) => all.find(([name]) => name === n)!) : all).filter(([name]) => base || !name.includes('@base'));
     const rows: Row[] = [];
     for (let i = 0; i < runs; i++) {
       for (const [, run] of picked) rows.push(await underLoad(r, dir, conns, keys, value, run));

@@ -264,6 +264,7 @@ class Session {
   bool FinishDirty(std::vector<Range>* todo, Failure* f);
   // --- Side reads (side_read.cc) ---
   bool SideRead(size_t from, Failure* f);
+  std::vector<int> SideReadBlocks(const std::vector<Range>& runs) const;
   const Block* BlockAt(uint64_t s, uint64_t e) const;
   Batch* HeldBatch(int b, uint32_t need);
   bool ReadHeld(int b, const std::vector<Range>& part, uint32_t pages, std::vector<Range>* left);

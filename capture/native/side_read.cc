@@ -10,10 +10,10 @@
 // this thread between reads, so no write can land between a read's start
 // and its end unnoticed.
 //
-// Without this, those pages (Redis under SET load: 8-14k after the last pass)
+// Without this, those pages (Redis under SET load: 8-16k after the last pass)
 // were protected until the scan after the snapshot's stop reached them, and
-// the target's writes there waited for a fault round trip each (2100-3600
-// faults after the stop; ~500-600 with these reads, bench/RESULTS.md). The
+// the target's writes there waited for a fault round trip each (~1700 faults
+// after the stop; 245-277 with these reads, bench/RESULTS.md). The
 // copies go into batches held back from JavaScript until the snapshot's
 // generation begins (PublishHeld): a batch belongs to one generation.
 //
@@ -55,6 +55,7 @@ Batch* Session::HeldBatch(int b, uint32_t need) {
 bool Session::SideRead(size_t from, Failure* f) {
   std::vector<Range> runs(preDirty_.begin() + static_cast<std::ptrdiff_t>(from), preDirty_.end());
   preDirty_.resize(from);
+  std::vector<int> at = SideReadBlocks(runs);
   std::vector<Range> part;
   int partBlock = -1;
   uint32_t partPages = 0;
@@ -66,6 +67,26 @@ bool Session::SideRead(size_t from, Failure* f) {
     partPages = 0;
     return ServeBetween(f);
   };
+  for (size_t i = 0; i < runs.size(); i++) {
+    Range r = runs[i];
+    if (at[i] < 0 || abort_) { preDirty_.push_back(r); continue; }
+    while (r.first < r.second) {
+      if ((at[i] != partBlock || partPages == kReadPages) && !flush()) return false;
+      partBlock = at[i];
+      uint64_t e = std::min(r.second, r.first + uint64_t(kReadPages - partPages) * kPage);
+      part.push_back({r.first, e});
+      partPages += static_cast<uint32_t>((e - r.first) / kPage);
+      r.first = e;
+    }
+  }
+  return flush();
+}
+
+// Each run's block, or -1: none, or a block with fewer than kReadPages of
+// them. A batch holds one block's pages, so a block with a few written pages
+// (a program's .bss, its stack) would take a whole one: half a 4 MiB pool
+// was gone after 3 pages (test/precopy). The snapshot's stop saves those.
+std::vector<int> Session::SideReadBlocks(const std::vector<Range>& runs) const {
   std::vector<int> at(runs.size(), -1);
   std::vector<uint64_t> pages(blocks.size(), 0);
   const Block* blk = nullptr;
@@ -74,23 +95,8 @@ bool Session::SideRead(size_t from, Failure* f) {
     if (!blk || r.first < blk->start || r.second > blk->start + blk->length) blk = BlockAt(r.first, r.second);
     if (blk) at[i] = static_cast<int>(blk - blocks.data()), pages[at[i]] += (r.second - r.first) / kPage;
   }
-  for (size_t i = 0; i < runs.size(); i++) {
-    Range r = runs[i];
-    int b = at[i];
-    // A batch holds one block's pages: a block with a few written pages would
-    // take one for them (a program's .bss, its stack), and half a 4 MiB pool
-    // was gone after 3 pages. The snapshot's stop saves those.
-    if (b < 0 || pages[b] < kReadPages || abort_) { preDirty_.push_back(r); continue; }
-    while (r.first < r.second) {
-      if ((b != partBlock || partPages == kReadPages) && !flush()) return false;
-      partBlock = b;
-      uint64_t e = std::min(r.second, r.first + uint64_t(kReadPages - partPages) * kPage);
-      part.push_back({r.first, e});
-      partPages += static_cast<uint32_t>((e - r.first) / kPage);
-      r.first = e;
-    }
-  }
-  return flush();
+  for (int& b : at) if (b >= 0 && pages[b] < kReadPages) b = -1;
+  return at;
 }
 
 // The live protected block holding [s, e) whole, or null.
