@@ -133,10 +133,11 @@ bool Session::StagedMove(Failure* f) {
 
 // One stop moving `pieces`; then the target runs as long as the stop lasted
 // (at least a millisecond), so the finish never holds it more than half the
-// time, and then what the stop found written is read (SideRead) while it runs
-// on, faults served between reads: shortening its run by the reads' time let
-// one Redis request span two stops (35.8 ms). A block is off the asynchronous userfaultfd once a piece moved: split
-// (the snapshot's Relayout then finds new mappings, saved whole) or whole.
+// time. Only then is what the stop found written read (SideRead), the target
+// running on and its faults served between reads: a variant that counted the
+// reads' time in that run let one Redis request span two stops (35.8 ms).
+// A block is off the asynchronous userfaultfd once a piece moved: split (the
+// snapshot's Relayout then finds new mappings, saved whole) or whole.
 bool Session::MoveStop(std::vector<MovingPiece>* pieces, Failure* f) {
   RealTime(true);
   double t0 = NowMs();
