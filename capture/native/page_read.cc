@@ -112,9 +112,11 @@ int Session::ReadRun(int b, uint32_t p, uint32_t n, Failure* f) {
 // data behind them is compacted, so the batch holds non-zero pages back to back.
 // The first `summed` pages' CRCs are already in their slots (SumPages); they
 // move down with their pages (to a slot never after the one read from).
-void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed, bool held) {
+// `from`: where in the batch the pages were read, if further on than its end
+// (a gathered read's later runs); each page moves down from there.
+void Session::Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed, const uint8_t* from, bool held) {
   Block& blk = blocks[b];
-  uint8_t* src = bt->data + uint64_t(bt->dataPages) * kPage;
+  const uint8_t* src = from ? from : bt->data + uint64_t(bt->dataPages) * kPage;
   uint32_t w = bt->dataPages, zeros = 0, mine = 0;
   for (uint32_t i = 0; i < n; i++) {
     const uint8_t* page = src + uint64_t(i) * kPage;
@@ -189,8 +191,8 @@ bool Session::PlanGather(int b, uint32_t p, uint32_t p1, const Batch* bt, Gather
   return g->n >= 2;
 }
 
-// Commits the runs read, moving each down over the zero pages compacted away
-// before it. Outside a stop, a run an event touched is skipped; each run is
+// Commits the runs read, each moving down over the zero pages compacted away
+// and the runs skipped before it (Commit's `from`). Outside a stop, a run an event touched is skipped; each run is
 // checked as ReadRun's is (StillProtected): a page that lost its protection
 // ends the gather, for the ordinary path.
 int Session::CommitGathered(Batch* bt, int b, const Gather& g, bool stopped) {
@@ -203,9 +205,7 @@ int Session::CommitGathered(Batch* bt, int b, const Gather& g, bool stopped) {
       continue;
     }
     uint32_t ok = StillProtected(b, g.at[i], addr, g.len[i]);
-    uint8_t* at = bt->data + uint64_t(bt->dataPages) * kPage;
-    if (at != src) memmove(at, src, uint64_t(ok) * kPage);
-    Commit(bt, b, g.at[i], ok);
+    Commit(bt, b, g.at[i], ok, 0, src);
     saved += static_cast<int>(ok);
     if (ok < g.len[i]) break;
   }

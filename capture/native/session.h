@@ -157,7 +157,7 @@ class Session {
   bool SavePages(int b, uint32_t p0, uint32_t p1, Failure* f);
   int ReadRun(int b, uint32_t p, uint32_t n, Failure* f);
   // held: a side read (side_read.cc), which leaves done bits and counters alone.
-  void Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed = 0, bool held = false);
+  void Commit(Batch* bt, int b, uint32_t p, uint32_t n, uint32_t summed = 0, const uint8_t* from = nullptr, bool held = false);
   ssize_t ReadSummed(uint64_t addr, uint8_t* dst, uint32_t n, uint32_t* crcs, uint32_t* summed, int* err);
   uint32_t RunEnd(const Block& blk, uint32_t p, uint32_t p1) const;
   Batch* OpenBatch(int b, Failure* f);

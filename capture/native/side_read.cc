@@ -22,8 +22,6 @@
 #include <sys/uio.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 
 #include "session.h"
 
@@ -123,9 +121,7 @@ bool Session::ReadHeld(int b, const std::vector<Range>& part, uint32_t pages, st
   const Block& blk = blocks[b];
   for (const Range& x : part) {
     uint32_t len = static_cast<uint32_t>((x.second - x.first) / kPage), ok = static_cast<uint32_t>(std::min<uint64_t>(len, got));
-    uint8_t* at = bt->data + uint64_t(bt->dataPages) * kPage;
-    if (ok && at != src) memmove(at, src, uint64_t(ok) * kPage);
-    if (ok) Commit(bt, b, static_cast<uint32_t>((x.first - blk.start) / kPage), ok, 0, true);
+    if (ok) Commit(bt, b, static_cast<uint32_t>((x.first - blk.start) / kPage), ok, 0, src, true);
     if (ok < len) left->push_back({x.first + uint64_t(ok) * kPage, x.second});
     freeze.heldPages += ok;
     got -= ok;
