@@ -19,7 +19,7 @@
     },
     {
       "target_name": "bgsnap_fileops",
-      "sources": ["io/native/fileops.cc", "io/native/pagewrite.cc", "io/native/crc32.cc", "io/native/errno_error.cc", "io/native/mapped_input.cc", "io/native/feed.cc"]
+      "sources": ["io/native/fileops.cc", "io/native/pagewrite.cc", "io/native/crc32.cc", "io/native/errno_error.cc", "io/native/mapped_input.cc", "io/native/feed.cc", "io/native/write_behind.cc"]
     },
     {
       "target_name": "bgsnap-freezer",

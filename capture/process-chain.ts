@@ -16,6 +16,8 @@
 //   end          after --count generations, or once stop() was called (after
 //                the generation in flight)
 import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
 import { addon, type CaptureInfo, type NativeBatch } from './addon';
 import { copyReadOnly, READ_ONLY_HOW, type ReadOnlyCopy } from './readonly-maps';
 import { preflight } from './preflight';
@@ -71,9 +73,33 @@ export interface ProcessChain extends CaptureSource<ChainStats> {
   stop(reason: string): void; // end the chain cleanly after the generation in flight
 }
 
+// Pre-copy's passes are work no writer waits for: this thread (which frames
+// and hands out the saver's batches) runs them 10 nicer, as the saver itself
+// does (capture/native/precopy.cc, PassNice), and so do the threads it starts
+// meanwhile (libuv's pool: the output's write(2)). The undo, once the
+// snapshot's generation begins, puts every thread of this process that is
+// still 10 nicer back. Root only: going back needs CAP_SYS_NICE.
+function passNice(): () => void {
+  if (process.geteuid?.() !== 0) return () => undefined;
+  const was = os.getPriority();
+  const nicer = Math.min(19, was + 10);
+  os.setPriority(nicer);
+  let undone = false;
+  return () => {
+    if (undone) return;
+    undone = true;
+    for (const tid of fs.readdirSync('/proc/self/task').map(Number)) {
+      try {
+        if (os.getPriority(tid) === nicer) os.setPriority(tid, was);
+      } catch { /* the thread ended */ }
+    }
+  };
+}
+
 export function captureProcessChain(pid: number, opts: ChainCaptureOptions): ProcessChain {
   let handle: number | undefined;
   let last: CaptureInfo | undefined;
+  let unNice = (): void => undefined; // passNice's undo
   let unseen: UnseenWrites | undefined;
   let stopping: string | undefined;
   let wake: (() => void) | undefined;
@@ -156,6 +182,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
   async function* generation(k: number): AsyncGenerator<StreamEvent> {
     last = addon.captureInfo(handle!);
     const f = last.freeze!;
+    if (!f.pass) unNice();
     const faults = f.faultsBefore - faultsSeen;
     faultsSeen = f.faultsBefore;
     yield* opening(k);
@@ -194,6 +221,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     try {
       preflight(pid, opts);
       handle = await addon.startCapture(pid, { ...opts, chain: true });
+      if (opts.precopy) unNice = passNice();
       last = addon.captureInfo(handle);
       unseen = findUnseenWrites(pid, last.maps ?? []);
       const state = stateOf(last);
@@ -212,6 +240,7 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
       }
       yield { type: 'end', totals: { ...totals } };
     } finally {
+      unNice();
       if (handle !== undefined) {
         last = safeInfo(handle) ?? last;
         addon.closeCapture(handle); // between generations: a clean end; else an abort: the target is released either way

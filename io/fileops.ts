@@ -46,6 +46,11 @@ export interface FileOps {
   // phase 'scan' only checksums and zero-tests (crcs, isData; no bitmap, no
   // write); 'write' then does the rest for jobs scanned before; neither: both.
   writePages(jobs: PageJob[], phase?: 'scan' | 'write'): Promise<PageResult>;
+  // On a pool thread: starts the disk write of [writeFrom, writeTo) of a
+  // regular file, and waits until [dropFrom, dropTo) is on the disk, then drops
+  // it from the page cache (io/native/write_behind.cc). Rejects with code EIO,
+  // ENOSPC, ... as write back failed.
+  writeBehind(fd: number, dropFrom: number, dropTo: number, writeFrom: number, writeTo: number): Promise<void>;
 }
 
 export interface PageResult {

@@ -217,15 +217,79 @@ test('SIGKILL while memory moves for the finish, writers waiting on moved pieces
   }
 });
 
+// Whether a writer still waits when the kill comes depends on timing: before
+// the scan's first chunk (where the hold is), the fault server may already
+// have saved nearly every page the writers touch (1 to 7607 pages were still
+// protected at the kill in 10 runs). In 3 runs of 12 every writer was running
+// at the kill (1 in 9 with main before the passes were niced). Such a run
+// proves less, so it is tried again, at most 3 times; the target must come
+// out intact from every one.
 test('SIGKILL while writers wait on the finish\'s faults: released and intact', async () => {
+  const tries: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t = await startTarget('anon', 32, 3);
+    try {
+      // 'stuck': the saver holds its lock, so the fault server cannot serve.
+      const { err, wchans } = await killedAtHold(t, 'stuck', 2, '--precopy-passes 1 --precopy-final-pages 1 --buffer-mb 4');
+      assert.match(err, /generation 1 \(pass\)/);
+      await intact(t);
+      tries.push(wchans.join(' '));
+      if (wchans.includes('handle_userfault')) return;
+    } finally {
+      t.kill();
+    }
+  }
+  assert.unreachable(`no writer was waiting on bgsnap when it died, in 3 tries: ${tries.join(' | ')}`);
+});
+
+// Nice values of each SCHED_OTHER thread of pid now, by thread id (/proc's
+// stat, fields 19 and 41; real-time threads, whose nice does not count, left out).
+function niceOf(pid: number): Map<number, number> {
+  const m = new Map<number, number>();
+  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').slice(0, -1);
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (f[38] === '0') m.set(Number(tid), Number(f[16]));
+    } catch { /* the thread ended */ }
+  }
+  return m;
+}
+
+// Pre-copy's passes are work no writer waits for: bgsnap's own threads that do
+// them (the JavaScript thread and the saver) run 10 nicer, and go back for the
+// finish, whose scan runs at -10 (writers wait on it then). The target's own
+// threads are never touched. Seen from /proc every 10 ms, as root.
+test('the passes run 10 nicer, the finish as before; the target\'s nice untouched', async () => {
   const t = await startTarget('anon', 32, 3);
+  const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy --precopy-passes 2 --precopy-move-mb 2 --buffer-mb 4 --rate-limit 8 > /dev/null`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const seen = new Map<number, number[]>(); // thread: its nice values, in order of change
+  const targetNice = new Set<number>();
+  const inFinish = new Set<number>(); // threads seen 10 nicer once the main thread was back
+  const timer = setInterval(() => {
+    const now = fs.existsSync(`/proc/${cap.pid}`) ? niceOf(cap.pid!) : new Map<number, number>();
+    const back = (seen.get(cap.pid!) ?? []).length >= 3;
+    for (const [tid, n] of now) {
+      const l = seen.get(tid) ?? [];
+      if (l[l.length - 1] !== n) seen.set(tid, [...l, n]);
+      if (back && n === 10) inFinish.add(tid);
+    }
+    for (const n of niceOf(t.pid).values()) targetNice.add(n);
+  }, 10);
   try {
-    // 'stuck': the saver holds its lock, so the fault server cannot serve.
-    const { err, wchans } = await killedAtHold(t, 'stuck', 2, '--precopy-passes 1 --precopy-final-pages 1 --buffer-mb 4');
-    assert.match(err, /generation 1 \(pass\)/);
-    assert.ok(wchans.includes('handle_userfault'), `a writer was waiting on bgsnap when it died: ${wchans.join(' ')}`);
+    const code = await new Promise((r) => cap.on('exit', (c) => r(c)));
+    clearInterval(timer);
+    assert.is(code, 0);
+    const main = seen.get(cap.pid!) ?? [];
+    console.log(`  main thread ${main.join(' -> ')}; others ${[...seen].filter(([tid]) => tid !== cap.pid).map(([, l]) => l.join('->')).join(', ')}`);
+    assert.equal(main.slice(0, 3), [0, 10, 0], 'the JavaScript thread: 10 nicer in the passes, back for the snapshot');
+    const saver = [...seen.values()].find((l) => l.includes(10) && l.includes(-10));
+    assert.ok(saver && saver.indexOf(10) < saver.indexOf(-10), 'a thread saved the passes at 10, then scanned the finish at -10');
+    assert.equal([...inFinish], [], 'no thread stayed 10 nicer for the finish (libuv\'s pool, started in the passes, included)');
+    assert.equal([...targetNice], [0], 'the target\'s threads kept their nice');
     await intact(t);
   } finally {
+    clearInterval(timer);
     t.kill();
   }
 });

@@ -18,6 +18,7 @@
 // FinishDirty), as a capture without pre-copy saves everything.
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -31,6 +32,27 @@
 #include "session.h"
 
 namespace bgsnap {
+
+// The passes are work no writer waits for, so the saver runs them 10 nicer
+// than it was (on), and back as it was once the finish begins (off): where the
+// target's threads want the CPU during the passes, they get it first. The
+// finish's move serves writers from this thread (ServeFor), its scan goes up
+// to -10 (ScanAhead), and the fault server is SCHED_FIFO. Root only: going
+// back up needs CAP_SYS_NICE. Redis's clients (bench/redis-clients.js), the
+// whole capture niced: p99 0.86 / 0.72 / 1.03 / 0.73 ms against 1.51 / 1.24 /
+// 0.84 / 0.92, 4 hand-run rounds side by side.
+void Session::PassNice(bool on) {
+  id_t tid = static_cast<id_t>(gettid());
+  if (!on) {
+    if (passNiceWas_ != 100) setpriority(PRIO_PROCESS, tid, passNiceWas_);
+    passNiceWas_ = 100;
+    return;
+  }
+  errno = 0;
+  int was = getpriority(PRIO_PROCESS, tid);
+  if (geteuid() != 0 || errno != 0) return;
+  if (setpriority(PRIO_PROCESS, tid, std::min(19, was + 10)) == 0) passNiceWas_ = was;
+}
 
 // Pages of the ranges layout events touched since the last stop that are there
 // now: a dropped page not touched again is a zero record, nothing to read, and
@@ -98,6 +120,7 @@ void Session::LastPass() {
 // meanwhile are left to the snapshot's stop (SwitchToSync, Relayout).
 bool Session::StagedMove(Failure* f) {
   if (syncUffd_ < 0) return f->Set(EBADF, "pre-copy's synchronous userfaultfd is missing");
+  PassNice(false);
   {
     std::lock_guard<std::mutex> lock(fdMu_);  // the watchdog's numbers follow (CloseUffd)
     asyncUffd_ = uffd_.load();

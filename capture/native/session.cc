@@ -314,6 +314,7 @@ void Session::Run() {
     frozen_ = true;
     state_ = kRunning;
     notify_();
+    if (opts_.precopy) PassNice(true);
     if (SaverLoop(&f) && opts_.chain) Chain(&f);  // chains: generations.cc
   }
   seconds = (NowMs() - t0) / 1000;

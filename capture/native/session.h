@@ -287,6 +287,8 @@ class Session {
   bool SavingInStop() const { return savedInFreeze_ || stopSaving_; }  // no writer can fault meanwhile
   bool WaitOutput(Failure* f);
   int ScanAhead();
+  void PassNice(bool on);  // precopy.cc
+  int passNiceWas_ = 100;  // the saver's nice before its passes (100: not changed)
   int ReadGathered(int b, uint32_t p, uint32_t p1, Failure* f);
   bool PlanGather(int b, uint32_t p, uint32_t p1, const Batch* bt, Gather* g) const;
   int CommitGathered(Batch* bt, int b, const Gather& g, bool stopped);

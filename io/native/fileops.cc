@@ -149,6 +149,7 @@ static Napi::Value CopyRange(const Napi::CallbackInfo& info) {
 
 Napi::Value WritePages(const Napi::CallbackInfo& info);  // pagewrite.cc
 void InitFeed(Napi::Env env, Napi::Object exports);     // feed.cc
+Napi::Value WriteBehindJs(const Napi::CallbackInfo& info);  // write_behind.cc
 
 Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("tell", Napi::Function::New(env, Tell, "tell"));
@@ -160,6 +161,7 @@ Napi::Object InitFileOps(Napi::Env env, Napi::Object exports) {
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("copyRange", Napi::Function::New(env, CopyRange, "copyRange"));
+  exports.Set("writeBehind", Napi::Function::New(env, WriteBehindJs, "writeBehind"));
   InitFeed(env, exports);
   return exports;
 }
