@@ -95,23 +95,26 @@ export class Output implements ByteSink {
       if (this.stream.writableLength) await new Promise<void>((resolve) => this.stream.write(Buffer.alloc(0), () => resolve()));
       return;
     }
-    if (this.fd >= 0) await this.durable();
-    this.stream.end();
-    await once(this.stream, 'close').catch(() => undefined);
+    // Once only: abandon() after a close() that failed finds the file closed.
+    if (!this.stream.writableEnded) {
+      if (this.fd >= 0) await this.durable();
+      this.stream.end();
+      await once(this.stream, 'close').catch(() => undefined);
+    }
     this.check();
   }
 
   // Everything written is on the disk (fdatasync: a stream that ended is
-  // complete only once it is), and out of the page cache.
+  // complete only once it is), and out of the page cache. A failure is left
+  // for check().
   private async durable(): Promise<void> {
     if (this.stream.writableLength) await new Promise<void>((resolve) => this.stream.write(Buffer.alloc(0), () => resolve()));
     await this.behind;
-    this.check();
+    if (this.failure) return;
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (e) => (e ? reject(e) : resolve()))).catch((e: Error) => {
       this.failure ??= e;
     });
-    this.check();
-    await fileops.writeBehind(this.fd, 0, this.settled, 0, 0).catch(() => undefined); // on disk: only the drop is left
+    if (!this.failure) await fileops.writeBehind(this.fd, 0, this.settled, 0, 0).catch(() => undefined); // on disk: only the drop is left
   }
 
   // A file or pipe has no one to tell: what was written stays, without its END

@@ -83,6 +83,11 @@ test('a write back that fails (EIO from thin storage) fails the output, naming t
     assert.ok(err!.message.startsWith(`writing ${file}: `), err!.message);
     assert.ok(['EIO', 'ENOSPC'].includes(err!.code ?? ''), `${err!.message} (code ${err!.code})`);
     console.log(`  ${err!.message} (code ${err!.code})`);
+    await out.abandon(); // as StreamSink.finish does after a close that failed: resolves, file closed
+    const open = fs.readdirSync('/proc/self/fd').filter((fd) => {
+      try { return fs.readlinkSync(`/proc/self/fd/${fd}`) === file; } catch { return false; }
+    });
+    assert.equal(open, [], 'the file is closed after the failure');
   } finally {
     execFileSync('sh', ['-c', `umount -l ${mnt}; ${loop ? `losetup -d ${loop};` : ''} umount -l ${thin}`]);
   }
