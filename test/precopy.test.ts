@@ -262,7 +262,9 @@ function niceOf(pid: number): Map<number, number> {
 // threads are never touched. Seen from /proc every 10 ms, as root.
 test('the passes run 10 nicer, the finish as before; the target\'s nice untouched', async () => {
   const t = await startTarget('anon', 32, 3);
-  const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy --precopy-passes 2 --precopy-move-mb 2 --buffer-mb 4 --rate-limit 8 > /dev/null`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  // To a file: its write(2)s and write back run on libuv's pool, started in the passes.
+  const out = path.join(dir, 'nice.bgsnap');
+  const cap = spawn('/bin/sh', ['-c', `exec ${BIN.capture} --pid ${t.pid} --precopy --precopy-passes 2 --precopy-move-mb 2 --buffer-mb 4 --rate-limit 8 -o ${out}`], { stdio: ['ignore', 'ignore', 'pipe'] });
   const seen = new Map<number, number[]>(); // thread: its nice values, in order of change
   const targetNice = new Set<number>();
   const inFinish = new Set<number>(); // threads seen 10 nicer once the main thread was back
