@@ -13,7 +13,6 @@ import { BIN, run, sh } from './helpers/cli';
 import { allThreadsProgress, invariantAt, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
 import { tmpDir } from './helpers/net';
 
-const PAGE = 4096;
 const dir = tmpDir('precopy');
 
 async function intact(t: Target): Promise<void> {
