@@ -86,15 +86,7 @@ export class Output implements ByteSink {
   }
 
   async close(): Promise<void> {
-    if (this.stream === process.stdout) {
-      // Not 'drain': it comes only after a write() that returned false, so with
-      // bytes queued by writes that did not, it never came, the event loop
-      // emptied and bgsnap-capture exited 0 without its --stats (1 run in ~15
-      // of test/precopy under load). An empty write's callback runs once
-      // everything queued before it was handed over (or the pipe broke).
-      if (this.stream.writableLength) await new Promise<void>((resolve) => this.stream.write(Buffer.alloc(0), () => resolve()));
-      return;
-    }
+    if (this.stream === process.stdout) return this.handedOver();
     // Once only: abandon() after a close() that failed finds the file closed.
     if (!this.stream.writableEnded) {
       if (this.fd >= 0) await this.durable();
@@ -108,13 +100,23 @@ export class Output implements ByteSink {
   // complete only once it is), and out of the page cache. A failure is left
   // for check().
   private async durable(): Promise<void> {
-    if (this.stream.writableLength) await new Promise<void>((resolve) => this.stream.write(Buffer.alloc(0), () => resolve()));
+    await this.handedOver();
     await this.behind;
     if (this.failure) return;
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (e) => (e ? reject(e) : resolve()))).catch((e: Error) => {
       this.failure ??= e;
     });
     if (!this.failure) await fileops.writeBehind(this.fd, 0, this.settled, 0, 0).catch(() => undefined); // on disk: only the drop is left
+  }
+
+  // Every byte queued so far was handed to write(2) (or the pipe broke). Not
+  // 'drain': it comes only after a write() that returned false, so with bytes
+  // queued by writes that did not, it never came, the event loop emptied and
+  // bgsnap-capture exited 0 without its --stats (1 run in ~15 of test/precopy
+  // under load). An empty write's callback runs once everything queued before
+  // it was handed over.
+  private async handedOver(): Promise<void> {
+    if (this.stream.writableLength) await new Promise<void>((resolve) => this.stream.write(Buffer.alloc(0), () => resolve()));
   }
 
   // A file or pipe has no one to tell: what was written stays, without its END
