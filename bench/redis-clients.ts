@@ -39,7 +39,9 @@ function loadBin(): string {
   return out;
 }
 
-interface Window { contender: string; pauseMs: number; t0: bigint; t1: bigint; note: string }
+// A bgsnap window's phases, by the generations' instants: [name, from, to].
+type Phase = [string, bigint, bigint];
+interface Window { contender: string; pauseMs: number; t0: bigint; t1: bigint; note: string; phases?: Phase[] }
 interface Row extends Window { n: number; p50: number; p99: number; p999: number; max: number; rps: number }
 
 // Latencies (ms) of the requests in flight at any moment of [t0, t1].
@@ -57,10 +59,24 @@ function latencies(file: string, t0: bigint, t1: bigint): { l: number[]; maxAt: 
   return { l: l.sort((a, b) => a - b), maxAt };
 }
 
+const quantile = (l: number[], p: number) => l[Math.min(l.length - 1, Math.floor(l.length * p))] ?? NaN;
+
+// Where the slow requests of a window fall: each phase's length, its
+// requests, how many took over 1 ms, and its max (a request counts in every
+// phase it was in flight during).
+function byPhase(file: string, phases: Phase[]): string {
+  return 'by phase (ms: requests, over 1 ms, max) ' + phases.map(([name, a, b]) => {
+    const { l } = latencies(file, a, b);
+    const firstSlow = l.findIndex((x) => x > 1);
+    return `${name} ${(Number(b - a) / 1e6).toFixed(0)}: ${l.length}, ${firstSlow < 0 ? 0 : l.length - firstSlow}, ${(l[l.length - 1] ?? NaN).toFixed(1)}`;
+  }).join('; ');
+}
+
 function row(w: Window, file: string): Row {
   const { l, maxAt } = latencies(file, w.t0, w.t1);
-  const q = (p: number) => l[Math.min(l.length - 1, Math.floor(l.length * p))] ?? NaN;
-  const note = `max at +${maxAt.toFixed(0)} ms${w.note ? `; ${w.note}` : ''}`;
+  const q = (p: number) => quantile(l, p);
+  const phases = w.phases ? `; ${byPhase(file, w.phases)}` : '';
+  const note = `max at +${maxAt.toFixed(0)} ms${phases}${w.note ? `; ${w.note}` : ''}`;
   return { ...w, note, n: l.length, p50: q(0.5), p99: q(0.99), p999: q(0.999), max: l[l.length - 1] ?? NaN, rps: l.length / (Number(w.t1 - w.t0) / 1e9) };
 }
 
@@ -92,14 +108,28 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window 
   if (process.env.BGSNAP_BENCH_DEBUG) process.stderr.write(p.stderr);
   const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
   const at = s.snapshotTime ? `snapshot at +${(s.snapshotTime - wall0).toFixed(0)} ms, ` : '';
-  const gens = (s.generations ?? []) as { pages: number; pauseMs: number; syncFinish?: boolean; moveStops?: number; moveMaxMs?: number; stopPages?: number; heldPages?: number }[];
+  const gens = (s.generations ?? []) as { instant: number; seconds: number; faults: number; pass?: boolean; pages: number; pauseMs: number; syncFinish?: boolean; moveStops?: number; moveMaxMs?: number; stopPages?: number; heldPages?: number }[];
   const last = gens[gens.length - 1];
   // Older builds (--base) move memory inside the snapshot's stop: no moveStops.
   const moved = last?.moveStops ? `: memory moved in ${last.moveStops} stops of at most ${last.moveMaxMs!.toFixed(1)} ms, ${last.stopPages} pages saved in the snapshot's stop, ${last.heldPages ?? 0} read during the move` : '';
   const finish = last?.syncFinish ? `, finished with faults${moved}` : '';
-  const passes = precopy ? `${gens.length - 1} passes then the snapshot${finish} (pages ${gens.map((g) => g.pages).join(', ')}; stops ${gens.map((g) => g.pauseMs.toFixed(1)).join(', ')} ms), ` : '';
+  const passes = precopy ? `${gens.length - 1} passes then the snapshot${finish} (pages ${gens.map((g) => g.pages).join(', ')}; faults ${gens.map((g) => g.faults).join(', ')}; stops ${gens.map((g) => g.pauseMs.toFixed(1)).join(', ')} ms), ` : '';
   const note = `${passes}${at}faults ${s.faults} (${s.pagesByFault} pages), fault wait p99 ${s.faultWaitP99Ms.toFixed(2)} max ${s.faultWaitMaxMs.toFixed(1)} ms, buffer waits ${s.bufferWaits}, layout events ${s.layoutEvents.remove + s.layoutEvents.unmap + s.layoutEvents.remap} (EAGAIN ${s.layoutEvents.eagain}), capture RSS ${(s.maxRssKiB / 1024).toFixed(0)} MiB`;
-  return { contender: name, pauseMs: s.pauseMs, t0, t1, note };
+  return { contender: name, pauseMs: s.pauseMs, t0, t1, note, phases: phasesOf(gens, t0, wall0, t1) };
+}
+
+// Pre-copy's phases on the load's clock: before the first pass, the passes,
+// from the last pass's end to the snapshot's instant ("move": the finish's
+// move, or only the wait for the output), the snapshot until its last page is
+// out, and the rest of the window.
+function phasesOf(gens: { instant: number; seconds: number; pass?: boolean }[], t0: bigint, wall0: number, t1: bigint): Phase[] | undefined {
+  const snap = gens[gens.length - 1], passes = gens.filter((g) => g.pass);
+  if (!snap || !passes.length || typeof snap.instant !== 'number') return undefined;
+  const at = (wallMs: number) => t0 + BigInt(Math.round((wallMs - wall0) * 1e6));
+  const last = passes[passes.length - 1]!;
+  const marks = [t0, at(gens[0]!.instant), at(last.instant + last.seconds * 1000), at(snap.instant), at(snap.instant + snap.seconds * 1000), t1];
+  const names = ['start', 'passes', 'move', 'snapshot', 'end'];
+  return names.map((n, i): Phase => [n, marks[i]!, marks[i + 1]!]).filter(([, a, b]) => b > a);
 }
 
 async function bgsave(r: Redis): Promise<Window> {

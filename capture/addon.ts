@@ -43,8 +43,8 @@ export interface CaptureOptions {
   testStuckInjection?: boolean; // tests: inject a pause() that never returns first
   chain?: boolean; // keep tracking after the save: generations follow with nextGeneration()
   precopy?: boolean; // a chain of pre-copy passes on a WP_ASYNC userfaultfd, then the snapshot (capture/native/precopy.cc)
-  precopyFinalPages?: number; // pre-copy: the snapshot comes once at most this many pages were written since the last pass (2048)
-  precopyMaxPasses?: number; // pre-copy: or after this many passes (6)
+  precopyFinalPages?: number; // pre-copy: the snapshot comes once at most this many pages were written since the last pass (4096)
+  precopyMaxPasses?: number; // pre-copy: or after this many passes (8)
   precopyMoveMb?: number; // pre-copy's finish: anonymous memory moves to the synchronous userfaultfd this much per stop (64)
   chainPreProtectMinPages?: number; // chains: re-protect a dirty set this big before the freeze (default 4096; tests: 1)
   testMaxUnregisters?: number; // tests: fallback unregisters of saved ranges under layout storms (4096)

@@ -140,8 +140,13 @@ struct Options {
   // generations are passes until the pages written since the last one fit in
   // finalPages (or maxPasses were made); the last saves them inside its freeze.
   bool precopy = false;
-  uint32_t precopyFinalPages = 2048;   // ~3 us a page saved in a stop (Redis: 14-15k pages in 39-53 ms)
-  uint32_t precopyMaxPasses = 6;
+  // ~3 us a page saved in a stop: 4096 pages, 11-16 ms (Redis), below a fork
+  // of Redis's 460 MiB (BGSAVE: 17-35 ms). A target that gets there skips the
+  // finish with faults, which gave Redis's clients 300-600 requests over 1 ms.
+  uint32_t precopyFinalPages = 4096;
+  // Redis's last passes still shrank ~10-20% each at the 6th (5-6k pages):
+  // after 6, 5 rounds of 10 got the snapshot; after 8, 5 of 5.
+  uint32_t precopyMaxPasses = 8;
   uint32_t precopyMoveMb = 64;      // the finish moves anonymous memory to the synchronous userfaultfd this much per stop
   uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer
   uint32_t retryOnlyMs = 5000;      // past them, how long Release retries one range before failing

@@ -128,8 +128,8 @@ Options ParseOptions(const Napi::Value& v) {
   o.preDirtyMinPages = static_cast<uint32_t>(num("chainPreProtectMinPages", 4096));
   o.precopy = obj.Get("precopy").ToBoolean().Value();
   if (o.precopy) o.chain = true;
-  o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", 2048));
-  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 6));
+  o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", 4096));
+  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 8));
   o.precopyMoveMb = static_cast<uint32_t>(num("precopyMoveMb", 64));
   return o;
 }
