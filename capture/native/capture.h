@@ -140,12 +140,13 @@ struct Options {
   // generations are passes until the pages written since the last one fit in
   // finalPages (or maxPasses were made); the last saves them inside its freeze.
   bool precopy = false;
-  // ~3 us a page saved in a stop: 4096 pages, 11-16 ms (Redis), below a fork
-  // of Redis's 460 MiB (BGSAVE: 17-35 ms). A target that gets there skips the
-  // finish with faults, which gave Redis's clients 300-600 requests over 1 ms.
+  // ~3 us a page saved in a stop: Redis's 3.3-7.1k pages took 10.7-19.4 ms,
+  // below a fork of its 460 MiB (BGSAVE: 17-35 ms). A target that gets there
+  // skips the finish with faults, which made 338-643 of Redis's clients'
+  // requests take over 1 ms (bench/RESULTS.md, 2026-12-01).
   uint32_t precopyFinalPages = 4096;
-  // Redis's last passes still shrank ~10-20% each at the 6th (5-6k pages):
-  // after 6, 5 rounds of 10 got the snapshot; after 8, 5 of 5.
+  // Redis's passes still shrank at the 6th (to 4-6k pages): with 4096 pages,
+  // 8 rounds of 14 got the snapshot after at most 6 passes, 28 of 35 after 8.
   uint32_t precopyMaxPasses = 8;
   uint32_t precopyMoveMb = 64;      // the finish moves anonymous memory to the synchronous userfaultfd this much per stop
   uint32_t maxUnregisters = 4096;   // fallback unregisters of saved ranges (Release); tests set fewer

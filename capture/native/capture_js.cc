@@ -99,23 +99,23 @@ void OnWake(Napi::Env env, uint32_t id) {
 }
 
 Options ParseOptions(const Napi::Value& v) {
-  Options o;
+  Options o;  // capture.h's defaults, for what JavaScript leaves out
   if (!v.IsObject()) return o;
   Napi::Object obj = v.As<Napi::Object>();
   auto num = [&](const char* k, double dflt) {
     Napi::Value x = obj.Get(k);
     return x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : dflt;
   };
-  o.bufferMb = static_cast<uint32_t>(num("bufferMb", 64));
-  o.rateLimitMBps = num("rateLimitMBps", 0);
-  o.stallMs = static_cast<uint32_t>(num("stallTimeoutMs", 30000));
-  o.holdMs = static_cast<uint32_t>(num("testHoldMs", 0));
-  o.stepTimeoutMs = static_cast<uint32_t>(num("injectTimeoutMs", 2000));
+  o.bufferMb = static_cast<uint32_t>(num("bufferMb", o.bufferMb));
+  o.rateLimitMBps = num("rateLimitMBps", o.rateLimitMBps);
+  o.stallMs = static_cast<uint32_t>(num("stallTimeoutMs", o.stallMs));
+  o.holdMs = static_cast<uint32_t>(num("testHoldMs", o.holdMs));
+  o.stepTimeoutMs = static_cast<uint32_t>(num("injectTimeoutMs", o.stepTimeoutMs));
   Napi::Value stuck = obj.Get("testStuckInjection");
   o.testStuckInjection = stuck.IsBoolean() && stuck.As<Napi::Boolean>().Value();
-  o.frozenReadMs = static_cast<uint32_t>(num("frozenReadTimeoutMs", 1000));
-  o.maxUnregisters = static_cast<uint32_t>(num("testMaxUnregisters", 4096));
-  o.retryOnlyMs = static_cast<uint32_t>(num("testRetryOnlyMs", 5000));
+  o.frozenReadMs = static_cast<uint32_t>(num("frozenReadTimeoutMs", o.frozenReadMs));
+  o.maxUnregisters = static_cast<uint32_t>(num("testMaxUnregisters", o.maxUnregisters));
+  o.retryOnlyMs = static_cast<uint32_t>(num("testRetryOnlyMs", o.retryOnlyMs));
   Napi::Value pre = obj.Get("preProtect");
   if (pre.IsBoolean()) o.preProtect = pre.As<Napi::Boolean>().Value();
   Napi::Value dd = obj.Get("includeDontDump");
@@ -125,12 +125,12 @@ Options ParseOptions(const Napi::Value& v) {
   o.allowNonDumpable = obj.Get("allowNonDumpable").ToBoolean().Value();
   o.suspendSeccomp = !obj.Get("testNoSuspendSeccomp").ToBoolean().Value();
   o.chain = obj.Get("chain").ToBoolean().Value();
-  o.preDirtyMinPages = static_cast<uint32_t>(num("chainPreProtectMinPages", 4096));
+  o.preDirtyMinPages = static_cast<uint32_t>(num("chainPreProtectMinPages", o.preDirtyMinPages));
   o.precopy = obj.Get("precopy").ToBoolean().Value();
   if (o.precopy) o.chain = true;
-  o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", 4096));
-  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", 8));
-  o.precopyMoveMb = static_cast<uint32_t>(num("precopyMoveMb", 64));
+  o.precopyFinalPages = static_cast<uint32_t>(num("precopyFinalPages", o.precopyFinalPages));
+  o.precopyMaxPasses = static_cast<uint32_t>(num("precopyMaxPasses", o.precopyMaxPasses));
+  o.precopyMoveMb = static_cast<uint32_t>(num("precopyMoveMb", o.precopyMoveMb));
   return o;
 }
 
