@@ -141,8 +141,8 @@ struct Options {
   // finalPages (or maxPasses were made); the last saves them inside its freeze.
   bool precopy = false;
   // ~3 us a page saved in a stop: Redis's 3.3-7.1k pages took 10.7-19.4 ms,
-  // below a fork of its 460 MiB (BGSAVE: 17-35 ms). A target that gets there
-  // skips the finish with faults, which made 338-643 of Redis's clients'
+  // within a fork of its 460 MiB (BGSAVE: 17-44 ms). A target that gets there
+  // skips the finish with faults, which made 338-657 of Redis's clients'
   // requests take over 1 ms (bench/RESULTS.md, 2026-12-01).
   uint32_t precopyFinalPages = 4096;
   // Redis's passes still shrank at the 6th (to 4-6k pages): with 4096 pages,
