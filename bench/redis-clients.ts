@@ -44,10 +44,9 @@ type Phase = [string, bigint, bigint];
 interface Window { contender: string; pauseMs: number; t0: bigint; t1: bigint; note: string; phases?: Phase[] }
 interface Row extends Window { n: number; p50: number; p99: number; p999: number; max: number; rps: number }
 
-// Latencies (ms) of the requests in flight at any moment of [t0, t1].
-// Also when the slowest of them started, in ms after t0.
-function latencies(file: string, t0: bigint, t1: bigint): { l: number[]; maxAt: number } {
-  const buf = fs.readFileSync(file);
+// Latencies (ms) of the requests in flight at any moment of [t0, t1], from
+// redisload's records. Also when the slowest of them started, in ms after t0.
+function latencies(buf: Buffer, t0: bigint, t1: bigint): { l: number[]; maxAt: number } {
   const l: number[] = [];
   let max = -1, maxAt = 0;
   for (let o = 0; o + 12 <= buf.length; o += 12) {
@@ -64,18 +63,19 @@ const quantile = (l: number[], p: number) => l[Math.min(l.length - 1, Math.floor
 // Where the slow requests of a window fall: each phase's length, its
 // requests, how many took over 1 ms, and its max (a request counts in every
 // phase it was in flight during).
-function byPhase(file: string, phases: Phase[]): string {
+function byPhase(buf: Buffer, phases: Phase[]): string {
   return 'by phase (ms: requests, over 1 ms, max) ' + phases.map(([name, a, b]) => {
-    const { l } = latencies(file, a, b);
+    const { l } = latencies(buf, a, b);
     const firstSlow = l.findIndex((x) => x > 1);
     return `${name} ${(Number(b - a) / 1e6).toFixed(0)}: ${l.length}, ${firstSlow < 0 ? 0 : l.length - firstSlow}, ${(l[l.length - 1] ?? NaN).toFixed(1)}`;
   }).join('; ');
 }
 
 function row(w: Window, file: string): Row {
-  const { l, maxAt } = latencies(file, w.t0, w.t1);
+  const buf = fs.readFileSync(file);
+  const { l, maxAt } = latencies(buf, w.t0, w.t1);
   const q = (p: number) => quantile(l, p);
-  const phases = w.phases ? `; ${byPhase(file, w.phases)}` : '';
+  const phases = w.phases ? `; ${byPhase(buf, w.phases)}` : '';
   const note = `max at +${maxAt.toFixed(0)} ms${phases}${w.note ? `; ${w.note}` : ''}`;
   return { ...w, note, n: l.length, p50: q(0.5), p99: q(0.99), p999: q(0.999), max: l[l.length - 1] ?? NaN, rps: l.length / (Number(w.t1 - w.t0) / 1e9) };
 }
