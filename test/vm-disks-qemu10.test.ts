@@ -43,7 +43,7 @@ test('QEMU 10: RAM and disk agree after a restore into QEMU 10; the guest ran du
   assert.ok((stats.pauseMs as number) < (stats.totalTimeMs as number), `resumed before the snapshot ended: ${JSON.stringify(stats)}`);
   assert.ok(during >= 1, 'the guest checked its disk while the capture ran: it was not left paused to the end');
   const late = path.join(ctx.dir, 'late.raw');
-  await copyLater(vm, disk, late);
+  const source = await copyLater(vm, disk, late);
 
   const restored = path.join(ctx.dir, 'restored.raw');
   const c = await run(BIN.convert, [image, '--to', 'disk', '--drive', 'd0', '-o', restored]);
@@ -53,7 +53,7 @@ test('QEMU 10: RAM and disk agree after a restore into QEMU 10; the guest ran du
   const good = await ctx.restore(image, restored, append);
   assert.ok(good.every((k) => k.ok), `restored guest: ${good.map((k) => k.text).join(' | ')}`);
   const bad = await ctx.restore(image, late, append);
-  assert.ok(!bad[0].ok && bad[0].onDisk > bad[0].last, `later disk must fail the check: ${bad[0].text}`);
+  assert.ok(!bad[0].ok && bad[0].onDisk > bad[0].last, `later disk must fail the check: ${bad[0].text}; the source's last lines: ${source}`);
 });
 
 test.run();

@@ -38,7 +38,7 @@ test('raw disk: RAM and disk agree after restore; a disk copied seconds later fa
   assert.ok(typeof stats.pauseMs === 'number' && typeof stats.downtimeMs === 'number', JSON.stringify(stats));
   assert.ok((stats.diskCopyMs as number) > (stats.pauseMs as number), `the disk copy outlasted the pause: ${JSON.stringify(stats)}`);
   const late = path.join(ctx.dir, 'late.raw');
-  await copyLater(vm, disk, late);
+  const source = await copyLater(vm, disk, late);
 
   const insp = JSON.parse((await run(BIN.inspect, [image, '--json'])).stdout);
   assert.equal(insp.drives.map((d: { id: string; size: number }) => [d.id, d.size]), [['d0', 160 << 20]]);
@@ -51,7 +51,7 @@ test('raw disk: RAM and disk agree after restore; a disk copied seconds later fa
   const good = await ctx.restore(image, restored, 'bgsnap.disk=1 bgsnap.disk_at=150');
   assert.ok(good.every((k) => k.ok), `restored guest: ${good.map((k) => k.text).join(' | ')}`);
   const bad = await ctx.restore(image, late, 'bgsnap.disk=1 bgsnap.disk_at=150');
-  assert.ok(!bad[0].ok && bad[0].onDisk > bad[0].last, `later disk must fail the check: ${bad[0].text}`);
+  assert.ok(!bad[0].ok && bad[0].onDisk > bad[0].last, `later disk must fail the check: ${bad[0].text}; the source's last lines: ${source}`);
 });
 
 test('qcow2 disk with a backing file: restore agrees, chain unchanged', async () => {

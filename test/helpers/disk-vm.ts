@@ -57,9 +57,23 @@ export class DiskVms {
     const during = diskChecks(vm, from, this.re).length; // checks printed while the capture ran
     const s = JSON.parse(fs.readFileSync(stats, 'utf8'));
     assert.is(s.runStateAfter, 'running');
-    await this.waitChecks(vm, 1, from);
+    await this.wroteOn(vm, from);
     assert.equal(await ourLeftovers(vm), []);
     return { image, stats: s, during };
+  }
+
+  // The guest must be writing again after the capture, not merely said to be
+  // running: a check newer than every one printed so far. If none comes, what
+  // QEMU's threads wait on goes into the failure.
+  async wroteOn(vm: Vm, from: number, timeoutMs = 30_000): Promise<void> {
+    const lastOf = (since: number) => Math.max(0, ...diskChecks(vm, since, this.re).map((c) => c.last));
+    const before = lastOf(from);
+    const end = vm.lines().length;
+    for (let t = 0; t < timeoutMs && lastOf(end) <= before; t += 200) await sleep(200);
+    if (lastOf(end) > before) return;
+    const status = await vm.qmp.execute<{ status: string }>('query-status').then((r) => r.status, (e: Error) => e.message);
+    const tail = vm.lines(from).slice(-8).map((l) => l.text).join(' | ');
+    assert.unreachable(`the guest wrote nothing newer than ${before} for ${timeoutMs / 1000} s after the capture (status ${status}); serial: ${tail}; QEMU's threads: ${threadsOf(vm.pid)}`);
   }
 
   // Restores vmstate + disk in a fresh QEMU and returns the restored VM once it
@@ -102,16 +116,37 @@ export function chain(file: string): unknown {
   return (JSON.parse(out) as Record<string, unknown>[]).map((i) => ({ f: i.filename, fmt: i.format, b: i['backing-filename'], v: i['virtual-size'] }));
 }
 
+// Where each of QEMU's threads waits, for a failure message: its name, state
+// and kernel stack (a vCPU blocked on write-protected RAM shows handle_userfault).
+function threadsOf(pid: number): string {
+  const read = (f: string) => {
+    try {
+      return fs.readFileSync(f, 'utf8').trim();
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code ?? 'unreadable';
+    }
+  };
+  const tasks = (() => { try { return fs.readdirSync(`/proc/${pid}/task`); } catch { return []; } })();
+  return tasks.map((t) => {
+    const d = `/proc/${pid}/task/${t}`;
+    const state = read(`${d}/stat`).replace(/^.*\) /, '').split(' ')[0];
+    const stack = read(`${d}/stack`).split('\n').slice(0, 6).map((l) => l.replace(/^\[<[0-9a-f]+>\] /, '')).join(' < ');
+    return `${read(`${d}/comm`)} ${state}: ${stack}`;
+  }).join('; ') || `no /proc/${pid}`;
+}
+
 export async function ourLeftovers(vm: Vm): Promise<string[]> {
   const jobs = await vm.qmp.execute<{ device: string }[]>('query-block-jobs');
   const nodes = await vm.qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes');
   return [...jobs.map((j) => `job ${j.device}`), ...nodes.filter((n) => n['node-name'].startsWith('bgsnap')).map((n) => `node ${n['node-name']}`)];
 }
 
-// The disk a few seconds on: stop the source, copy its disk, kill it.
-export async function copyLater(vm: Vm, disk: string, to: string, ms = 3000): Promise<void> {
+// The disk a few seconds on: stop the source, copy its disk, kill it. Returns
+// the source's last disk lines, so a failing check shows what the source did.
+export async function copyLater(vm: Vm, disk: string, to: string, ms = 3000): Promise<string> {
   await sleep(ms);
   await vm.qmp.execute('stop');
   fs.copyFileSync(disk, to);
   await vm.kill();
+  return vm.lines().filter((l) => /disk/.test(l.text)).slice(-6).map((l) => l.text).join(' | ');
 }
