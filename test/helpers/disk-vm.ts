@@ -73,7 +73,7 @@ export class DiskVms {
     if (lastOf(end) > before) return;
     const status = await vm.qmp.execute<{ status: string }>('query-status').then((r) => r.status, (e: Error) => e.message);
     const tail = vm.lines(from).slice(-8).map((l) => l.text).join(' | ');
-    assert.unreachable(`the guest wrote nothing newer than ${before} for ${timeoutMs / 1000} s after the capture (status ${status}); serial: ${tail}; QEMU's threads: ${threadsOf(vm.pid)}`);
+    assert.unreachable(`the guest wrote nothing newer than ${before} for ${timeoutMs / 1000} s after the capture (status ${status}); serial: ${tail}; virtqueues: ${await virtqueues(vm)}; QEMU's threads: ${threadsOf(vm.pid)}`);
   }
 
   // Restores vmstate + disk in a fresh QEMU and returns the restored VM once it
@@ -114,6 +114,22 @@ export function chain(file: string): unknown {
   const out = execFileSync('qemu-img', ['info', '-U', '--backing-chain', '--output=json', file], { encoding: 'utf8' });
   // Sizes on disk change as the guest writes; the chain itself must not.
   return (JSON.parse(out) as Record<string, unknown>[]).map((i) => ({ f: i.filename, fmt: i.format, b: i['backing-filename'], v: i['virtual-size'] }));
+}
+
+// Each virtio device's first queue as QEMU sees it: a request the guest made
+// available that QEMU never took (avail ahead of last-avail) is a lost kick.
+async function virtqueues(vm: Vm): Promise<string> {
+  try {
+    const devs = await vm.qmp.execute<{ path: string; name: string }[]>('x-query-virtio');
+    const out: string[] = [];
+    for (const d of devs) {
+      const q = await vm.qmp.execute<Record<string, unknown>>('x-query-virtio-queue-status', { path: d.path, queue: 0 });
+      out.push(`${d.name} ${JSON.stringify(q)}`);
+    }
+    return out.join('; ') || 'none';
+  } catch (e) {
+    return `x-query-virtio: ${(e as Error).message}`;
+  }
 }
 
 // Where each of QEMU's threads waits, for a failure message: its name, state
