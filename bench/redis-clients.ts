@@ -80,21 +80,22 @@ function row(w: Window, file: string): Row {
   return { ...w, note, n: l.length, p50: q(0.5), p99: q(0.99), p999: q(0.999), max: l[l.length - 1] ?? NaN, rps: l.length / (Number(w.t1 - w.t0) / 1e9) };
 }
 
-interface Run { root?: string; precopy?: boolean; toFile?: boolean }
+interface Run { root?: string; precopy?: boolean; toFile?: boolean; zstd?: boolean }
 
 // `root` another build of bgsnap (--base DIR): the same capture by an older
 // engine, side by side with this one. `toFile`: the stream to a file on this
-// disk (as BGSAVE's dump.rdb), received later, outside the window.
+// disk (as BGSAVE's dump.rdb), received later, outside the window. `zstd`: the
+// stream compressed at level 1 (BGSAVE's RDB is LZF-compressed by default).
 function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window {
-  const { root, precopy, toFile } = run;
+  const { root, precopy, toFile, zstd } = run;
   const capture = root ? path.join(root, 'dist', 'bin', 'bgsnap-capture.js') : BIN.capture;
   const receive = root ? path.join(root, 'dist', 'bin', 'bgsnap-receive.js') : BIN.receive;
   const stats = path.join(dir, 'cap.json'), img = path.join(dir, 'img'), file = path.join(dir, 'stream.bgsnap');
   for (const f of [img, stats, file]) fs.rmSync(f, { recursive: true, force: true });
-  const name = `${precopy ? 'precopy' : 'bgsnap'}${root ? '@base' : ''}${toFile ? '>file' : ''}`;
+  const name = `${precopy ? 'precopy' : 'bgsnap'}${root ? '@base' : ''}${zstd ? '+zstd' : ''}${toFile ? '>file' : ''}`;
   const t0 = now(), wall0 = Date.now();
   const out = toFile ? `-o ${file}` : `| node ${receive} -q -o ${img}`;
-  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${precopy ? ' --precopy' : ''} --buffer-mb ${bufferMb} --stats ${stats} ${out}`], { encoding: 'utf8' });
+  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${precopy ? ' --precopy' : ''}${zstd ? ' --compress 1' : ''} --buffer-mb ${bufferMb} --stats ${stats} ${out}`], { encoding: 'utf8' });
   const t1 = now();
   for (const f of [img, file]) fs.rmSync(f, { recursive: true, force: true });
   // An older build's pre-copy (--base) could give up; this one finishes with faults.
@@ -198,6 +199,7 @@ async function main() {
       ['bgsnap>file', async () => bgsnap(r, dir, bufferMb, { toFile: true })],
       ['precopy', async () => bgsnap(r, dir, precopyMb, { precopy: true })],
       ['precopy>file', async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true })],
+      ['precopy+zstd>file', async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true, zstd: true })],
       ['precopy@base>file', async () => bgsnap(r, dir, precopyMb, { precopy: true, toFile: true, root: base })],
       ['BGSAVE', () => bgsave(r)],
       ['gcore', async () => gcore(r, dir)],
