@@ -2,7 +2,7 @@
 // (version 2, `chain: true`). Produces frames as Buffer lists (header + payload
 // parts) so page data is written to the sink without being copied; the caller
 // writes them in order. Layouts in bgsnap.ts and SPEC.md.
-import type * as Zstd from 'zstd-napi';
+import type * as Zstd from 'zstd-napi/binding';
 import { crc32 } from './crc32';
 import {
   CHAIN_VERSION, FLAG_ZSTD, FrameType, MAGIC, SOURCES, VERSION, emptyTotals, frame, pad4, u32, type Crc32Fn, type PartCrcs,
@@ -25,6 +25,7 @@ export class BgsnapEncoder {
   private gen: GenerationTotals | undefined; // the open generation's counts
   private generations = 0;
   private lastPass = false; // the last generation ended was a pre-copy pass
+  private packer: { cctx: Zstd.CCtx; src: Buffer; dst: Buffer } | undefined; // compression's reused state
 
   constructor(opts: EncoderOptions = {}) {
     this.level = opts.compressLevel;
@@ -128,10 +129,27 @@ export class BgsnapEncoder {
     this.count('zeroPages', zeros);
     this.count('batches', 1);
     if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data], 0, undefined, this.pageCrcs(batch, n - zeros));
-    const raw = Buffer.concat([meta, batch.data]);
+    const packed = this.compressed(meta, batch.data);
+    // Pages that do not compress go as they are: the reader skips inflating them.
+    if (!packed) return frame(this.crc, FrameType.PAGES, [meta, batch.data], 0, undefined, this.pageCrcs(batch, n - zeros));
+    return frame(this.crc, FrameType.PAGES, [packed], FLAG_ZSTD, meta.length + batch.data.length);
+  }
+
+  // One context, input and output buffer for the whole stream, and a copy of
+  // only the compressed bytes: zstd-napi's compress() of a concatenated batch
+  // allocated two fresh 4 MiB buffers per batch, and zeroing them took the
+  // kernel a third of compressing (1 GiB of Redis's pages at level 1: 950 ms
+  // of CPU, 248 of it system, against 442 ms this way).
+  private compressed(meta: Buffer, data: Buffer): Buffer | undefined {
     // Loaded only with compression on: a capture's start-up is part of its wall time.
-    const zstd = require('zstd-napi') as typeof Zstd;
-    return frame(this.crc, FrameType.PAGES, [zstd.compress(raw, { compressionLevel: this.level })], FLAG_ZSTD, raw.length);
+    const z = require('zstd-napi/binding') as typeof Zstd;
+    const c = (this.packer ??= { cctx: new z.CCtx(), src: Buffer.alloc(0), dst: Buffer.alloc(0) });
+    const raw = meta.length + data.length;
+    if (c.src.length < raw) [c.src, c.dst] = [Buffer.allocUnsafe(raw), Buffer.allocUnsafe(z.compressBound(raw))];
+    meta.copy(c.src, 0);
+    data.copy(c.src, meta.length);
+    const n = c.cctx.compress(c.dst, c.src.subarray(0, raw), this.level!);
+    return n < raw ? Buffer.from(c.dst.subarray(0, n)) : undefined;
   }
 
   // The batch's own page CRCs when it carries one per data page (the process

@@ -64,6 +64,35 @@ test('compression shrinks compressible pages and round-trips', () => {
   assert.ok(f.length < data.length / 10, `compressed frame ${f.length} bytes`);
 });
 
+// The encoder reuses one input and output buffer for the whole stream: batches
+// that grow, shrink and grow again must each decode to their own pages, and a
+// batch that does not compress goes uncompressed (flags 0), still decodable.
+test('compressed batches of changing sizes keep their own pages; incompressible ones go raw', () => {
+  const enc = new BgsnapEncoder({ compressLevel: 1 });
+  const rnd = prng(5);
+  const parts = [enc.magic(), ...enc.header(makeHeader()), ...enc.blocks([{ name: 'a', length: 4096 * 64, address: 0 }])];
+  const want = new Map<string, Buffer | null>();
+  const flags: number[] = [];
+  let first = 0;
+  for (const [n, random] of [[8, false], [2, false], [16, true], [1, false], [32, false], [3, true]] as const) {
+    const data = Buffer.alloc(4096 * n);
+    for (let i = 0; i < n; i++) {
+      const page = data.subarray(i * 4096, (i + 1) * 4096);
+      if (random) for (let b = 0; b < page.length; b++) page[b] = randInt(rnd, 0, 255);
+      else page.fill(0x30 + ((first + i) % 40));
+      want.set(`0:${first + i}`, Buffer.from(page));
+    }
+    const frame = enc.pages({ block: 0, index: Uint32Array.from({ length: n }, (_, i) => first + i), zero: new Uint8Array(n), data });
+    flags.push(frame[0][1]);
+    parts.push(...frame);
+    first += n;
+  }
+  assert.equal(flags, [1, 1, 0, 1, 1, 0], 'zstd only where it made the batch smaller');
+  const got = applyPages(decodeChunked(Buffer.concat([...parts, ...enc.end()]), []), 4096);
+  assert.is(got.size, want.size);
+  for (const [k, v] of want) assert.ok(v!.equals(got.get(k)!), `page ${k}`);
+});
+
 test('a batch of only zero pages whose data buffer has no memory keeps a valid checksum', () => {
   // Native zero-copy batches hand over an empty buffer backed by no memory;
   // zlib's crc32 then returned 0 instead of the running checksum.
