@@ -6,6 +6,8 @@
 //   precopy, precopy>file   both with --precopy: passes no writer waits for,
 //            then the snapshot (its stop saves what is left, or protects it
 //            for a finish with write-protect faults: "finished with faults")
+//   precopy+zstd>file   the same with --compress=LEVEL (--zstd-level, default
+//            -3): its first pass compressed, the later ones raw
 //   BGSAVE   Redis's own fork-based snapshot (dump.rdb on this disk)
 //   gcore    gdb's core dump (the server is stopped for all of it)
 //   none     no snapshot: the load alone, same length of window
@@ -15,6 +17,7 @@
 //   node dist/bench/redis-clients.js [--runs 2] [--keys 500000] [--value 1000] [--conns 8]
 //        [--buffer-mb 64] [--precopy-buffer-mb 128] [--base DIR]   (DIR: another built checkout, e.g. main,
 //        as "bgsnap@base" and "precopy@base>file") [--only NAME,...]   (some contenders, by name, in that order)
+//        [--zstd-level N]
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -85,7 +88,9 @@ interface Run { root?: string; precopy?: boolean; toFile?: boolean; zstd?: boole
 // `root` another build of bgsnap (--base DIR): the same capture by an older
 // engine, side by side with this one. `toFile`: the stream to a file on this
 // disk (as BGSAVE's dump.rdb), received later, outside the window. `zstd`: the
-// stream compressed at level 1 (BGSAVE's RDB is LZF-compressed by default).
+// stream compressed (BGSAVE's RDB is LZF-compressed by default), at level
+// --zstd-level.
+const ZSTD_LEVEL = arg('--zstd-level', '-3');
 function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window {
   const { root, precopy, toFile, zstd } = run;
   const capture = root ? path.join(root, 'dist', 'bin', 'bgsnap-capture.js') : BIN.capture;
@@ -95,7 +100,7 @@ function bgsnap(r: Redis, dir: string, bufferMb: string, run: Run = {}): Window 
   const name = `${precopy ? 'precopy' : 'bgsnap'}${root ? '@base' : ''}${zstd ? '+zstd' : ''}${toFile ? '>file' : ''}`;
   const t0 = now(), wall0 = Date.now();
   const out = toFile ? `-o ${file}` : `| node ${receive} -q -o ${img}`;
-  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${precopy ? ' --precopy' : ''}${zstd ? ' --compress 1' : ''} --buffer-mb ${bufferMb} --stats ${stats} ${out}`], { encoding: 'utf8' });
+  const p = spawnSync('sh', ['-c', `node ${capture} --pid ${r.pid}${precopy ? ' --precopy' : ''}${zstd ? ` --compress=${ZSTD_LEVEL}` : ''} --buffer-mb ${bufferMb} --stats ${stats} ${out}`], { encoding: 'utf8' });
   const t1 = now();
   for (const f of [img, file]) fs.rmSync(f, { recursive: true, force: true });
   // An older build's pre-copy (--base) could give up; this one finishes with faults.

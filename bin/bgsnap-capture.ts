@@ -24,7 +24,7 @@ const prog = new Command('bgsnap-capture')
   .option('-o, --output <file>', 'write the stream to a file instead of stdout (created 0600; an existing file only with --force)', '-')
   .option('--force', 'replace an existing -o file (never a symbolic link)')
   .option('--include-dontdump', 'process only: keep MADV_DONTDUMP ranges, which are left out by default as in kernel core dumps')
-  .option('--compress [level]', 'zstd-compress page batches (level 1-19, default 3)')
+  .option('--compress [level]', 'zstd-compress page batches (level -7 to 19, default 3; a fast, negative level as --compress=-3)')
   .option('--no-disks', 'QEMU only: leave the drives out (by default every writable drive is captured at the same instant as RAM)')
   .option('--disks', 'QEMU only: every writable drive; the default, accepted for older scripts')
   .option('--disk <id>', 'QEMU only: capture only this drive (its -drive id; with --domain its target, e.g. vda); repeatable', (v: string, l: string[] = []) => [...l, v])
@@ -48,7 +48,7 @@ const opts = prog.opts<Opts>();
 function compressLevel(): number | undefined {
   if (opts.compress === undefined || opts.compress === false) return undefined;
   const level = opts.compress === true ? 3 : Number(opts.compress);
-  if (!Number.isInteger(level) || level < 1 || level > 19) throw new Error(`--compress level must be 1..19, got "${opts.compress}"`);
+  if (!Number.isInteger(level) || level < -7 || level > 19 || level === 0) throw new Error(`--compress level must be -7..-1 or 1..19, got "${opts.compress}"`);
   return level;
 }
 

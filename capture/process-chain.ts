@@ -168,7 +168,9 @@ export function captureProcessChain(pid: number, opts: ChainCaptureOptions): Pro
     const removed = [...eng.removed, ...rod.removed], added = [...eng.added, ...rod.added];
     gt = { ...emptyGenerationTotals(k), blocksAdded: added.length, blocksRemoved: removed.length };
     dataBytes = 0;
-    yield { type: 'generation', generation: { generation: k, instant: info.freeze!.snapshotTime, removed } };
+    // A pre-copy's first pass reads all of memory at the output's pace; the
+    // later passes and the snapshot race the target's writes.
+    yield { type: 'generation', generation: { generation: k, instant: info.freeze!.snapshotTime, removed, ...(opts.precopy && k > 1 ? { racing: true } : {}) } };
     if (added.length) yield { type: 'blocks', blocks: added };
     for (const t of [totals, gt]) t.states++;
     yield { type: 'state', state: { kind: STATE_KIND, data: encodeProcessState(stateOf(info)) } };

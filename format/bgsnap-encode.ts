@@ -26,6 +26,7 @@ export class BgsnapEncoder {
   private generations = 0;
   private lastPass = false; // the last generation ended was a pre-copy pass
   private packer: { cctx: Zstd.CCtx; src: Buffer; dst: Buffer } | undefined; // compression's reused state
+  private racing = false; // the open generation's pages go uncompressed
 
   constructor(opts: EncoderOptions = {}) {
     this.level = opts.compressLevel;
@@ -82,6 +83,7 @@ export class BgsnapEncoder {
     if (this.gen) throw new Error(`generation ${g.generation} started before generation ${this.gen.generation} ended`);
     if (g.generation !== this.generations + 1) throw new Error(`generation ${g.generation} after ${this.generations}: generations are consecutive from 1`);
     this.gen = { ...emptyGenerationTotals(g.generation), blocksRemoved: g.removed.length };
+    this.racing = g.racing === true;
     return frame(this.crc, FrameType.GENERATION, [encodeGeneration(g)]);
   }
 
@@ -128,9 +130,12 @@ export class BgsnapEncoder {
     this.count('pages', n);
     this.count('zeroPages', zeros);
     this.count('batches', 1);
-    if (this.level === undefined) return frame(this.crc, FrameType.PAGES, [meta, batch.data], 0, undefined, this.pageCrcs(batch, n - zeros));
-    const packed = this.compressed(meta, batch.data);
-    // Pages that do not compress go as they are: the reader skips inflating them.
+    const packed = this.level === undefined || this.racing ? undefined : this.compressed(meta, batch.data);
+    // Pages that do not compress go as they are (the reader skips inflating
+    // them), and so do a racing generation's: a pre-copy's later passes must
+    // outrun the target's writes, and compressing them on this thread doubled
+    // their cost a page (Redis: its passes never came down to the snapshot in
+    // 18 rounds; bench/RESULTS.md).
     if (!packed) return frame(this.crc, FrameType.PAGES, [meta, batch.data], 0, undefined, this.pageCrcs(batch, n - zeros));
     return frame(this.crc, FrameType.PAGES, [packed], FLAG_ZSTD, meta.length + batch.data.length);
   }

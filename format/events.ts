@@ -75,6 +75,10 @@ export interface GenerationStart {
   generation: number; // 1, 2, ... consecutive
   instant: number; // ms since the epoch: wall-clock time of this generation's freeze
   removed: number[];
+  // Not in the stream: the producer races the target's writes here (a
+  // pre-copy's later passes and its snapshot), so an encoder leaves these
+  // pages uncompressed rather than slow it down.
+  racing?: boolean;
 }
 
 // What one generation carried, as the sender counted it: its GENERATION_END

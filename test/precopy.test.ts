@@ -51,6 +51,40 @@ test('passes, then a snapshot that holds; no writer waited on bgsnap', async () 
   }
 });
 
+// PAGES frames per generation of a bgsnap chain stream file: [compressed, raw].
+function pagesFrames(file: string): [number, number][] {
+  const b = fs.readFileSync(file), per: [number, number][] = [];
+  for (let o = 8; o + 16 <= b.length; o += 16 + b.readUInt32LE(o + 4)) {
+    if (b[o] === 7) per.push([0, 0]); // GENERATION
+    if (b[o] === 3) per[per.length - 1]![b[o + 1] & 1 ? 0 : 1]++; // PAGES, FLAG_ZSTD
+  }
+  return per;
+}
+
+// With --compress, the first pass (all of memory, at the output's pace) is
+// compressed; the later passes and the snapshot race the target's writes and
+// go raw (format/bgsnap-encode.ts). The stream still gives a snapshot that holds.
+test('--compress: the first pass compressed, the passes racing the writers raw; the snapshot holds', async () => {
+  const t = await startTarget('anon', 64, 0);
+  const img = path.join(dir, 'zstd.img'), file = path.join(dir, 'zstd.bgsnap');
+  try {
+    const r = await sh(`${BIN.capture} --pid ${t.pid} --precopy --precopy-final-pages 1 --precopy-passes 3 --compress=-3 -o ${file}`, 300_000);
+    assert.is(r.code, 0, r.stderr);
+    const per = pagesFrames(file);
+    console.log(`  PAGES frames per generation [zstd, raw]: ${JSON.stringify(per)}`);
+    assert.ok(per.length >= 3, `passes and the snapshot: ${r.stderr}`);
+    assert.ok(per[0]![0] > 0, 'the first pass has compressed batches');
+    assert.equal(per.slice(1).map(([z]) => z), per.slice(1).map(() => 0), 'no later generation has one');
+    assert.ok(per.slice(1).some(([, raw]) => raw > 0), 'the later generations carry pages');
+    const rec = await sh(`${BIN.receive} -o ${img} < ${file}`, 300_000);
+    assert.is(rec.code, 0, rec.stderr);
+    await invariantAt(img, per.length, t);
+    await intact(t);
+  } finally {
+    t.kill();
+  }
+});
+
 // Other kinds of memory, async write-protect on each: huge pages (split by
 // the kernel when written during a pass), shared anonymous memory, memfd, and
 // threads dropping and remapping scratch memory throughout (layout events).
