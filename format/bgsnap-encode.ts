@@ -16,6 +16,8 @@ export interface EncoderOptions {
   chain?: boolean; // a chain stream (version 2): generation(), generationEnd() between header() and end()
 }
 
+type Packer = { z: typeof Zstd; cctx: Zstd.CCtx; src: Buffer; dst: Buffer };
+
 export class BgsnapEncoder {
   readonly totals = emptyTotals();
   private readonly level: number | undefined;
@@ -25,7 +27,7 @@ export class BgsnapEncoder {
   private gen: GenerationTotals | undefined; // the open generation's counts
   private generations = 0;
   private lastPass = false; // the last generation ended was a pre-copy pass
-  private packer: { cctx: Zstd.CCtx; src: Buffer; dst: Buffer } | undefined; // compression's reused state
+  private packer: Packer | undefined; // compression's reused state
   private racing = false; // the open generation's pages go uncompressed
 
   constructor(opts: EncoderOptions = {}) {
@@ -147,11 +149,9 @@ export class BgsnapEncoder {
   // 1 KiB values of one byte, at level 1: 0.73-0.91 s of CPU, 0.23-0.25 of it
   // system, against 0.40-0.53 s this way).
   private compressed(meta: Buffer, data: Buffer): Buffer | undefined {
-    // Loaded only with compression on: a capture's start-up is part of its wall time.
-    const z = require('zstd-napi/binding') as typeof Zstd;
-    const c = (this.packer ??= { cctx: new z.CCtx(), src: Buffer.alloc(0), dst: Buffer.alloc(0) });
+    const c = (this.packer ??= newPacker());
     const raw = meta.length + data.length;
-    if (c.src.length < raw) [c.src, c.dst] = [Buffer.allocUnsafe(raw), Buffer.allocUnsafe(z.compressBound(raw))];
+    if (c.src.length < raw) [c.src, c.dst] = [Buffer.allocUnsafe(raw), Buffer.allocUnsafe(c.z.compressBound(raw))];
     meta.copy(c.src, 0);
     data.copy(c.src, meta.length);
     const n = c.cctx.compress(c.dst, c.src.subarray(0, raw), this.level!);
@@ -204,4 +204,10 @@ export class BgsnapEncoder {
     this.totals[k] += n;
     if (this.gen) this.gen[k] += n;
   }
+}
+
+// Loaded only with compression on: a capture's start-up is part of its wall time.
+function newPacker(): Packer {
+  const z = require('zstd-napi/binding') as typeof Zstd;
+  return { z, cctx: new z.CCtx(), src: Buffer.alloc(0), dst: Buffer.alloc(0) };
 }

@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { BIN, run, sh } from './helpers/cli';
 import { allThreadsProgress, invariantAt, isAlive, startTarget, writeProtectedPages, type Target } from './process-target';
 import { tmpDir } from './helpers/net';
+import { FLAG_ZSTD, FRAME_HEADER, FrameType, MAGIC } from '../format/bgsnap-frame';
 
 const dir = tmpDir('precopy');
 
@@ -54,9 +55,9 @@ test('passes, then a snapshot that holds; no writer waited on bgsnap', async () 
 // PAGES frames per generation of a bgsnap chain stream file: [compressed, raw].
 function pagesFrames(file: string): [number, number][] {
   const b = fs.readFileSync(file), per: [number, number][] = [];
-  for (let o = 8; o + 16 <= b.length; o += 16 + b.readUInt32LE(o + 4)) {
-    if (b[o] === 7) per.push([0, 0]); // GENERATION
-    if (b[o] === 3) per[per.length - 1]![b[o + 1] & 1 ? 0 : 1]++; // PAGES, FLAG_ZSTD
+  for (let o = MAGIC.length + 2; o + FRAME_HEADER <= b.length; o += FRAME_HEADER + b.readUInt32LE(o + 4)) {
+    if (b[o] === FrameType.GENERATION) per.push([0, 0]);
+    if (b[o] === FrameType.PAGES) per[per.length - 1]![b[o + 1] & FLAG_ZSTD ? 0 : 1]++;
   }
   return per;
 }

@@ -12,15 +12,17 @@ import type { QemuBinary } from './qemu10';
 import { sleep, startVm, type Vm, type VmOptions } from './vm';
 import { BIN, sh } from './cli';
 
-const DISK_RE = /^disk=(ok|FAIL) last=(\d+) ondisk=(\d+)/;
+export const DISK_RE = /^disk=(ok|FAIL) last=(\d+) ondisk=(\d+)/;
 
 export interface DiskCheck { ok: boolean; last: number; onDisk: number; text: string }
 
+export function parseDiskCheck(text: string, re = DISK_RE): DiskCheck | undefined {
+  const m = re.exec(text);
+  return m ? { ok: m[1] === 'ok', last: Number(m[2]), onDisk: Number(m[3]), text } : undefined;
+}
+
 export function diskChecks(vm: Vm, since = 0, re = DISK_RE): DiskCheck[] {
-  return vm.lines(since).flatMap((l) => {
-    const m = re.exec(l.text);
-    return m ? [{ ok: m[1] === 'ok', last: Number(m[2]), onDisk: Number(m[3]), text: l.text }] : [];
-  });
+  return vm.lines(since).flatMap((l) => parseDiskCheck(l.text, re) ?? []);
 }
 
 // A later disk must fail one of the restored guest's first two checks, not
@@ -31,9 +33,9 @@ export function diskChecks(vm: Vm, since = 0, re = DISK_RE): DiskCheck[] {
 // second may come after the guest rewrote every slot that was newer: CI got
 // "disk=FAIL last=5021 ondisk=8618 newer=525", then "disk=ok last=5771"
 // (vm-libvirt).
-export function laterDiskCaught<T>(checks: T[], failed: (c: T) => boolean): T | undefined {
+export function laterDiskCaught(checks: DiskCheck[]): DiskCheck | undefined {
   assert.ok(checks.length >= 2, `two checks after the restore, not ${checks.length}`);
-  return checks.slice(0, 2).find(failed);
+  return checks.slice(0, 2).find((c) => !c.ok && c.onDisk > c.last);
 }
 
 export class DiskVms {
