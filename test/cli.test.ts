@@ -104,6 +104,14 @@ test('capture: no source, both sources, a missing QMP socket and a bad PID give 
   const disks = await run(BIN.capture, ['--qmp', path.join(dir, 'no.sock'), '--disk', 'd0', '--no-disks', '-o', img('c5')]);
   assert.is(disks.code, 1);
   assert.match(disks.stderr, /--disk ID and --no-disks contradict each other/);
+  // zstd's fast levels go down to -7; 0 and anything past either end are refused
+  // before the output is created.
+  for (const bad of ['0', '-8', '20', 'fast']) {
+    const lv = await run(BIN.capture, ['--pid', '2147483647', `--compress=${bad}`, '-o', img(`c6${bad}`)]);
+    assert.is(lv.code, 1, lv.stderr);
+    assert.match(lv.stderr, new RegExp(`--compress level must be -7\\.\\.-1 or 1\\.\\.19, got "${bad}"`));
+    assert.not.ok(fs.existsSync(img(`c6${bad}`)), 'no output for a refused level');
+  }
 });
 
 test('capture: progress on stderr when it is a terminal, none when it is not', async () => {
